@@ -1,0 +1,103 @@
+r"""Default capjax configuration: the offline `shapes` demo.
+
+It trains on the built-in synthetic `shapes` captions with the no-weights
+`patches` extractor, so it needs no download and finishes on a laptop CPU:
+
+  python -m capjax.train --workdir /tmp/capjax
+
+Named experiments in `experiments/` start from this config and override fields;
+any field can also be overridden on the command line, e.g.
+`--config.batch_size=128`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+
+  # --- Data -----------------------------------------------------------------
+  # Caption source: 'shapes' (built-in, synthetic), 'coco_json' (COCO-format
+  # caption JSON + image directory), 'flickr' (Flickr8k/30k token file + split
+  # lists + image directory) or 'tfds_coco' (TFDS coco_captions, Karpathy
+  # splits).
+  config.dataset = 'shapes'
+  # Where the source's files live (ignored by 'shapes'; TFDS data_dir for
+  # 'tfds_coco').
+  config.data_dir = ''
+  # Splits used for training and for periodic evaluation. Several training
+  # splits are joined with '+', e.g. 'train+restval' for Karpathy COCO.
+  config.train_split = 'train'
+  config.eval_split = 'val'
+  # Settings of the built-in synthetic data set.
+  config.shapes = ml_collections.ConfigDict()
+  config.shapes.seed = 0
+  config.shapes.image_size = 64
+  config.shapes.num_train = 2000
+  config.shapes.num_val = 200
+  config.shapes.num_test = 200
+
+  # Feature extractor: 'inception_v3' (Keras InceptionV3, 8x8x2048 -> 64x2048)
+  # or 'patches' (no weights; a grid of pixel patches, made for 'shapes').
+  config.extractor = 'patches'
+  # 'imagenet' or 'none' (random weights, for tests) for inception_v3.
+  config.extractor_weights = 'imagenet'
+  # Grid cells per side for 'patches' (L = patch_grid**2).
+  config.patch_grid = 4
+  # Where extracted features are stored; empty means `<workdir>/features`.
+  config.feature_dir = ''
+  # Images per extraction batch and per feature shard file.
+  config.extract_batch_size = 32
+  config.shard_size = 1024
+
+  # Vocabulary: the `top_k` most frequent training words (plus <pad>, <start>,
+  # <end> and <unk>).
+  config.top_k = 5000
+  # Captions longer than this many tokens (with <start> and <end>) are cut,
+  # keeping <end>.
+  config.max_caption_len = 48
+  # Batches are padded to the smallest of these lengths that fits their
+  # longest caption (each distinct length is one compile); the last one must
+  # be max_caption_len.
+  config.bucket_lengths = (16, 24, 32, 48)
+  # Keep the features of the training set in memory after the first epoch.
+  config.cache_features = True
+  config.shuffle_buffer = 10_000
+
+  # --- Model ----------------------------------------------------------------
+  config.embedding_dim = 256
+  config.units = 512
+  # Carry the GRU state from step to step. False reproduces the tutorial's
+  # decoder, whose GRU starts from a zero state at every step (its output only
+  # reaches the next step through the attention query).
+  config.carry_gru_state = True
+  # Compute dtype: 'float32', or 'bfloat16' (parameters stay float32).
+  config.dtype = 'float32'
+  # Dropout on the token embeddings and on the decoder outputs (0 = off).
+  config.dropout_rate = 0.0
+  # Show, Attend and Tell's doubly stochastic attention penalty
+  # lambda * sum_i (1 - sum_t alpha_ti)^2 (0 = off).
+  config.attention_penalty = 0.0
+
+  # --- Training -------------------------------------------------------------
+  config.seed = 0
+  # Global batch size, split over all devices of all processes.
+  config.batch_size = 64
+  config.num_train_steps = 2000
+  # 'constant' or 'warmup_cosine'.
+  config.schedule = 'constant'
+  config.learning_rate = 1e-3
+  config.warmup_steps = 0
+  # Clip gradients to this global norm (0 = off).
+  config.grad_clip_norm = 0.0
+
+  # --- Bookkeeping ----------------------------------------------------------
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  # Examples used by each periodic evaluation (0 = the whole eval split).
+  config.num_eval_examples = 1000
+
+  return config
