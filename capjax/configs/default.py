@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   # lists + image directory) or 'tfds_coco' (TFDS coco_captions, Karpathy
   # splits).
   config.dataset = 'shapes'
-  # Where the source's files live (ignored by 'shapes'; TFDS data_dir for
-  # 'tfds_coco').
+  # Where the source's files live: the TFDS data_dir for 'tfds_coco'; for
+  # 'shapes', where it is generated (empty: ~/.cache/capjax/shapes).
   config.data_dir = ''
   # Splits used for training and for periodic evaluation. Several training
   # splits are joined with '+', e.g. 'train+restval' for Karpathy COCO.
@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 'constant' or 'warmup_cosine'.
   config.schedule = 'constant'
   config.learning_rate = 1e-3
+  # Keras' Adam defaults, as the tutorial used them (optax applies epsilon
+  # after bias correction, Keras before; the difference only shows for
+  # gradients near epsilon in size).
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-7
   config.warmup_steps = 0
   # Clip gradients to this global norm (0 = off).
   config.grad_clip_norm = 0.0

@@ -1,0 +1,315 @@
+"""Caption sources: each split as a list of records (image id, image, captions).
+
+`load_split(config, split)` dispatches on `config.dataset`:
+
+- 'shapes': the built-in synthetic data (`capjax.shapes`), generated on first
+  use into `config.data_dir` (default `~/.cache/capjax/shapes`), one
+  subdirectory per (seed, image size), then read back as COCO-format data.
+  Splits: train, val, test.
+- 'coco_json': COCO-format caption JSON + image directory under
+  `config.data_dir`. A split name `s` is looked up as
+  `annotations/captions_{s}.json` with images in `{s}/`, then
+  `annotations/captions_{s}2017.json` + `{s}2017/`, then the 2014 names, so
+  'train' and 'val' find COCO 2017 (or 2014) as unpacked from cocodataset.org
+  and `s` may be 'val2014' or a name of one's own. A split may also name its
+  files explicitly as `ANNOTATIONS.json:IMAGE_DIR` (relative to data_dir, or
+  absolute).
+- 'flickr': Flickr8k/30k as distributed: a token file (`Flickr8k.token.txt`,
+  `captions.txt` or `results_20130124.token`; lines `name.jpg#n<TAB>caption`),
+  split lists `Flickr_*.{train,dev,test}Images.txt` and an image directory
+  (`Flicker8k_Dataset/`, `Flickr8k_Dataset/`, `flickr30k-images/`,
+  `Images/` or `images/`), all in `config.data_dir`. Splits: train, val (the
+  'dev' list; 'dev' works too), test, and all (every image of the token file).
+- 'tfds_coco': TFDS `coco_captions` (COCO 2014 with the Karpathy splits train,
+  restval, val, test), prepared beforehand with `tfds build coco_captions`;
+  `config.data_dir` is the TFDS data_dir (empty: TFDS's default).
+
+Splits join with '+', e.g. 'train+restval'. Image ids are strings: the COCO id,
+or the Flickr file name without extension.
+"""
+
+from collections.abc import Iterator
+import collections
+import glob
+import json
+import os
+from typing import NamedTuple
+
+from absl import logging
+
+from capjax import shapes
+
+DATASETS = ('shapes', 'coco_json', 'flickr', 'tfds_coco')
+TFDS_COCO_SPLITS = ('train', 'restval', 'val', 'test')
+DEFAULT_SHAPES_DIR = os.path.join('~', '.cache', 'capjax', 'shapes')
+
+_COCO_YEARS = ('', '2017', '2014')
+_FLICKR_TOKEN_FILES = ('Flickr8k.token.txt', 'captions.txt',
+                       'results_20130124.token')
+_FLICKR_IMAGE_DIRS = ('Flicker8k_Dataset', 'Flickr8k_Dataset',
+                      'flickr30k-images', 'Images', 'images')
+_FLICKR_SPLIT_LISTS = {'train': 'train', 'val': 'dev', 'dev': 'dev',
+                       'test': 'test'}
+
+
+class Record(NamedTuple):
+  """One image and its captions.
+
+  `image` is the image file's path, or None for sources that stream their
+  images (tfds_coco); `iter_images` yields the images of any source.
+  """
+  image_id: str
+  image: str | None
+  captions: tuple[str, ...]
+
+
+def split_parts(split: str) -> list[str]:
+  """'train+restval' -> ['train', 'restval']."""
+  parts = [p.strip() for p in split.split('+')]
+  if not all(parts):
+    raise ValueError(f'bad split {split!r}: use names joined with "+", e.g. '
+                     '"train+restval"')
+  return parts
+
+
+def load_split(config, split: str) -> list[Record]:
+  """The records of a split ('+'-joined splits are concatenated).
+
+  Args:
+    config: the capjax config (dataset, data_dir, shapes.*).
+    split: split name(s), see the module docstring.
+
+  Returns:
+    Records in the source's order; every record has at least one caption.
+
+  Raises:
+    ValueError: unknown dataset or split, missing files, or an image listed
+      twice.
+  """
+  records = []
+  for part in split_parts(split):
+    records.extend(_load_part(config, part))
+  seen = set()
+  for r in records:
+    if r.image_id in seen:
+      raise ValueError(f'image {r.image_id!r} appears twice in split '
+                       f'{split!r}')
+    seen.add(r.image_id)
+  return records
+
+
+def iter_images(config, split: str) -> Iterator[tuple[str, str | bytes]]:
+  """(image id, image path or encoded bytes) for each image of a split.
+
+  Images come in `load_split`'s order. TFDS images are streamed as their
+  original encoded bytes, so a split never has to fit in memory.
+
+  Raises:
+    ValueError: a split's image directory does not exist.
+  """
+  for part in split_parts(split):
+    if config.dataset == 'tfds_coco':
+      for image_id, image, _ in _tfds_coco_examples(config, part):
+        yield image_id, image
+      continue
+    records = _load_part(config, part)
+    for image_dir in sorted({os.path.dirname(r.image) for r in records}):
+      if not os.path.isdir(image_dir):
+        raise ValueError(f'image directory {image_dir} of split {part!r} not '
+                         f'found; put the images of {config.dataset!r} '
+                         'there')
+    for r in records:
+      yield r.image_id, r.image
+
+
+def _load_part(config, split: str) -> list[Record]:
+  if config.dataset == 'shapes':
+    return _shapes_records(config, split)
+  if config.dataset == 'coco_json':
+    return coco_json_records(*_coco_json_files(config.data_dir, split))
+  if config.dataset == 'flickr':
+    return _flickr_split(config.data_dir, split)
+  if config.dataset == 'tfds_coco':
+    return [Record(image_id, None, captions)
+            for image_id, _, captions in _tfds_coco_examples(config, split)]
+  raise ValueError(f'unknown dataset {config.dataset!r}; set config.dataset to '
+                   f'one of {DATASETS}')
+
+
+# --- COCO-format JSON ---------------------------------------------------------
+
+
+def coco_json_records(annotation_file: str, image_dir: str) -> list[Record]:
+  """Records of a COCO-format caption file, images in `image_dir`.
+
+  The file holds `images` ({id, file_name}) and `annotations` ({image_id,
+  caption}). Images keep the file's order; captions keep the annotations'
+  order, with surrounding whitespace stripped. Images without captions are
+  left out.
+  """
+  with open(annotation_file, encoding='utf-8') as f:
+    data = json.load(f)
+  try:
+    captions = collections.defaultdict(list)
+    for ann in data['annotations']:
+      captions[ann['image_id']].append(ann['caption'].strip())
+    records, seen = [], set()
+    for image in data['images']:
+      if image['id'] in seen:
+        raise ValueError(f'{annotation_file}: image id {image["id"]} is listed '
+                         'twice')
+      seen.add(image['id'])
+      if captions.get(image['id']):
+        records.append(Record(str(image['id']),
+                              os.path.join(image_dir, image['file_name']),
+                              tuple(captions[image['id']])))
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f'{annotation_file} is not a COCO caption file: needs '
+                     '"images" with id and file_name and "annotations" with '
+                     f'image_id and caption ({e!r})') from None
+  return records
+
+
+def _coco_json_files(data_dir: str, split: str) -> tuple[str, str]:
+  """(annotation file, image directory) of a split, see the module docstring."""
+  if ':' in split:
+    annotation_file, image_dir = (os.path.join(data_dir, p)
+                                  for p in split.split(':', 1))
+    if not os.path.isfile(annotation_file):
+      raise ValueError(f'annotation file {annotation_file} not found')
+    return annotation_file, image_dir
+  if not data_dir:
+    raise ValueError("dataset 'coco_json' needs config.data_dir, the directory "
+                     'holding annotations/ and the image directories')
+  tried = []
+  for year in _COCO_YEARS:
+    annotation_file = os.path.join(data_dir, 'annotations',
+                                   f'captions_{split}{year}.json')
+    if os.path.isfile(annotation_file):
+      return annotation_file, os.path.join(data_dir, f'{split}{year}')
+    tried.append(annotation_file)
+  raise ValueError(f'no caption file for split {split!r}: tried '
+                   f'{", ".join(tried)}. Name the files explicitly with a '
+                   'split "ANNOTATIONS.json:IMAGE_DIR".')
+
+
+# --- Flickr8k / Flickr30k -----------------------------------------------------
+
+
+def read_flickr_tokens(token_file: str) -> dict[str, list[str]]:
+  """Captions per image file name from `name.jpg#n<TAB>caption` lines.
+
+  Images keep the file's order and captions their order within it.
+  """
+  captions = collections.defaultdict(list)
+  with open(token_file, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      key, sep, caption = line.rstrip('\n').partition('\t')
+      name, hash_sign, _ = key.rpartition('#')
+      if not sep or not hash_sign:
+        raise ValueError(f'{token_file}:{line_number}: expected '
+                         f'"name.jpg#n<TAB>caption", got {line.strip()!r}')
+      captions[name].append(caption.strip())
+  return dict(captions)
+
+
+def flickr_records(token_file: str, image_names: list[str] | None,
+                   image_dir: str) -> list[Record]:
+  """Records of the images `image_names` (all if None) of a token file."""
+  captions = read_flickr_tokens(token_file)
+  if image_names is None:
+    image_names = list(captions)
+  missing = [n for n in image_names if n not in captions]
+  if missing:
+    logging.warning('%d images have no captions in %s and are left out, e.g. '
+                    '%s', len(missing), token_file, missing[0])
+  return [Record(os.path.splitext(n)[0], os.path.join(image_dir, n),
+                 tuple(captions[n]))
+          for n in image_names if n in captions]
+
+
+def _first_existing(directory: str, names: tuple[str, ...]) -> str | None:
+  for name in names:
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
+def _flickr_split(data_dir: str, split: str) -> list[Record]:
+  if not data_dir or not os.path.isdir(data_dir):
+    raise ValueError("dataset 'flickr' needs config.data_dir, the directory "
+                     f'of the Flickr token file (got {data_dir!r})')
+  token_file = _first_existing(data_dir, _FLICKR_TOKEN_FILES)
+  if token_file is None:
+    raise ValueError(f'no Flickr caption file in {data_dir}: expected one of '
+                     f'{", ".join(_FLICKR_TOKEN_FILES)}')
+  image_dir = (_first_existing(data_dir, _FLICKR_IMAGE_DIRS)
+               or os.path.join(data_dir, _FLICKR_IMAGE_DIRS[0]))
+  if split == 'all':
+    return flickr_records(token_file, None, image_dir)
+  if split not in _FLICKR_SPLIT_LISTS:
+    raise ValueError(f'unknown Flickr split {split!r}; use one of '
+                     f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"')
+  pattern = os.path.join(data_dir,
+                         f'Flickr_*.{_FLICKR_SPLIT_LISTS[split]}Images.txt')
+  lists = sorted(glob.glob(pattern))
+  if len(lists) != 1:
+    raise ValueError(f'expected one split list {pattern} for split {split!r}, '
+                     f'found {len(lists)}; use split "all" for every image of '
+                     f'{token_file}')
+  with open(lists[0], encoding='utf-8') as f:
+    names = [line.strip() for line in f if line.strip()]
+  return flickr_records(token_file, names, image_dir)
+
+
+# --- Synthetic shapes ---------------------------------------------------------
+
+
+def shapes_dir(config) -> str:
+  """Where the shapes data of this config's seed and image size live."""
+  root = os.path.expanduser(config.data_dir or DEFAULT_SHAPES_DIR)
+  return os.path.join(root, f'seed{config.shapes.seed}'
+                      f'_size{config.shapes.image_size}')
+
+
+def _shapes_records(config, split: str) -> list[Record]:
+  if split not in shapes.SPLITS:
+    raise ValueError(f'unknown shapes split {split!r}; use one of '
+                     f'{shapes.SPLITS}')
+  directory = shapes_dir(config)
+  if not shapes.is_written(directory, split, config.shapes):
+    logging.info('Generating shapes split %r in %s', split, directory)
+    shapes.write_split(directory, split, config.shapes)
+  return coco_json_records(shapes.annotation_path(directory, split),
+                           os.path.join(directory, split))
+
+
+# --- TFDS coco_captions -------------------------------------------------------
+
+
+def _tfds_coco_examples(
+    config, split: str) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+  """(image id, encoded image, captions) of a TFDS coco_captions split."""
+  if split not in TFDS_COCO_SPLITS:
+    raise ValueError(f'unknown coco_captions split {split!r}; use one of '
+                     f'{TFDS_COCO_SPLITS} (joined with "+")')
+  # Imported here: TFDS is slow to import and only this source needs it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder('coco_captions', data_dir=config.data_dir or None)
+  try:
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={'image': tfds.decode.SkipDecoding()})
+  except AssertionError:  # TFDS's way of saying "not prepared"
+    data_dir = config.data_dir or '~/tensorflow_datasets'
+    raise ValueError(
+        f'TFDS coco_captions is not prepared in {builder.data_dir}: run '
+        f'`tfds build coco_captions --data_dir={data_dir}` first (it downloads '
+        'COCO 2014, about 20 GB of images), or set config.data_dir to the '
+        'TFDS data_dir that holds it') from None
+  for ex in tfds.as_numpy(ds):
+    yield (str(ex['image/id']), ex['image'],
+           tuple(t.decode('utf-8').strip() for t in ex['captions']['text']))

@@ -1,0 +1,371 @@
+"""Tests of capjax.features: extractors, the store, resuming, bad images."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from capjax import datasets
+from capjax import features
+from capjax import input_pipeline
+from capjax import vocab as vocab_lib
+from capjax.configs import default
+
+
+def _coco_config(data_dir, **overrides):
+  config = default.get_config()
+  config.dataset = 'coco_json'
+  config.data_dir = str(data_dir)
+  config.update(overrides)
+  return config
+
+
+def _write_coco(path, file_names, ids=None, captions_per_image=2):
+  """A COCO-format caption file for the given image files, ids 1, 2, ..."""
+  ids = ids or range(1, len(file_names) + 1)
+  images = [{'id': i, 'file_name': f} for i, f in zip(ids, file_names)]
+  annotations = [{'id': len(file_names) * j + n, 'image_id': i,
+                  'caption': f'picture {i} caption {j}'}
+                 for n, i in enumerate(ids) for j in range(captions_per_image)]
+  path.write_text(json.dumps({'images': images, 'annotations': annotations}))
+
+
+class _Counting:
+  """Wraps an extractor's features_fn to count the images it sees."""
+
+  def __init__(self, extractor, fail_after=None):
+    self.images = 0
+    self._fn = extractor.features_fn
+    self._fail_after = fail_after
+    self.extractor = features.Extractor(
+        extractor.info, extractor.image_size, extractor.num_locations,
+        extractor.feature_dim, self)
+
+  def __call__(self, images):
+    if self._fail_after is not None and self.images >= self._fail_after:
+      raise KeyboardInterrupt('stopped')
+    self.images += len(images)
+    return self._fn(images)
+
+
+# --- Images and extractors ----------------------------------------------------
+
+
+def test_load_image_converts_modes_to_rgb(tmp_path):
+  gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+  Image.fromarray(gray, 'L').save(tmp_path / 'gray.png')
+  np.testing.assert_array_equal(features.load_image(str(tmp_path / 'gray.png')),
+                                np.stack([gray] * 3, axis=-1))
+  Image.new('CMYK', (5, 2), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg',
+                                                   quality=100)
+  cmyk = features.load_image(str(tmp_path / 'cmyk.jpg'))
+  assert cmyk.shape == (2, 5, 3) and cmyk.dtype == np.uint8
+  assert cmyk[0, 0, 0] > 240 and cmyk[0, 0, 1:].max() < 15  # red
+  rgba = np.zeros((2, 2, 4), np.uint8)
+  rgba[0, 0] = (10, 20, 30, 255)  # opaque; the rest is transparent
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'alpha.png')
+  with open(tmp_path / 'alpha.png', 'rb') as f:
+    decoded = features.load_image(f.read())
+  np.testing.assert_array_equal(decoded[0, 0], (10, 20, 30))
+  np.testing.assert_array_equal(decoded[1, 1], (255, 255, 255))
+
+
+def test_patches_extractor_cuts_row_major_cells():
+  extractor = features.patches_extractor(2)
+  p = features.PATCH_SIZE
+  assert (extractor.image_size, extractor.num_locations,
+          extractor.feature_dim) == (2 * p, 4, 3 * p * p)
+  image = np.zeros((2 * p, 2 * p, 3), np.uint8)
+  image[:p, p:] = 255  # top right cell white
+  image[p:, :p, 0] = 51  # bottom left cell dark red
+  grid = extractor([image])
+  assert grid.shape == (1, 4, 3 * p * p)
+  np.testing.assert_allclose(grid[0, 0], -1.0)
+  np.testing.assert_allclose(grid[0, 1], 1.0)
+  np.testing.assert_allclose(grid[0, 2].reshape(p * p, 3)[:, 0], -0.6)
+  np.testing.assert_allclose(grid[0, 2].reshape(p * p, 3)[:, 1:], -1.0)
+  np.testing.assert_allclose(grid[0, 3], -1.0)
+  with pytest.raises(ValueError, match='unknown extractor'):
+    features.make_extractor(_coco_config('', extractor='vgg'))
+
+
+def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
+  keras = pytest.importorskip('keras')
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path))
+
+  def no_network(*args, **kwargs):
+    raise Exception('URL fetch failure: no network')  # what Keras raises
+
+  monkeypatch.setattr(keras.utils, 'get_file', no_network)
+  expected = tmp_path / 'models' / (
+      'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')
+  with pytest.raises(ValueError) as error:
+    features.inception_v3_extractor('imagenet')
+  message = str(error.value)
+  assert str(expected) in message and 'no network' in message
+  assert 'storage.googleapis.com' in message
+  # A cached file is used without any download.
+  expected.parent.mkdir()
+  expected.write_bytes(b'')
+  assert features.inception_weights_path() == str(expected)
+  with pytest.raises(ValueError, match='existing weights file'):
+    features.inception_v3_extractor(str(tmp_path / 'missing.h5'))
+
+
+@pytest.fixture(scope='module')
+def inception():
+  """InceptionV3 with random weights (built once: it takes seconds)."""
+  return features.inception_v3_extractor('none')
+
+
+# --- Real COCO images through the store and the pipeline ----------------------
+
+
+def _four_val_images(tmp_path, shared_data):
+  val = json.loads((shared_data / 'coco-mini' / 'annotations' /
+                    'captions_val2017.json').read_text())
+  images = val['images'][:4]
+  ids = {i['id'] for i in images}
+  (tmp_path / 'four.json').write_text(json.dumps({
+      'images': images,
+      'annotations': [a for a in val['annotations'] if a['image_id'] in ids]}))
+  return f'four.json:{shared_data}/coco-mini/val2017'
+
+
+def test_inception_v3_coco_through_store_and_pipeline(tmp_path, shared_data,
+                                                      inception):
+  split = _four_val_images(tmp_path, shared_data)
+  config = _coco_config(tmp_path, extractor='inception_v3',
+                        extractor_weights='none', extract_batch_size=3,
+                        shard_size=3, batch_size=8, max_caption_len=24,
+                        bucket_lengths=(12, 24))
+  store = features.extract_split(config, split, str(tmp_path / 'f'),
+                                 extractor=inception)
+  records = datasets.load_split(config, split)
+  assert store.image_ids == tuple(r.image_id for r in records)
+  assert (len(store), store.num_locations, store.feature_dim) == (4, 64, 2048)
+  assert store.dtype == np.float16
+  assert store.extractor == {'name': 'inception_v3', 'weights': 'none'}
+  grids = store.read_all()
+  assert np.isfinite(grids).all() and grids.std() > 0
+  direct = inception([features.load_image(records[3].image)])
+  np.testing.assert_allclose(grids[3], direct[0], rtol=1e-2, atol=1e-2)
+
+  vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 100)
+  batch = next(input_pipeline.train_iterator(config, store, records, vocab))
+  assert batch['features'].shape == (8, 64, 2048)
+  assert batch['features'].dtype == np.float16
+  assert batch['tokens'].dtype == np.int32
+  assert batch['tokens'].shape[1] in (12, 24)
+  assert (batch['tokens'][:, 0] == vocab.start_id).all()
+  assert ((batch['tokens'] == vocab.end_id).sum(axis=1) == 1).all()
+
+
+def test_patches_coco_train_through_store_and_pipeline(tmp_path, shared_data):
+  config = _coco_config(shared_data / 'coco-mini', patch_grid=3,
+                        shard_size=32, batch_size=16)
+  store = features.extract_split(config, 'train', str(tmp_path))
+  records = datasets.load_split(config, 'train')
+  assert len(store) == 80 and not store.failed
+  assert sorted(os.listdir(tmp_path / 'train')) == [
+      'metadata.json', 'shard-00000.npy', 'shard-00001.npy', 'shard-00002.npy']
+  p = features.PATCH_SIZE
+  assert (store.num_locations, store.feature_dim) == (9, 3 * p * p)
+  extractor = features.make_extractor(config)
+  row = store.index_of([records[5].image_id])
+  np.testing.assert_allclose(
+      store.read(row)[0],
+      extractor([features.load_image(records[5].image)])[0], atol=1e-3)
+  vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 1000)
+  batches = input_pipeline.eval_iterator(config, store, records, vocab)
+  total = 0
+  for batch in batches:
+    assert batch['features'].shape == (16, 9, 3 * p * p)
+    assert batch['features'].dtype == np.float16
+    total += int(batch['mask'].sum())
+  assert total == sum(len(r.captions) for r in records)
+
+
+# --- Unreadable images --------------------------------------------------------
+
+
+def test_corrupt_and_non_image_files_are_reported_and_skipped(
+    tmp_path, shared_data, caplog):
+  images = tmp_path / 'pics'
+  images.mkdir()
+  real = shared_data / 'coco-mini' / 'val2017' / '000000397133.jpg'
+  jpeg = real.read_bytes()
+  (images / 'good.jpg').write_bytes(jpeg)
+  (images / 'truncated.jpg').write_bytes(jpeg[:len(jpeg) // 3])
+  (images / 'text.jpg').write_text('not an image')
+  (images / 'empty.png').write_bytes(b'')
+  Image.new('L', (30, 20), 128).save(images / 'gray.png')
+  Image.new('CMYK', (30, 20), (0, 0, 0, 0)).save(images / 'cmyk.jpg')
+  names = ['good.jpg', 'truncated.jpg', 'text.jpg', 'missing.jpg',
+           'gray.png', 'empty.png', 'cmyk.jpg']
+  _write_coco(tmp_path / 'c.json', names)
+  config = _coco_config(tmp_path, patch_grid=1, shard_size=3,
+                        extract_batch_size=2)
+  with caplog.at_level(logging.WARNING):
+    store = features.extract_split(config, 'c.json:pics', str(tmp_path / 'f'))
+  assert store.image_ids == ('1', '5', '7')
+  assert [image_id for image_id, _ in store.failed] == ['2', '3', '4', '6']
+  assert 'No such file' in dict(store.failed)['4']
+  summary = [r.getMessage() for r in caplog.records
+             if 'could not be read' in r.getMessage()]
+  assert len(summary) == 1
+  assert summary[0].startswith('4 images of')
+  for image_id in ('2', '3', '4', '6'):
+    assert f'\n  {image_id}: ' in summary[0]
+  gray = store.read(store.index_of(['5']))[0]
+  np.testing.assert_allclose(gray, 128 / 127.5 - 1, atol=1e-3)
+  # The pipeline only sees the images that have features.
+  records = datasets.load_split(config, 'c.json:pics')
+  vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 10)
+  examples = input_pipeline.make_examples(store, records, vocab, 10)
+  assert len(examples) == 6
+  np.testing.assert_array_equal(examples.image_index, [0, 0, 1, 1, 2, 2])
+
+
+# --- Resuming -----------------------------------------------------------------
+
+
+def _five_pngs(tmp_path):
+  images = tmp_path / 'pics'
+  images.mkdir()
+  for i in range(5):
+    Image.new('RGB', (20, 20), (i * 50, 10, 10)).save(images / f'{i}.png')
+  _write_coco(tmp_path / 'c.json', [f'{i}.png' for i in range(5)])
+  return _coco_config(tmp_path, patch_grid=1, shard_size=2,
+                      extract_batch_size=2)
+
+
+def test_rerun_skips_finished_shards(tmp_path):
+  config = _five_pngs(tmp_path)
+  split, out = 'c.json:pics', str(tmp_path / 'f')
+  interrupted = _Counting(features.make_extractor(config), fail_after=4)
+  with pytest.raises(KeyboardInterrupt):
+    features.extract_split(config, split, out, interrupted.extractor)
+  assert interrupted.images == 4
+  store_dir = features.store_dir(out, split)
+  assert sorted(os.listdir(store_dir)) == [
+      'metadata.json', 'shard-00000.npy', 'shard-00001.npy']
+  with pytest.raises(ValueError, match='incomplete'):
+    features.FeatureStore.open(store_dir)
+
+  resumed = _Counting(features.make_extractor(config))
+  store = features.extract_split(config, split, out, resumed.extractor)
+  assert resumed.images == 1  # only the last shard's image
+  assert store.image_ids == ('1', '2', '3', '4', '5')
+  fresh = features.extract_split(config, split, str(tmp_path / 'fresh'))
+  np.testing.assert_array_equal(store.read_all(), fresh.read_all())
+
+  again = _Counting(features.make_extractor(config))
+  mtimes = {f: os.stat(os.path.join(store_dir, f)).st_mtime_ns
+            for f in os.listdir(store_dir) if f.endswith('.npy')}
+  features.extract_split(config, split, out, again.extractor)
+  assert again.images == 0
+  assert mtimes == {f: os.stat(os.path.join(store_dir, f)).st_mtime_ns
+                    for f in os.listdir(store_dir) if f.endswith('.npy')}
+
+
+def test_rerun_refuses_other_settings_or_images(tmp_path):
+  config = _five_pngs(tmp_path)
+  split, out = 'c.json:pics', str(tmp_path / 'f')
+  features.extract_split(config, split, out)
+  config.patch_grid = 2
+  with pytest.raises(ValueError, match='other settings'):
+    features.extract_split(config, split, out)
+  config.patch_grid = 1
+  files = [f'{i}.png' for i in range(5)]
+  _write_coco(tmp_path / 'c.json', files, ids=[2, 1, 4, 3, 5])
+  features.extract_split(config, split, out)  # same images per shard: fine
+  _write_coco(tmp_path / 'c.json', files, ids=[1, 3, 2, 4, 5])
+  with pytest.raises(ValueError, match='shard 0 differs'):
+    features.extract_split(config, split, out)
+  _write_coco(tmp_path / 'c.json', [f'{i}.png' for i in range(4)])
+  with pytest.raises(ValueError, match='holds 3 shards but the data now '
+                     'makes 2'):
+    features.extract_split(config, split, out)
+
+
+# --- The store ----------------------------------------------------------------
+
+
+def test_write_feature_store_and_read_back(tmp_path):
+  grids = np.arange(7 * 3 * 2, dtype=np.float32).reshape(7, 3, 2) / 4
+  ids = [f'im{i}' for i in range(7)]
+  store = features.write_feature_store(str(tmp_path / 'a'), grids, ids,
+                                       {'name': 'mine', 'layer': 4},
+                                       shard_size=3)
+  assert len(os.listdir(tmp_path / 'a')) == 4  # 3 shards + metadata
+  assert store.image_ids == tuple(ids)
+  assert store.extractor == {'name': 'mine', 'layer': 4}
+  assert (store.num_locations, store.feature_dim) == (3, 2)
+  np.testing.assert_array_equal(store.read([6, 0, 3, 3, 4]),
+                                grids[[6, 0, 3, 3, 4]])
+  np.testing.assert_array_equal(store.read_all(), grids)
+  assert store.read([]).shape == (0, 3, 2)
+  np.testing.assert_array_equal(store.index_of(['im2', 'im0']), [2, 0])
+  assert 'im3' in store and 'im9' not in store
+  with pytest.raises(ValueError, match="'im9' is not in the feature store"):
+    store.index_of(['im9'])
+  with pytest.raises(ValueError, match='rows must be in'):
+    store.read([7])
+  with pytest.raises(ValueError, match='distinct'):
+    features.write_feature_store(str(tmp_path / 'b'), grids[:2], ['x', 'x'],
+                                 {'name': 'mine'})
+  with pytest.raises(ValueError, match='2 image ids for 7'):
+    features.write_feature_store(str(tmp_path / 'b'), grids, ['x', 'y'],
+                                 {'name': 'mine'})
+
+
+def test_open_split_joins_stores_and_reports_missing(tmp_path):
+  grids = np.ones((2, 3, 2), np.float32)
+  info = {'name': 'mine'}
+  features.write_feature_store(features.store_dir(str(tmp_path), 'train'),
+                               grids, ['a', 'b'], info)
+  features.write_feature_store(features.store_dir(str(tmp_path), 'restval'),
+                               2 * grids, ['c', 'd'], info)
+  store = features.FeatureStore.open_split(str(tmp_path), 'train+restval')
+  assert store.image_ids == ('a', 'b', 'c', 'd')
+  np.testing.assert_array_equal(store.read([3, 0])[:, 0, 0], [2, 1])
+  with pytest.raises(ValueError, match='no feature store in .*val'):
+    features.FeatureStore.open_split(str(tmp_path), 'val')
+  features.write_feature_store(features.store_dir(str(tmp_path), 'other'),
+                               grids, ['e', 'f'], {'name': 'theirs'})
+  with pytest.raises(ValueError, match='extractor differ'):
+    features.FeatureStore.open_split(str(tmp_path), 'train+other')
+
+
+def _run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'capjax.features', *args],
+                        capture_output=True, text=True, check=False,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_cli_stores_features_from_numpy(tmp_path):
+  grids = np.random.default_rng(0).normal(size=(5, 2, 2, 3)).astype(np.float32)
+  np.save(tmp_path / 'grids.npy', grids)
+  (tmp_path / 'ids.txt').write_text('a\nb\nc\nd\ne\n')
+  result = _run_cli(f'--from_numpy={tmp_path}/grids.npy',
+                    f'--ids={tmp_path}/ids.txt', '--split=train',
+                    f'--feature_dir={tmp_path}/f', '--extractor_name=vit')
+  assert result.returncode == 0, result.stderr
+  store = features.FeatureStore.open_split(str(tmp_path / 'f'), 'train')
+  assert store.extractor == {'name': 'vit'}
+  np.testing.assert_allclose(store.read_all(), grids.reshape(5, 4, 3),
+                             atol=2e-3)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+  result = _run_cli('--config.dataset=coco_json', f'--feature_dir={tmp_path}')
+  assert result.returncode == 1
+  assert 'error: ' in result.stderr and 'needs config.data_dir' in (
+      result.stderr)
+  assert 'Traceback' not in result.stderr
