@@ -1,0 +1,86 @@
+"""Data parallelism over every device of every process.
+
+One 1-D mesh axis, 'data': parameters and optimizer state are replicated,
+batches are split along their first axis. The train step is a single `jax.jit`
+with these shardings (what `pmap` used to do), and the same code runs on one
+CPU, a GPU host or a multi-host cluster, where each process feeds only its own
+slice of the global batch.
+"""
+
+import os
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed(coordinator_address: str = '',
+                                 num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+  """Joins a multi-process job when one is asked for or detected.
+
+  Explicit arguments win; otherwise a SLURM job step with several tasks or a
+  multi-host Cloud TPU slice is detected and JAX reads the rest from the
+  environment. A single process needs nothing.
+  """
+  if coordinator_address or num_processes > 1:
+    if not (coordinator_address and num_processes > 0 and process_id >= 0):
+      raise ValueError('a multi-process job needs all of --coordinator_address, '
+                       '--num_processes and --process_id')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+  elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1
+        or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('process %d of %d, %d local of %d devices',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def make_mesh() -> Mesh:
+  """A 1-D 'data' mesh over all devices.
+
+  The axis is 'auto': the compiler propagates the batch sharding through the
+  model, so the model code needs no sharding annotations.
+  """
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def per_process_batch_size(global_batch_size: int) -> int:
+  """This process's share of the global batch, checking that it divides."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if global_batch_size % devices:
+    raise ValueError(
+        f'batch size {global_batch_size} does not divide over {devices} '
+        f'devices; use a multiple of {devices}')
+  return global_batch_size // processes
+
+
+def global_batch(local_batch: dict[str, np.ndarray],
+                 mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice into one batch-sharded global array."""
+  sharding = batch_sharded(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, value)
+          for name, value in local_batch.items()}
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process gets here (a no-op for a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -1,0 +1,75 @@
+"""The self-describing working directory.
+
+A workdir holds everything later commands need, so `sample`, `evaluate` and
+`serve` take nothing but `--workdir`:
+
+  config.json        the training config
+  vocab.json         the vocabulary
+  features.json      the feature extractor's name and settings, L and D
+  checkpoints/       Orbax checkpoints of the train state
+  metrics.jsonl, loss.png, tensorboard/   progress (see capjax.reporting)
+"""
+
+import json
+import os
+import pathlib
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+VOCAB_FILE = 'vocab.json'
+FEATURES_FILE = 'features.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+# Fields that fix the shapes of the parameters or the meaning of token ids:
+# a checkpoint cannot be resumed under a config that changes any of them.
+MODEL_FIELDS = ('dataset', 'extractor', 'patch_grid', 'top_k', 'embedding_dim',
+                'units', 'carry_gru_state')
+
+
+def save_config(workdir: str | os.PathLike[str],
+                config: ml_collections.ConfigDict) -> None:
+  _atomic_write(pathlib.Path(workdir) / CONFIG_FILE, config.to_json(indent=2))
+
+
+def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{workdir} is not a capjax workdir: no {CONFIG_FILE}')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_compatible(saved: ml_collections.ConfigDict,
+                     config: ml_collections.ConfigDict) -> None:
+  """Raises if `config` cannot continue training a model saved with `saved`."""
+  changed = [f'{name}: {saved.get(name)!r} -> {config.get(name)!r}'
+             for name in MODEL_FIELDS if saved.get(name) != config.get(name)]
+  if changed:
+    raise ValueError(
+        'this workdir holds a model trained under another config ('
+        + '; '.join(changed) + '); use a new --workdir or the saved config')
+
+
+def save_json(path: str | os.PathLike[str], value) -> None:
+  _atomic_write(pathlib.Path(path), json.dumps(value, indent=2))
+
+
+def load_json(path: str | os.PathLike[str]):
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def checkpoint_manager(workdir: str | os.PathLike[str], max_to_keep: int = 3,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """Asynchronous Orbax manager of `<workdir>/checkpoints`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only)
+  directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
