@@ -382,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def main(argv: list[str]) -> None:
   del argv
+  reporting.concise_console_logging()
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
   # TensorFlow only feeds data here: keep it off the accelerators JAX uses.

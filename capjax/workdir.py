@@ -73,3 +73,21 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def load_params(workdir: str | os.PathLike[str], step: int | None = None):
+  """The model parameters of a checkpoint (the latest by default), on the host.
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint.
+  """
+  manager = checkpoint_manager(workdir, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(
+        f'no checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train '
+        f'first with `python -m capjax.train --workdir {workdir}`')
+  # Restoring without a target gives the saved tree as nested dicts of arrays.
+  state = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return state['params']
