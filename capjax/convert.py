@@ -61,7 +61,10 @@ def params_from_tutorial(weights: Mapping[str, np.ndarray]) -> dict:
   params: dict = {}
   for path, name in _DENSE_LAYERS.items():
     _nest(path + ('kernel',), w[f'{name}/kernel'], params)
-    _nest(path + ('bias',), w[f'{name}/bias'], params)
+    # V's bias shifts every attention score alike, which softmax undoes:
+    # capjax has no such parameter.
+    if name != 'decoder/attention/V':
+      _nest(path + ('bias',), w[f'{name}/bias'], params)
   embeddings = w['decoder/embedding/embeddings']
   _nest(('embedding', 'embedding'), embeddings, params)
 

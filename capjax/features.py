@@ -7,7 +7,8 @@ Extractors map an image to a grid of L feature vectors of size D:
   last 8x8x2048 activations flattened to (64, 2048).
 - 'patches': no weights; the image resized to (patch_grid * PATCH_SIZE) pixels
   square and cut into patch_grid**2 cells, each a flattened RGB patch scaled
-  to [-1, 1], so D = 3 * PATCH_SIZE**2. Made for the `shapes` data.
+  to [-1, 1] followed by a one-hot code of the cell's position, so
+  D = 3 * PATCH_SIZE**2 + patch_grid**2. Made for the `shapes` data.
 
 A store is one directory per split (`<feature_dir>/<split>/`):
 
@@ -153,21 +154,31 @@ def make_extractor(config) -> Extractor:
 
 
 def patches_extractor(patch_grid: int) -> Extractor:
-  """patch_grid**2 flattened pixel patches per image, scaled to [-1, 1]."""
+  """patch_grid**2 flattened pixel patches per image, scaled to [-1, 1].
+
+  Each cell ends with a one-hot code of its position: attention pools cells
+  into one context vector, so without it the decoder could not tell where an
+  object is ("left of", "above"). CNN grids carry position in their
+  receptive fields; raw patches do not.
+  """
   if patch_grid < 1:
     raise ValueError(f'patch_grid must be >= 1, got {patch_grid}')
-  p = PATCH_SIZE
+  p, cells = PATCH_SIZE, patch_grid**2
 
   def features_fn(images_NSS3):
     n = images_NSS3.shape[0]
-    cells = images_NSS3.reshape(n, patch_grid, p, patch_grid, p, 3)
-    cells = cells.transpose(0, 1, 3, 2, 4, 5)  # cells in row-major order
-    return cells.reshape(n, patch_grid**2, p * p * 3) / 127.5 - 1.0
+    grid = images_NSS3.reshape(n, patch_grid, p, patch_grid, p, 3)
+    grid = grid.transpose(0, 1, 3, 2, 4, 5)  # cells in row-major order
+    pixels = grid.reshape(n, cells, p * p * 3) / 127.5 - 1.0
+    positions = np.broadcast_to(np.eye(cells, dtype=pixels.dtype),
+                                (n, cells, cells))
+    return np.concatenate([pixels, positions], axis=-1)
 
   return Extractor(
-      info={'name': 'patches', 'patch_grid': patch_grid, 'patch_size': p},
-      image_size=patch_grid * p, num_locations=patch_grid**2,
-      feature_dim=p * p * 3, features_fn=features_fn)
+      info={'name': 'patches', 'patch_grid': patch_grid, 'patch_size': p,
+            'positions': 'one_hot'},
+      image_size=patch_grid * p, num_locations=cells,
+      feature_dim=p * p * 3 + cells, features_fn=features_fn)
 
 
 def inception_weights_path() -> str:

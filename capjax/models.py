@@ -73,11 +73,14 @@ class BahdanauAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, kernel_init=_kernel_init,
-                                     name=name)
+    dense = lambda n, name, **kw: nn.Dense(
+        n, dtype=self.dtype, kernel_init=_kernel_init, name=name, **kw)
     self.W1 = dense(self.units, 'W1')
     self.W2 = dense(self.units, 'W2')
-    self.V = dense(1, 'V')
+    # The tutorial's V has a bias, but softmax ignores a shift shared by all
+    # positions: its true gradient is 0, and Adam would only amplify rounding
+    # noise into random steps. capjax.convert drops it.
+    self.V = dense(1, 'V', use_bias=False)
 
   def keys(self, values_BLE: Array) -> Array:
     """W1 x: depends only on the image, so it is computed once."""

@@ -201,7 +201,7 @@ def train_step(state: TrainState, batch: Batch, *, model: models.Captioner,
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(sums, objective=loss, grad_norm=optax.global_norm(grads))
+  metrics = dict(sums, objective=loss, grad_norm=optax.tree.norm(grads))
   return state.replace(step=state.step + 1, params=params,
                        opt_state=opt_state), metrics
 

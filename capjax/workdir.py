@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -61,12 +62,15 @@ def load_json(path: str | os.PathLike[str]):
 
 def checkpoint_manager(workdir: str | os.PathLike[str], max_to_keep: int = 3,
                        read_only: bool = False) -> ocp.CheckpointManager:
-  """Asynchronous Orbax manager of `<workdir>/checkpoints`."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
+  """Orbax manager of `<workdir>/checkpoints`: asynchronous, or read-only."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
   directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-  return ocp.CheckpointManager(directory, options=options)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _atomic_write(path: pathlib.Path, text: str) -> None:
@@ -76,7 +80,10 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
 
 
 def load_params(workdir: str | os.PathLike[str], step: int | None = None):
-  """The model parameters of a checkpoint (the latest by default), on the host.
+  """The model parameters of a checkpoint (the latest by default).
+
+  They come back on this process's first device, whatever devices the
+  checkpoint was saved from (a cluster's checkpoint loads on a laptop).
 
   Raises:
     FileNotFoundError: the workdir holds no checkpoint.
@@ -87,7 +94,10 @@ def load_params(workdir: str | os.PathLike[str], step: int | None = None):
     raise FileNotFoundError(
         f'no checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train '
         f'first with `python -m capjax.train --workdir {workdir}`')
-  # Restoring without a target gives the saved tree as nested dicts of arrays.
-  state = manager.restore(step, args=ocp.args.StandardRestore())
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step))
+  state = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   return state['params']

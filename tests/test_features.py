@@ -79,17 +79,19 @@ def test_patches_extractor_cuts_row_major_cells():
   extractor = features.patches_extractor(2)
   p = features.PATCH_SIZE
   assert (extractor.image_size, extractor.num_locations,
-          extractor.feature_dim) == (2 * p, 4, 3 * p * p)
+          extractor.feature_dim) == (2 * p, 4, 3 * p * p + 4)
   image = np.zeros((2 * p, 2 * p, 3), np.uint8)
   image[:p, p:] = 255  # top right cell white
   image[p:, :p, 0] = 51  # bottom left cell dark red
   grid = extractor([image])
-  assert grid.shape == (1, 4, 3 * p * p)
-  np.testing.assert_allclose(grid[0, 0], -1.0)
-  np.testing.assert_allclose(grid[0, 1], 1.0)
-  np.testing.assert_allclose(grid[0, 2].reshape(p * p, 3)[:, 0], -0.6)
-  np.testing.assert_allclose(grid[0, 2].reshape(p * p, 3)[:, 1:], -1.0)
-  np.testing.assert_allclose(grid[0, 3], -1.0)
+  assert grid.shape == (1, 4, 3 * p * p + 4)
+  pixels, positions = grid[0, :, :-4], grid[0, :, -4:]
+  np.testing.assert_allclose(pixels[0], -1.0)
+  np.testing.assert_allclose(pixels[1], 1.0)
+  np.testing.assert_allclose(pixels[2].reshape(p * p, 3)[:, 0], -0.6)
+  np.testing.assert_allclose(pixels[2].reshape(p * p, 3)[:, 1:], -1.0)
+  np.testing.assert_allclose(pixels[3], -1.0)
+  np.testing.assert_array_equal(positions, np.eye(4))
   with pytest.raises(ValueError, match='unknown extractor'):
     features.make_extractor(_coco_config('', extractor='vgg'))
 
@@ -175,7 +177,7 @@ def test_patches_coco_train_through_store_and_pipeline(tmp_path, shared_data):
   assert sorted(os.listdir(tmp_path / 'train')) == [
       'metadata.json', 'shard-00000.npy', 'shard-00001.npy', 'shard-00002.npy']
   p = features.PATCH_SIZE
-  assert (store.num_locations, store.feature_dim) == (9, 3 * p * p)
+  assert (store.num_locations, store.feature_dim) == (9, 3 * p * p + 9)
   extractor = features.make_extractor(config)
   row = store.index_of([records[5].image_id])
   np.testing.assert_allclose(
@@ -185,7 +187,7 @@ def test_patches_coco_train_through_store_and_pipeline(tmp_path, shared_data):
   batches = input_pipeline.eval_iterator(config, store, records, vocab)
   total = 0
   for batch in batches:
-    assert batch['features'].shape == (16, 9, 3 * p * p)
+    assert batch['features'].shape == (16, 9, 3 * p * p + 9)
     assert batch['features'].dtype == np.float16
     total += int(batch['mask'].sum())
   assert total == sum(len(r.captions) for r in records)
@@ -223,7 +225,8 @@ def test_corrupt_and_non_image_files_are_reported_and_skipped(
   for image_id in ('2', '3', '4', '6'):
     assert f'\n  {image_id}: ' in summary[0]
   gray = store.read(store.index_of(['5']))[0]
-  np.testing.assert_allclose(gray, 128 / 127.5 - 1, atol=1e-3)
+  # Its pixels, that is, all but the one-hot position code.
+  np.testing.assert_allclose(gray[:, :-1], 128 / 127.5 - 1, atol=1e-3)
   # The pipeline only sees the images that have features.
   records = datasets.load_split(config, 'c.json:pics')
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 10)

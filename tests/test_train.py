@@ -1,0 +1,275 @@
+"""Training: optimizer, resume, signals, failures and data parallelism."""
+
+import functools
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from capjax import features
+from capjax import train
+from capjax import workdir as workdir_lib
+from capjax.configs import default
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_config(shapes_dir: pathlib.Path, **overrides):
+  """A config that trains a tiny model on a small `shapes` set in seconds."""
+  config = default.get_config()
+  config.data_dir = str(shapes_dir)
+  config.shapes.num_train = 48
+  config.shapes.num_val = 8
+  config.shapes.num_test = 8
+  config.embedding_dim = 16
+  config.units = 24
+  config.batch_size = 8
+  config.num_train_steps = 12
+  config.log_every_steps = 4
+  config.eval_every_steps = 6
+  config.checkpoint_every_steps = 4
+  config.num_eval_examples = 16
+  config.bucket_lengths = (24, 48)
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def config_flags(config) -> list[str]:
+  """The command-line overrides that reproduce `tiny_config`'s fields."""
+  flags = []
+  for key in ('data_dir', 'embedding_dim', 'units', 'batch_size',
+              'num_train_steps', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps', 'num_eval_examples'):
+    flags.append(f'--config.{key}={config[key]}')
+  for key in ('num_train', 'num_val', 'num_test'):
+    flags.append(f'--config.shapes.{key}={config.shapes[key]}')
+  flags.append('--config.bucket_lengths=(24,48)')
+  return flags
+
+
+def run_train(workdir, config, *, env=None, extra=(), **kwargs):
+  return subprocess.run(
+      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
+       *config_flags(config), *extra],
+      env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+      cwd=REPO_ROOT, **kwargs)
+
+
+def leaves_equal(a, b, atol=0.0):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+@pytest.fixture(scope='module')
+def shapes_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('shapes')
+
+
+def test_optimizer_schedule_and_clipping():
+  config = default.get_config()
+  config.schedule = 'warmup_cosine'
+  config.warmup_steps = 10
+  config.num_train_steps = 110
+  config.grad_clip_norm = 1.0
+  tx = train.make_optimizer(config)
+  params = {'w': jnp.zeros(3)}
+  state = tx.init(params)
+  # Warmup starts at 0: the first update is zero whatever the gradient.
+  updates, state = tx.update({'w': jnp.array([100.0, 0.0, 0.0])}, state, params)
+  np.testing.assert_array_equal(updates['w'], 0.0)
+  config.schedule = 'linear'
+  with pytest.raises(ValueError, match='config.schedule'):
+    train.make_optimizer(config)
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+  config = tiny_config(pathlib.Path('unused'), learning_rate=1e-2)
+  model = train.models.from_config(config, vocab_size=20)
+  tx = train.make_optimizer(config)
+  state = train.create_train_state(model, tx, (5, 7), seed=0)
+  rng = np.random.default_rng(0)
+  batch = {'features': jnp.asarray(rng.normal(size=(4, 5, 7)), jnp.float32),
+           'tokens': jnp.array([[1, 5, 6, 2, 0]] * 4, jnp.int32)}
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                   attention_penalty=0.1))
+  state, first = step(state, batch)
+  for _ in range(30):
+    state, metrics = step(state, batch)
+  assert int(state.step) == 31
+  assert float(metrics['token_count']) == 12  # 3 targets per caption
+  mean_loss = lambda m: float(m['loss_sum']) / float(m['token_count'])
+  assert mean_loss(metrics) < 0.1 * mean_loss(first)
+  assert float(metrics['objective']) > mean_loss(metrics)  # plus the penalty
+
+
+def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
+  workdir = tmp_path / 'run'
+  state = train.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+  assert int(state.step) == 12
+  for name in ('config.json', 'vocab.json', 'features.json', 'metrics.jsonl',
+               'loss.png'):
+    assert (workdir / name).is_file(), name
+  assert list((workdir / 'tensorboard').iterdir())
+  assert len(list((workdir / 'examples').glob('*.png'))) == 4
+  manager = workdir_lib.checkpoint_manager(workdir, read_only=True)
+  assert manager.all_steps() == [4, 8, 12]
+  leaves_equal(workdir_lib.load_params(workdir), state.params)
+  saved = workdir_lib.load_config(workdir)
+  assert saved.units == 24 and saved.num_train_steps == 12
+  info = workdir_lib.load_json(workdir / 'features.json')
+  assert (info['num_locations'], info['feature_dim']) == (16, 16 * 16 * 3 + 16)
+
+
+def test_resume_is_exact(tmp_path, shapes_dir):
+  config = tiny_config(shapes_dir)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  stopped = tiny_config(shapes_dir, num_train_steps=5)
+  assert int(train.train_and_evaluate(stopped, str(tmp_path / 'resumed')).step) == 5
+  # Restarts from the checkpoint at step 5, mid-epoch (6 steps per epoch).
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert int(resumed.step) == 12
+  leaves_equal(resumed.params, straight.params)
+  leaves_equal(resumed.opt_state, straight.opt_state)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, shapes_dir, monkeypatch):
+  original = train.train_step
+
+  def poisoned_after_step_6(state, batch, **kwargs):
+    state, metrics = original(state, batch, **kwargs)
+    poison = jnp.where(state.step >= 7, jnp.nan, 1.0)
+    params = jax.tree_util.tree_map(lambda p: p * poison, state.params)
+    metrics = dict(metrics, objective=metrics['objective'] * poison)
+    return state.replace(params=params), metrics
+
+  monkeypatch.setattr(train, 'train_step', poisoned_after_step_6)
+  workdir = tmp_path / 'nan'
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'non-finite at step 7; the last good checkpoint is step 4'):
+    train.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+  assert workdir_lib.checkpoint_manager(workdir, read_only=True).all_steps() == [4]
+  params = workdir_lib.load_params(workdir)
+  assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
+
+
+def test_resuming_under_an_incompatible_config_is_refused(tmp_path, shapes_dir):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4), workdir)
+  with pytest.raises(ValueError, match=r'units: 24 -> 32'):
+    train.train_and_evaluate(tiny_config(shapes_dir, units=32), workdir)
+
+
+def test_features_that_do_not_match_the_model_are_refused(tmp_path, shapes_dir):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4),
+                           str(workdir))
+  # The same images, with features of another size from another extractor.
+  store = features.FeatureStore.open_split(str(workdir / 'features'), 'train')
+  other = tmp_path / 'other'
+  for split in ('train', 'val'):
+    ids = features.FeatureStore.open_split(str(workdir / 'features'), split).image_ids
+    features.write_feature_store(
+        features.store_dir(str(other), split),
+        np.zeros((len(ids), store.num_locations, 32), np.float16), ids,
+        {'name': 'custom'})
+  config = tiny_config(shapes_dir, num_train_steps=8, feature_dir=str(other))
+  with pytest.raises(ValueError, match=r"do not match those of this workdir's model"):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_missing_features_are_a_clear_error(tmp_path, shared_data):
+  config = tiny_config(tmp_path, dataset='coco_json',
+                       data_dir=str(shared_data / 'coco-mini'))
+  with pytest.raises(ValueError, match=r'python -m capjax.features'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_batch_that_does_not_divide_over_devices_is_refused(tmp_path, shapes_dir):
+  config = tiny_config(shapes_dir, batch_size=6)
+  result = run_train(tmp_path / 'run', config, env={
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert result.returncode == 1
+  assert 'batch size 6 does not divide over 4 devices' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_four_devices_match_one(tmp_path, shapes_dir):
+  config = tiny_config(shapes_dir, num_train_steps=8)
+  one = train.train_and_evaluate(config, str(tmp_path / 'one'))
+  result = run_train(tmp_path / 'four', config, env={
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'on 4 device(s)' in result.stderr
+  leaves_equal(workdir_lib.load_params(tmp_path / 'four'), one.params,
+               atol=2e-5)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, shapes_dir):
+  config = tiny_config(shapes_dir, num_train_steps=8)
+  one = train.train_and_evaluate(config, str(tmp_path / 'one'))
+  address = f'127.0.0.1:{_free_port()}'
+  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             JAX_PLATFORMS='cpu')
+  processes = [
+      subprocess.Popen(
+          [sys.executable, '-m', 'capjax.train', f'--workdir={tmp_path / "two"}',
+           *config_flags(config), f'--coordinator_address={address}',
+           '--num_processes=2', f'--process_id={i}'],
+          env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert '4 local example(s) per process' in outputs[0]
+  leaves_equal(workdir_lib.load_params(tmp_path / 'two'), one.params, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
+  config = tiny_config(shapes_dir, num_train_steps=100_000,
+                       checkpoint_every_steps=100_000, log_every_steps=1,
+                       eval_every_steps=100_000)
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
+       *config_flags(config)],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if re.search(r'step 20/100000', line):
+      process.send_signal(signal.SIGTERM)
+      break
+  output = ''.join(lines) + process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output[-3000:]
+  match = re.search(r'SIGTERM: saved the checkpoint of step (\d+)', output)
+  assert match, output[-3000:]
+  saved = int(match.group(1))
+  assert saved >= 20
+  assert workdir_lib.checkpoint_manager(workdir, read_only=True).all_steps() == [saved]
+
+  config.num_train_steps = saved + 2
+  result = run_train(workdir, config)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from the checkpoint of step {saved}' in result.stderr
+  assert f'step {saved + 2}/{saved + 2}' in result.stderr
