@@ -17,14 +17,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = 'data'
 
 
+def _cluster_detected() -> bool:
+  """Whether this is a SLURM job step of several tasks or a Cloud TPU VM.
+
+  TPU chips show up as /dev/accel* (/dev/vfio/* on newer generations).
+  """
+  return (int(os.environ.get('SLURM_NTASKS', '1')) > 1
+          or os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'))
+
+
 def maybe_initialize_distributed(coordinator_address: str = '',
                                  num_processes: int = 0,
                                  process_id: int = -1) -> None:
   """Joins a multi-process job when one is asked for or detected.
 
-  Explicit arguments win; otherwise a SLURM job step with several tasks or a
-  multi-host Cloud TPU slice is detected and JAX reads the rest from the
-  environment. A single process needs nothing.
+  Explicit arguments win; otherwise SLURM and Cloud TPU are detected and
+  `jax.distributed.initialize()` finds the coordinator, the process count and
+  this process's id on its own. A lone process needs nothing.
   """
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 0 and process_id >= 0):
@@ -33,8 +42,7 @@ def maybe_initialize_distributed(coordinator_address: str = '',
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
-  elif (int(os.environ.get('SLURM_NTASKS', '1')) > 1
-        or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+  elif _cluster_detected():
     jax.distributed.initialize()
   else:
     return
