@@ -616,6 +616,32 @@ def extract_split(config, split: str, feature_dir: str,
   return FeatureStore.open_split(feature_dir, split)
 
 
+def describe(store: FeatureStore) -> dict[str, Any]:
+  """What a model trained on a store's features depends on (features.json)."""
+  return {'extractor': store.extractor, 'num_locations': store.num_locations,
+          'feature_dim': store.feature_dim}
+
+
+def open_or_extract(config, split: str, feature_dir: str) -> FeatureStore:
+  """A split's feature store; `shapes`, cheap to featurise, extracts its own.
+
+  Raises:
+    ValueError: the store is missing or incomplete (for other datasets),
+      with the command that extracts it.
+  """
+  try:
+    return FeatureStore.open_split(feature_dir, split)
+  except ValueError as e:
+    if config.dataset != 'shapes':
+      raise ValueError(
+          f'{e}\nExtract the features first, with the same config:\n  '
+          f'python -m capjax.features --config <config> --split {split} '
+          f'--feature_dir {feature_dir}') from None
+  logging.info('extracting %s features of the shapes %r split',
+               config.extractor, split)
+  return extract_split(config, split, feature_dir)
+
+
 # --- Command line -------------------------------------------------------------
 
 def _store_numpy(features_path: str, ids_path: str, split: str,

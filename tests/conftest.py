@@ -30,3 +30,30 @@ def shared_data() -> pathlib.Path:
         f'real test data not found: set {_SHARED_DATA_ENV} to a directory '
         'holding coco-mini/, flickr8k/ and flickr8k-1k/')
   return path
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory) -> pathlib.Path:
+  """A workdir of a small model trained on `shapes` for 200 steps.
+
+  Trained once per session (about 10 s on 2 CPU cores); enough for real
+  shapes captions ("a small red square"). Tests may add files to it but must
+  not change or remove what is there.
+  """
+  from capjax import train  # pylint: disable=g-import-not-at-top
+  from capjax.configs import default  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp('trained')
+  config = default.get_config()
+  config.data_dir = str(root / 'shapes')
+  config.shapes.num_train, config.shapes.num_val = 64, 16
+  config.shapes.num_test = 16
+  config.embedding_dim, config.units = 16, 32
+  config.batch_size = 16
+  config.learning_rate = 3e-3
+  config.num_train_steps = 200
+  config.log_every_steps = 100
+  config.eval_every_steps = config.checkpoint_every_steps = 200
+  workdir = root / 'workdir'
+  train.train_and_evaluate(config, str(workdir))
+  return workdir

@@ -1,0 +1,106 @@
+"""Caption metrics: the COCO caption evaluation (pycocoevalcap).
+
+`score_captions` scores one candidate caption per image against all of its
+reference captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D), after the
+Stanford PTB tokenisation, exactly as the COCO evaluation server does. Those
+two steps run Java; without it METEOR is left out and captions are tokenised
+like the vocabulary's words (`capjax.vocab.tokenize`: lowercase, punctuation
+removed), which agrees with PTB on plain captions but not on every one
+("man's" stays one word), so such numbers are close to, not equal to, the
+official ones.
+
+CIDEr weighs n-grams by their document frequency over the references scored
+together: its value depends on the whole set, not on each image alone.
+"""
+
+from collections.abc import Hashable, Mapping, Sequence
+import contextlib
+import io
+import shutil
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from capjax import vocab as vocab_lib
+
+BLEU = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
+# pycocoevalcap's names, the COCO leaderboard's columns.
+ALL_METRICS = BLEU + ('METEOR', 'ROUGE_L', 'CIDEr')
+JAVA_METRICS = ('METEOR',)
+
+Key = Hashable
+
+
+def java_available() -> bool:
+  """Whether `java` is on the PATH (for PTB tokenisation and METEOR)."""
+  return shutil.which('java') is not None
+
+
+def ptb_tokenize(captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
+  """pycocoevalcap's PTB tokenisation (Java): lowercase, punctuation dropped."""
+  return PTBTokenizer().tokenize(
+      {k: [{'caption': c} for c in v] for k, v in captions.items()})
+
+
+def simple_tokenize(
+    captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
+  """The vocabulary's tokenisation, for when Java is missing."""
+  return {k: [' '.join(vocab_lib.tokenize(c)) for c in v]
+          for k, v in captions.items()}
+
+
+def _check(candidates: Mapping[Key, str],
+           references: Mapping[Key, Sequence[str]]) -> None:
+  if not candidates:
+    raise ValueError('no captions to score')
+  if set(candidates) != set(references):
+    missing = set(candidates) ^ set(references)
+    raise ValueError(f'candidates and references must cover the same images; '
+                     f'{len(missing)} differ, e.g. {next(iter(missing))!r}')
+  empty = [k for k, v in references.items() if not v]
+  if empty:
+    raise ValueError(f'image {empty[0]!r} has no reference caption')
+
+
+def score_captions(candidates: Mapping[Key, str],
+                   references: Mapping[Key, Sequence[str]], *,
+                   metrics: Sequence[str] = ALL_METRICS,
+                   use_java: bool | None = None) -> dict[str, float]:
+  """Corpus-level caption metrics.
+
+  Args:
+    candidates: one generated caption per image id.
+    references: the human captions of the same image ids.
+    metrics: which of ALL_METRICS to compute.
+    use_java: PTB tokenisation and METEOR; None means when Java is found.
+      Without Java, JAVA_METRICS are left out of the result.
+
+  Returns:
+    {metric name: score}, in ALL_METRICS order.
+  """
+  unknown = set(metrics) - set(ALL_METRICS)
+  if unknown:
+    raise ValueError(f'unknown metrics {sorted(unknown)}; choose from '
+                     f'{ALL_METRICS}')
+  _check(candidates, references)
+  if use_java is None:
+    use_java = java_available()
+  tokenize = ptb_tokenize if use_java else simple_tokenize
+  res = tokenize({k: [c] for k, c in candidates.items()})
+  gts = tokenize({k: list(references[k]) for k in candidates})
+  wanted = [m for m in metrics if use_java or m not in JAVA_METRICS]
+  scores = {}
+  # pycocoevalcap prints its BLEU statistics; keep them off the console.
+  with contextlib.redirect_stdout(io.StringIO()):
+    if any(m in BLEU for m in wanted):
+      bleu, _ = Bleu(4).compute_score(gts, res)
+      scores.update(zip(BLEU, bleu))
+    for name, scorer_cls in (('METEOR', Meteor), ('ROUGE_L', Rouge),
+                             ('CIDEr', Cider)):
+      if name in wanted:
+        score, _ = scorer_cls().compute_score(gts, res)
+        scores[name] = score
+  return {m: float(scores[m]) for m in ALL_METRICS if m in wanted}
