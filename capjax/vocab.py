@@ -9,9 +9,9 @@ only, any whitespace separates words (COCO captions hold newlines).
 Ids: `<pad>`=0, `<start>`=1, `<end>`=2, `<unk>`=3, then the `top_k` most
 frequent training words, most frequent first; words with equal counts keep the
 order of their first occurrence (Keras sorts its word counts stably in
-insertion order). Every id is smaller than `size`: the tutorial mapped
-out-of-vocabulary words to `<unk>` = top_k + 1, outside its own embedding
-table; here `<unk>` has an id of its own.
+insertion order). Every id is smaller than `size` by construction: the
+special tokens, `<unk>` included, have rows of their own in the embedding
+table, so no encoded caption can index outside it.
 """
 
 import collections

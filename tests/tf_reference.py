@@ -5,8 +5,13 @@ Written from the tutorial's equations with real Keras layers (`Dense`,
 that calls the decoder once per token, teacher forcing, W1 on the features
 recomputed at every step. `carry_gru_state=True` passes the previous state to
 the GRU (capjax's default); False is the tutorial verbatim.
+
+The module uses `tf.keras`: Keras 3, or Keras 2 (the `tf_keras` package) in a
+process started with TF_USE_LEGACY_KERAS=1. `save_tutorial_run` trains and
+saves a model, its tokenizer and its outputs the way the tutorial does.
 """
 
+import json
 import os
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
@@ -144,3 +149,103 @@ def variables(encoder, decoder):
 def weights(encoder, decoder):
   """Current values of `variables` as NumPy arrays."""
   return {name: v.numpy() for name, v in variables(encoder, decoder).items()}
+
+
+# --- The tutorial's training, checkpoint, tokenizer and evaluate() ----------
+
+# The tutorial's Tokenizer filters: not '<' or '>', which its special words
+# hold.
+TOKENIZER_FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~ '
+
+
+def tutorial_tokenizer(captions, top_k):
+  """The tutorial's Keras Tokenizer fit on captions, with '<pad>' as id 0."""
+  tokenizer = keras.preprocessing.text.Tokenizer(
+      num_words=top_k, oov_token='<unk>', filters=TOKENIZER_FILTERS)
+  tokenizer.fit_on_texts(captions)
+  tokenizer.word_index['<pad>'] = 0
+  tokenizer.index_word[0] = '<pad>'
+  return tokenizer
+
+
+def train_step(encoder, decoder, optimizer, features, tokens):
+  """The tutorial's train step: teacher forcing, then one optimizer step."""
+  # The tutorial's variable order: Keras 3 checkpoints key variables by it.
+  trainable = encoder.trainable_variables + decoder.trainable_variables
+  with tf.GradientTape() as tape:
+    logits, _ = teacher_forced(encoder, decoder, features, tokens)
+    loss = masked_loss(tokens, logits)
+  optimizer.apply_gradients(zip(tape.gradient(loss, trainable), trainable))
+  return loss
+
+
+def greedy_caption(encoder, decoder, tokenizer, features_LD, max_length):
+  """The tutorial's evaluate() with argmax: words up to and with '<end>'."""
+  hidden = decoder.reset_state(batch_size=1)
+  features = encoder(features_LD[None])
+  dec_input = tf.constant([[tokenizer.word_index['<start>']]])
+  result = []
+  for _ in range(max_length):
+    predictions, hidden, _ = decoder(dec_input, features, hidden)
+    predicted_id = int(tf.argmax(predictions[0]))
+    result.append(tokenizer.index_word[predicted_id])
+    if result[-1] == '<end>':
+      break
+    dec_input = tf.constant([[predicted_id]])
+  return result
+
+
+def save_tutorial_run(directory, captions, top_k, embedding_dim, units,
+                      feature_dim, num_positions, train_steps, learning_rate,
+                      legacy_optimizer=False, seed=0):
+  """Trains the tutorial's model and saves it as the tutorial does.
+
+  Image i has a random feature grid, features[i], and the caption
+  captions[i] ('<start> ... <end>'). Writes into `directory`:
+
+    checkpoints/train/  tf.train.Checkpoint(encoder, decoder, optimizer), by
+                        the tutorial's tf.train.CheckpointManager
+    tokenizer.json      tokenizer.to_json()
+    reference.npz       features (N, L, D); tokens (N, T), the tokenizer's
+                        ids padded with 0; logits (N, T-1, top_k + 1) of the
+                        trained model, teacher-forced
+    greedy.json         each image's caption by the tutorial's evaluate()
+                        (argmax), up to T words with '<end>'
+
+  legacy_optimizer takes Keras 2's OptimizerV2 Adam, which TF <= 2.10 had.
+  """
+  tokenizer = tutorial_tokenizer(captions, top_k)
+  sequences = tokenizer.texts_to_sequences(captions)
+  tokens = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
+  for row, sequence in zip(tokens, sequences):
+    row[:len(sequence)] = sequence
+  # Each image's grid: a vector of its own at every position, plus noise, so
+  # that a few steps learn to tell the images apart.
+  rng = np.random.default_rng(seed)
+  features = (3 * rng.random((len(captions), 1, feature_dim))
+              + rng.random((len(captions), num_positions, feature_dim))
+              ).astype(np.float32)
+  encoder, decoder = build(top_k + 1, embedding_dim, units, feature_dim,
+                           num_positions, carry_gru_state=False, seed=seed)
+  adam = (keras.optimizers.legacy.Adam if legacy_optimizer
+          else keras.optimizers.Adam)
+  optimizer = adam(learning_rate=learning_rate)
+  # Eager: tracing the tutorial's per-token loop takes longer than a few
+  # steps do.
+  for _ in range(train_steps):
+    train_step(encoder, decoder, optimizer, features, tokens)
+
+  ckpt = tf.train.Checkpoint(encoder=encoder, decoder=decoder,
+                             optimizer=optimizer)
+  tf.train.CheckpointManager(
+      ckpt, os.path.join(directory, 'checkpoints', 'train'),
+      max_to_keep=5).save()
+  with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
+    f.write(tokenizer.to_json())
+  logits, _ = teacher_forced(encoder, decoder, features, tokens)
+  np.savez(os.path.join(directory, 'reference.npz'), features=features,
+           tokens=tokens, logits=logits.numpy())
+  greedy = [greedy_caption(encoder, decoder, tokenizer, f, tokens.shape[1])
+            for f in features]
+  with open(os.path.join(directory, 'greedy.json'), 'w') as f:
+    json.dump(greedy, f)
