@@ -3,7 +3,7 @@ r"""Training: `python -m capjax.train --workdir DIR [--config FILE]`.
 The default config is the offline `shapes` demo; named experiments live in
 `experiments/`. Any config field can be overridden on the command line:
 
-  python -m capjax.train --workdir /tmp/capjax
+  python -m capjax.train --workdir /tmp/capjax-demo
   python -m capjax.train --workdir /tmp/coco \
       --config experiments/coco_inception.py --config.batch_size=128
 
@@ -28,6 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from capjax import datasets
+from capjax import evaluate
 from capjax import features as features_lib
 from capjax import input_pipeline
 from capjax import losses
@@ -71,32 +72,12 @@ class TrainingData:
     return self.train_store.num_locations, self.train_store.feature_dim
 
 
-def _open_features(config: ml_collections.ConfigDict, split: str,
-                   feature_dir: str) -> features_lib.FeatureStore:
-  """A split's feature store; `shapes` extracts its own when it is absent."""
-  try:
-    return features_lib.FeatureStore.open_split(feature_dir, split)
-  except ValueError as e:
-    if config.dataset != 'shapes':
-      raise ValueError(
-          f'{e}\nExtract the features first, with the same config:\n  '
-          f'python -m capjax.features --config <config> --split {split} '
-          f'--feature_dir {feature_dir}') from None
-  logging.info('extracting %s features of the shapes %r split', config.extractor,
-               split)
-  return features_lib.extract_split(config, split, feature_dir)
-
-
 def _check_features(train: features_lib.FeatureStore,
                     evaluation: features_lib.FeatureStore,
                     saved: dict | None) -> dict:
   """The features' description, checked against eval and the workdir's model."""
-  info = {'extractor': train.extractor, 'num_locations': train.num_locations,
-          'feature_dim': train.feature_dim}
-  eval_info = {'extractor': evaluation.extractor,
-               'num_locations': evaluation.num_locations,
-               'feature_dim': evaluation.feature_dim}
-  for name, other in [('the evaluation split', eval_info),
+  info = features_lib.describe(train)
+  for name, other in [('the evaluation split', features_lib.describe(evaluation)),
                       ("this workdir's model", saved)]:
     if other is not None and other != info:
       raise ValueError(
@@ -118,8 +99,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   feature_dir = features_lib.resolve_feature_dir(config, str(workdir))
   train_records = datasets.load_split(config, config.train_split)
   eval_records = datasets.load_split(config, config.eval_split)
-  train_store = _open_features(config, config.train_split, feature_dir)
-  eval_store = _open_features(config, config.eval_split, feature_dir)
+  train_store = features_lib.open_or_extract(config, config.train_split,
+                                             feature_dir)
+  eval_store = features_lib.open_or_extract(config, config.eval_split,
+                                            feature_dir)
   features_path = workdir / workdir_lib.FEATURES_FILE
   saved = workdir_lib.load_json(features_path) if features_path.exists() else None
   info = _check_features(train_store, eval_store, saved)
@@ -266,6 +249,18 @@ def evaluate_loss(params: Any, batches: Iterator[dict], p_eval_step: Callable,
   return losses.normalize(totals)
 
 
+def _caption_metrics(params: Any, model: models.Captioner, data: TrainingData,
+                     config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Greedy BLEU-4 and CIDEr on the first validation images, on this host.
+
+  The replicated parameters are whole on every process, so process 0 decodes
+  alone, on its own device, while the others wait at the next step.
+  """
+  return evaluate.caption_metrics(
+      jax.device_get(params), model, data.eval_store, data.eval_records,
+      data.vocab, config, config.num_caption_eval_images)
+
+
 def _restore_or_init(manager: ocp.CheckpointManager, init_fn: Callable,
                      sharding) -> TrainState:
   """The latest checkpoint's state, or a fresh one."""
@@ -362,8 +357,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           reporter.write(step, 'train', train)
         if step % config.eval_every_steps == 0 or last:
           val = evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
-          logging.info('step %d | eval loss %.4f | eval acc %.3f', step,
-                       val['loss'], val['accuracy'])
+          if is_chief and config.num_caption_eval_images:
+            val.update(_caption_metrics(state.params, model, data, config))
+          logging.info('step %d | eval %s', step, ' | '.join(
+              f'{k} {v:.4f}' for k, v in val.items()))
           reporter.write(step, 'eval', val)
           reporter.plot_losses()
         if save:

@@ -3,7 +3,7 @@ r"""Default capjax configuration: the offline `shapes` demo.
 It trains on the built-in synthetic `shapes` captions with the no-weights
 `patches` extractor, so it needs no download and finishes on a laptop CPU:
 
-  python -m capjax.train --workdir /tmp/capjax
+  python -m capjax.train --workdir /tmp/capjax-demo
 
 Named experiments in `experiments/` start from this config and override fields;
 any field can also be overridden on the command line, e.g.
@@ -107,5 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   # Examples used by each periodic evaluation (0 = the whole eval split).
   config.num_eval_examples = 1000
+  # Images greedily captioned at each evaluation for BLEU-4 and CIDEr
+  # (0 = skip).
+  config.num_caption_eval_images = 200
 
   return config
