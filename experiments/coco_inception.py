@@ -42,6 +42,7 @@ def get_config():
   config.units = 512
 
   config.batch_size = 64
+  config.schedule = 'constant'
   config.learning_rate = 1e-3
   # About 6 epochs of train+restval's 566k captions.
   config.num_train_steps = 50_000

@@ -33,6 +33,7 @@ def get_config():
   config.dropout_rate = 0.3
 
   config.batch_size = 64
+  config.schedule = 'constant'
   config.learning_rate = 1e-3
   # About 20 epochs of the 30,000 training captions.
   config.num_train_steps = 10_000

@@ -50,6 +50,7 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   config.shapes.num_test = 16
   config.embedding_dim, config.units = 16, 32
   config.batch_size = 16
+  config.schedule = 'constant'
   config.learning_rate = 3e-3
   config.num_train_steps = 200
   config.log_every_steps = 100

@@ -41,4 +41,5 @@ def test_coco_inception_is_the_tutorial_setup():
   assert (config.dataset, config.train_split, config.extractor) == (
       'tfds_coco', 'train+restval', 'inception_v3')
   assert (config.top_k, config.embedding_dim, config.units, config.batch_size,
-          config.learning_rate) == (5000, 256, 512, 64, 1e-3)
+          config.schedule, config.learning_rate) == (5000, 256, 512, 64,
+                                                     'constant', 1e-3)

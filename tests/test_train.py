@@ -32,6 +32,8 @@ def tiny_config(shapes_dir: pathlib.Path, **overrides):
   config.shapes.num_test = 8
   config.embedding_dim = 16
   config.units = 24
+  config.schedule = 'constant'
+  config.learning_rate = 1e-3
   config.batch_size = 8
   config.num_train_steps = 12
   config.log_every_steps = 4
@@ -47,7 +49,8 @@ def tiny_config(shapes_dir: pathlib.Path, **overrides):
 def config_flags(config) -> list[str]:
   """The command-line overrides that reproduce `tiny_config`'s fields."""
   flags = []
-  for key in ('data_dir', 'embedding_dim', 'units', 'batch_size',
+  for key in ('data_dir', 'embedding_dim', 'units', 'schedule',
+              'learning_rate', 'batch_size',
               'num_train_steps', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps', 'num_eval_examples'):
     flags.append(f'--config.{key}={config[key]}')
