@@ -1,0 +1,214 @@
+r"""Load test of `capjax.serve`: micro-batched against one-at-a-time serving.
+
+  python scripts/load_test.py --workdir /tmp/capjax-demo
+
+Starts `python -m capjax.serve --workdir ...` on 127.0.0.1 twice, one after
+the other so that they never share the CPU: with micro-batching
+(--max_batch_size 32) and one image per decoder call (--max_batch_size 1).
+Client threads post the workdir's held-out example images (or --images),
+each over its own keep-alive connection: 1, 8 and 32 clients against the
+batched server, 32 against the one-at-a-time one. Each run sends at most
+--requests requests in at most --seconds seconds, after an untimed round
+of one request per client. Prints requests/s and p50/p99 latency per run,
+the throughput ratio of batched to one-at-a-time serving at 32 clients, and
+all of it as one JSON line.
+
+Servers that already run can be measured instead, on loopback addresses
+only (this is a load generator; it refuses any other host):
+
+  python scripts/load_test.py --images a.jpg b.jpg \
+      --url http://127.0.0.1:8081 --baseline_url http://127.0.0.1:8082
+"""
+
+import collections
+from collections.abc import Sequence
+import contextlib
+import http.client
+import ipaddress
+import itertools
+import json
+import pathlib
+import socket
+import tempfile
+import threading
+import time
+import urllib.parse
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from capjax import serve
+
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'A trained workdir: start its servers here.')
+_URL = flags.DEFINE_string(
+    'url', None, 'A running batched server (loopback), instead of --workdir.')
+_BASELINE_URL = flags.DEFINE_string(
+    'baseline_url', None, 'A running one-at-a-time server (loopback).')
+_IMAGES = flags.DEFINE_list(
+    'images', [], "Images to send; default: the workdir's examples/.")
+_CONCURRENCY = flags.DEFINE_list(
+    'concurrency', ['1', '8', '32'], 'Client counts against the batched '
+    'server; the last one also runs against the one-at-a-time server.')
+_MAX_BATCH_SIZE = flags.DEFINE_integer(
+    'max_batch_size', 32, 'The batched server started from --workdir.')
+_REQUESTS = flags.DEFINE_integer(
+    'requests', 2000, 'Most requests per run.', lower_bound=1,
+    upper_bound=100_000)
+_SECONDS = flags.DEFINE_float(
+    'seconds', 20.0, 'Most seconds per run.', lower_bound=0.1,
+    upper_bound=600)
+
+
+def check_loopback(url: str) -> str:
+  """The URL, if it is http on a loopback address.
+
+  Raises:
+    app.UsageError: any other URL.
+  """
+  parts = urllib.parse.urlsplit(url)
+  if parts.scheme != 'http' or not parts.hostname:
+    raise app.UsageError(f'{url}: an http:// URL is needed')
+  try:
+    addresses = {info[4][0] for info in socket.getaddrinfo(
+        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)}
+  except OSError as e:
+    raise app.UsageError(f'{url}: {e}') from None
+  if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+    raise app.UsageError(f'{url} is not a loopback address: this load test '
+                         'only runs against servers on this machine')
+  return url
+
+
+def _client(url: str, bodies: Sequence[bytes], tickets: itertools.count,
+            max_requests: int, deadline: float, latencies: list[float],
+            errors: collections.Counter) -> None:
+  """Posts images over one connection until the requests or time run out."""
+  parts = urllib.parse.urlsplit(url)
+  connect = lambda: http.client.HTTPConnection(parts.hostname, parts.port,
+                                               timeout=120)
+  connection = connect()
+  # next() on an itertools.count is atomic, so tickets are never shared.
+  while (ticket := next(tickets)) < max_requests and (
+      time.monotonic() < deadline):
+    start = time.perf_counter()
+    try:
+      connection.request('POST', '/v1/captions',
+                         bodies[ticket % len(bodies)],
+                         {'Content-Type': 'application/octet-stream'})
+      response = connection.getresponse()
+      response.read()
+    except (OSError, http.client.HTTPException) as e:
+      errors[type(e).__name__] += 1
+      connection.close()
+      connection = connect()
+      continue
+    if response.status == 200:
+      latencies.append(time.perf_counter() - start)
+    else:
+      errors[response.status] += 1
+    if response.will_close:
+      connection.close()
+      connection = connect()
+  connection.close()
+
+
+def measure(url: str, bodies: Sequence[bytes], concurrency: int,
+            max_requests: int, max_seconds: float) -> dict[str, float]:
+  """Requests/s and latency of `concurrency` clients sending at once."""
+  latencies, errors = [], collections.Counter()
+  tickets = itertools.count()
+  start = time.monotonic()
+  threads = [threading.Thread(
+      target=_client, args=(url, bodies, tickets, max_requests,
+                            start + max_seconds, latencies, errors))
+             for _ in range(concurrency)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  seconds = time.monotonic() - start
+  latencies_ms = np.array(latencies or [np.nan]) * 1000
+  return {
+      'concurrency': concurrency,
+      'requests': len(latencies),
+      'errors': {str(k): v for k, v in errors.items()},
+      'seconds': round(seconds, 2),
+      'requests_per_s': round(len(latencies) / seconds, 1),
+      'p50_ms': round(float(np.percentile(latencies_ms, 50)), 1),
+      'p99_ms': round(float(np.percentile(latencies_ms, 99)), 1),
+  }
+
+
+def run(url: str, bodies: Sequence[bytes],
+        concurrencies: Sequence[int]) -> list[dict[str, float]]:
+  """One measurement per client count, each after an untimed round."""
+  results = []
+  for concurrency in concurrencies:
+    measure(url, bodies, concurrency, concurrency, _SECONDS.value)
+    results.append(measure(url, bodies, concurrency, _REQUESTS.value,
+                           _SECONDS.value))
+  return results
+
+
+@contextlib.contextmanager
+def started_server(workdir: str, max_batch_size: int, log_dir: str):
+  """The URL of a capjax.serve process, for the length of the block."""
+  process, url = serve.start_subprocess(
+      ['--workdir', workdir, f'--max_batch_size={max_batch_size}'],
+      str(pathlib.Path(log_dir) / f'serve-{max_batch_size}.log'))
+  try:
+    yield url
+  finally:
+    process.terminate()
+    process.wait()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if bool(_WORKDIR.value) == bool(_URL.value and _BASELINE_URL.value):
+    raise app.UsageError('give --workdir, or both --url and --baseline_url')
+  paths = _IMAGES.value or (
+      sorted(pathlib.Path(_WORKDIR.value, 'examples').glob('*'))
+      if _WORKDIR.value else [])
+  if not paths:
+    raise app.UsageError('no images: give --images')
+  bodies = [pathlib.Path(p).read_bytes() for p in paths]
+  try:
+    concurrencies = [int(c) for c in _CONCURRENCY.value]
+  except ValueError:
+    raise app.UsageError('--concurrency takes integers') from None
+  if not concurrencies or not all(0 < c <= 256 for c in concurrencies):
+    raise app.UsageError('--concurrency takes 1 to 256 clients')
+
+  if _WORKDIR.value:
+    with tempfile.TemporaryDirectory() as log_dir:
+      with started_server(_WORKDIR.value, _MAX_BATCH_SIZE.value,
+                          log_dir) as url:
+        batched = run(url, bodies, concurrencies)
+      with started_server(_WORKDIR.value, 1, log_dir) as url:
+        single = run(url, bodies, concurrencies[-1:])
+  else:
+    batched = run(check_loopback(_URL.value), bodies, concurrencies)
+    single = run(check_loopback(_BASELINE_URL.value), bodies,
+                 concurrencies[-1:])
+
+  print(f'{"server":<15}{"clients":>8}{"requests":>10}{"errors":>8}'
+        f'{"req/s":>9}{"p50 ms":>9}{"p99 ms":>9}')
+  for name, results in (('batched', batched), ('one at a time', single)):
+    for r in results:
+      print(f'{name:<15}{r["concurrency"]:>8}{r["requests"]:>10}'
+            f'{sum(r["errors"].values()):>8}{r["requests_per_s"]:>9}'
+            f'{r["p50_ms"]:>9}{r["p99_ms"]:>9}')
+  ratio = batched[-1]['requests_per_s'] / max(single[-1]['requests_per_s'],
+                                              1e-9)
+  print(f'throughput at {concurrencies[-1]} clients, batched / one at a '
+        f'time: {ratio:.1f}x')
+  print(json.dumps({'batched': batched, 'one_at_a_time': single,
+                    'ratio': round(ratio, 2)}))
+
+
+if __name__ == '__main__':
+  app.run(main)
