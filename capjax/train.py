@@ -274,6 +274,27 @@ def _restore_or_init(manager: ocp.CheckpointManager, init_fn: Callable,
   return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first config field that cannot work."""
+  positive = ('batch_size', 'max_caption_len', 'log_every_steps',
+              'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+              'embedding_dim', 'units', 'top_k')
+  for name in positive:
+    if config[name] <= 0:
+      raise ValueError(f'config.{name} must be positive, got {config[name]}')
+  if config.num_train_steps < 0 or config.learning_rate <= 0:
+    raise ValueError('config.num_train_steps must be >= 0 and '
+                     'config.learning_rate > 0')
+  buckets = tuple(config.bucket_lengths)
+  if not buckets or min(buckets) < 2 or max(buckets) < config.max_caption_len:
+    raise ValueError(
+        f'config.bucket_lengths {buckets} must be lengths >= 2 whose largest '
+        f'is at least config.max_caption_len ({config.max_caption_len})')
+  if not 0 <= config.dropout_rate < 1:
+    raise ValueError(f'config.dropout_rate must be in [0, 1), got '
+                     f'{config.dropout_rate}')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (resuming from the latest checkpoint) and evaluates periodically.
@@ -282,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   SIGTERM or SIGINT; raises NonFiniteLossError, without saving, on a NaN or
   infinite loss, leaving the last good checkpoint as it was.
   """
+  check_config(config)
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0

@@ -198,6 +198,19 @@ def test_missing_features_are_a_clear_error(tmp_path, shared_data):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (dict(batch_size=0), 'config.batch_size must be positive'),
+    (dict(log_every_steps=0), 'config.log_every_steps must be positive'),
+    (dict(bucket_lengths=(8, 16)), 'largest is at least config.max_caption_len'),
+    (dict(dropout_rate=1.0), 'config.dropout_rate'),
+])
+def test_impossible_configs_are_refused_up_front(tmp_path, overrides, message):
+  config = tiny_config(tmp_path / 'shapes', **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'shapes').exists()  # before any data is made
+
+
 def test_batch_that_does_not_divide_over_devices_is_refused(tmp_path, shapes_dir):
   config = tiny_config(shapes_dir, batch_size=6)
   result = run_train(tmp_path / 'run', config, env={
