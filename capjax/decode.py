@@ -450,6 +450,9 @@ def caption_features(params: Any, features_BLD: Array, *,
   """
   if temperature < 0:
     raise ValueError(f'temperature must be >= 0, got {temperature}')
+  if alpha < 0:
+    # Checked here: under jit, beam_search's own check cannot see the value.
+    raise ValueError(f'alpha must be >= 0, got {alpha}')
   if temperature > 0:
     if beam_size != 1:
       raise ValueError('sample (temperature > 0) or search (beam_size > 1), '

@@ -7,6 +7,7 @@ CPU, a GPU host or a multi-host cluster, where each process feeds only its own
 slice of the global batch.
 """
 
+import importlib.util
 import os
 
 from absl import logging
@@ -18,12 +19,18 @@ DATA_AXIS = 'data'
 
 
 def _cluster_detected() -> bool:
-  """Whether this is a SLURM job step of several tasks or a Cloud TPU VM.
+  """Whether this is an srun job step of several tasks or a Cloud TPU VM.
 
-  TPU chips show up as /dev/accel* (/dev/vfio/* on newer generations).
+  SLURM_STEP_NUM_TASKS counts the tasks of the job step `srun` started;
+  SLURM_NTASKS counts the allocation's, which a batch script running a single
+  process sees too.
+  TPU chips show up as /dev/accel* (/dev/vfio/* on newer generations, which
+  other VFIO hosts have too, hence the libtpu check).
   """
-  return (int(os.environ.get('SLURM_NTASKS', '1')) > 1
-          or os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'))
+  tpu_vfio = (os.path.exists('/dev/vfio/0')
+              and importlib.util.find_spec('libtpu') is not None)
+  return (int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1
+          or os.path.exists('/dev/accel0') or tpu_vfio)
 
 
 def maybe_initialize_distributed(coordinator_address: str = '',

@@ -135,9 +135,14 @@ def _copy_example_images(config: ml_collections.ConfigDict,
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with the configured schedule and optional global-norm clipping."""
+  """Adam with the configured schedule and optional global-norm clipping.
+
+  The optimizer state has one layout whatever the schedule and clipping (a
+  schedule even when constant, a clip even when off), so a run can resume
+  with either changed, e.g. clipping switched on after a NaN.
+  """
   if config.schedule == 'constant':
-    learning_rate = config.learning_rate
+    learning_rate = optax.constant_schedule(config.learning_rate)
   elif config.schedule == 'warmup_cosine':
     learning_rate = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate,
@@ -146,11 +151,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   else:
     raise ValueError(f"config.schedule must be 'constant' or 'warmup_cosine', "
                      f'got {config.schedule!r}')
-  adam = optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps)
-  if config.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
-  return adam
+  clip_norm = config.grad_clip_norm or float('inf')
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                 eps=config.adam_eps))
 
 
 def create_train_state(model: models.Captioner,
@@ -233,6 +238,24 @@ class _StopRequest:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _agreed_stop(stop: _StopRequest, step: int, interval: int) -> bool:
+  """Whether to save and stop after this step, the same on every process.
+
+  Processes get a preemption signal at slightly different steps; one that
+  stopped alone would leave the others waiting in a collective. With several
+  processes they agree at each logging interval (one small all-gather);
+  a lone process stops at once.
+  """
+  if jax.process_count() == 1:
+    return stop.signal_name is not None
+  if step % interval:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(
+      np.array(stop.signal_name is not None))
+  return bool(np.any(flags))
 
 
 def evaluate_loss(params: Any, batches: Iterator[dict], p_eval_step: Callable,
@@ -364,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         step += 1
         pending.append((step, metrics))
         last = step == config.num_train_steps
-        stopping = stop.signal_name is not None  # read once: it may change
+        stopping = _agreed_stop(stop, step, config.log_every_steps)
         # Reading metrics back waits for the step: do it only at intervals,
         # and always before a checkpoint, so that no NaN is ever saved.
         save = (step % config.checkpoint_every_steps == 0 or last
@@ -390,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           last_saved = step
         if stopping:
           logging.warning('%s: saved the checkpoint of step %d, stopping',
-                          stop.signal_name, step)
+                          stop.signal_name or 'another process was signalled',
+                          step)
           break
     finally:
       manager.wait_until_finished()

@@ -89,15 +89,17 @@ def load_params(workdir: str | os.PathLike[str], step: int | None = None):
     FileNotFoundError: the workdir holds no checkpoint.
   """
   manager = checkpoint_manager(workdir, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f'no checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train '
-        f'first with `python -m capjax.train --workdir {workdir}`')
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      manager.item_metadata(step))
-  state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  manager.close()
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'no checkpoint in {pathlib.Path(workdir) / CHECKPOINT_DIR}: train '
+          f'first with `python -m capjax.train --workdir {workdir}`')
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step))
+    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+  finally:
+    manager.close()
   return state['params']

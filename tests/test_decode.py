@@ -378,6 +378,7 @@ def test_caption_features_dispatches(model_and_params):
     (dict(max_len=0), 'max_len must be >= 1'),
     (dict(beam_size=0), 'beam_size must be >= 1'),
     (dict(temperature=-1.0), 'temperature must be >= 0'),
+    (dict(beam_size=2, alpha=-0.5), 'alpha must be >= 0'),
     (dict(temperature=1.0), 'needs an rng'),
     (dict(temperature=1.0, beam_size=2, rng=jax.random.PRNGKey(0)),
      'not both'),

@@ -95,6 +95,19 @@ def test_optimizer_schedule_and_clipping():
     train.make_optimizer(config)
 
 
+def test_optimizer_state_layout_does_not_depend_on_schedule_or_clipping():
+  # So a run can resume after switching clipping on (as the NaN error advises).
+  params = {'w': jnp.zeros(3)}
+  structures = set()
+  for schedule, clip in [('constant', 0.0), ('constant', 5.0),
+                         ('warmup_cosine', 0.0), ('warmup_cosine', 1.0)]:
+    config = default.get_config()
+    config.schedule, config.grad_clip_norm = schedule, clip
+    state = train.make_optimizer(config).init(params)
+    structures.add(jax.tree_util.tree_structure(state))
+  assert len(structures) == 1
+
+
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
   config = tiny_config(pathlib.Path('unused'), learning_rate=1e-2)
   model = train.models.from_config(config, vocab_size=20)
