@@ -622,6 +622,25 @@ def describe(store: FeatureStore) -> dict[str, Any]:
           'feature_dim': store.feature_dim}
 
 
+def check_made_by_config(store: FeatureStore, config) -> None:
+  """Raises if a capjax extractor other than the config's made the store.
+
+  Stores of features from elsewhere (`write_feature_store`) pass: no config
+  extractor can remake them anyway.
+  """
+  made = store.extractor
+  if made.get('name') not in EXTRACTORS:
+    return
+  wanted = {'name': config.extractor}
+  if config.extractor == 'patches':
+    wanted['patch_grid'] = config.patch_grid
+  if any(made.get(key) != value for key, value in wanted.items()):
+    raise ValueError(
+        f'the features in the store were made by {made}, but the config asks '
+        f'for {wanted}: use another --config.feature_dir, or the settings '
+        'the store was made with')
+
+
 def open_or_extract(config, split: str, feature_dir: str) -> FeatureStore:
   """A split's feature store; `shapes`, cheap to featurise, extracts its own.
 

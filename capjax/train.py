@@ -103,6 +103,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                                              feature_dir)
   eval_store = features_lib.open_or_extract(config, config.eval_split,
                                             feature_dir)
+  features_lib.check_made_by_config(train_store, config)
   features_path = workdir / workdir_lib.FEATURES_FILE
   saved = workdir_lib.load_json(features_path) if features_path.exists() else None
   info = _check_features(train_store, eval_store, saved)

@@ -204,6 +204,20 @@ def test_features_that_do_not_match_the_model_are_refused(tmp_path, shapes_dir):
     train.train_and_evaluate(config, str(workdir))
 
 
+def test_features_of_another_extractor_setting_are_refused(tmp_path,
+                                                           shapes_dir):
+  feature_dir = str(tmp_path / 'features')
+  train.train_and_evaluate(
+      tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir),
+      str(tmp_path / 'grid4'))
+  # A new run pointed at the same store with another grid must not train on it.
+  config = tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir,
+                       patch_grid=2)
+  with pytest.raises(ValueError, match=r"config asks for \{'name': 'patches', "
+                     r"'patch_grid': 2\}"):
+    train.train_and_evaluate(config, str(tmp_path / 'grid2'))
+
+
 def test_missing_features_are_a_clear_error(tmp_path, shared_data):
   config = tiny_config(tmp_path, dataset='coco_json',
                        data_dir=str(shared_data / 'coco-mini'))
