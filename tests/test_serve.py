@@ -552,9 +552,10 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       page.goto(url + '/')
       page.set_input_files('#image', examples[1])
       page.click('#submit')
-      page.wait_for_function(
-          "document.querySelectorAll('#panels canvas').length > 0",
-          timeout=30_000)
+      # A selector wait, not wait_for_function: polling a JavaScript string
+      # needs eval, which the page's Content-Security-Policy forbids.
+      page.wait_for_selector('#panels canvas', state='attached',
+                             timeout=30_000)
       caption = page.inner_text('#caption')
       panels = page.locator('#panels figcaption').all_inner_texts()
       # A shape's panel is brighter somewhere than everywhere else.
