@@ -35,7 +35,6 @@ from capjax import metrics
 from capjax import models
 from capjax import reporting
 from capjax import sample
-# The training data helpers: the same store, extracted the same way.
 from capjax import vocab as vocab_lib
 from capjax import workdir as workdir_lib
 
