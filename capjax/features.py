@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 
 from capjax import datasets
+from capjax import files
 
 EXTRACTORS = ('inception_v3', 'patches')
 # Side in pixels of each 'patches' cell.
@@ -281,13 +282,6 @@ def _read_metadata(directory: str) -> dict[str, Any]:
   return metadata
 
 
-def _write_json_atomic(path: str, data: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f)
-  os.replace(tmp, path)
-
-
 class FeatureStore:
   """Read access to the features of one or more store directories.
 
@@ -455,8 +449,8 @@ class _StoreWriter:
     self._save()
 
   def _save(self) -> None:
-    _write_json_atomic(os.path.join(self.directory, METADATA_FILE),
-                       self.metadata)
+    files.write_json_atomic(os.path.join(self.directory, METADATA_FILE),
+                            self.metadata)
 
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -24,6 +24,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from capjax import files
+
 SPLITS = ('train', 'val', 'test')
 COLOURS = {
     'red': (220, 50, 50),
@@ -237,10 +239,8 @@ def write_split(directory: str, split: str, shapes_config) -> str:
       annotations.append({'id': len(annotations), 'image_id': example.image_id,
                           'caption': caption})
   path = annotation_path(directory, split)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump({'info': {'description': 'capjax synthetic shapes',
-                        'capjax_shapes': settings},
-               'images': images, 'annotations': annotations}, f)
-  os.replace(tmp, path)
+  files.write_json_atomic(path, {
+      'info': {'description': 'capjax synthetic shapes',
+               'capjax_shapes': settings},
+      'images': images, 'annotations': annotations})
   return path

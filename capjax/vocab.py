@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from capjax import files
+
 # The tutorial's `Tokenizer(filters=...)`, less the space, which separates
 # words anyway.
 FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~'
@@ -133,11 +135,9 @@ class Vocab:
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes the vocabulary as JSON (atomically)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump({'format': _FORMAT, 'tokens': self._id_to_word}, f,
-                ensure_ascii=False, indent=0)
-    os.replace(tmp, path)
+    files.write_json_atomic(
+        path, {'format': _FORMAT, 'tokens': self._id_to_word},
+        ensure_ascii=False, indent=0)
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> 'Vocab':

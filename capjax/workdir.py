@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from capjax import files
+
 CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.json'
 FEATURES_FILE = 'features.json'
@@ -31,7 +33,8 @@ MODEL_FIELDS = ('dataset', 'extractor', 'patch_grid', 'top_k', 'embedding_dim',
 
 def save_config(workdir: str | os.PathLike[str],
                 config: ml_collections.ConfigDict) -> None:
-  _atomic_write(pathlib.Path(workdir) / CONFIG_FILE, config.to_json(indent=2))
+  files.write_text_atomic(pathlib.Path(workdir) / CONFIG_FILE,
+                          config.to_json(indent=2))
 
 
 def load_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
@@ -53,7 +56,7 @@ def check_compatible(saved: ml_collections.ConfigDict,
 
 
 def save_json(path: str | os.PathLike[str], value) -> None:
-  _atomic_write(pathlib.Path(path), json.dumps(value, indent=2))
+  files.write_json_atomic(path, value, indent=2)
 
 
 def load_json(path: str | os.PathLike[str]):
@@ -73,10 +76,6 @@ def checkpoint_manager(workdir: str | os.PathLike[str], max_to_keep: int = 3,
       item_handlers=ocp.StandardCheckpointHandler())
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def load_params(workdir: str | os.PathLike[str], step: int | None = None):
