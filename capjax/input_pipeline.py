@@ -18,6 +18,11 @@ the earlier epochs' data:
   groups them in that order into blocks of at least `shuffle_buffer` examples
   (and of at least 16 batches), and shuffles the examples within each block,
   so an image's captions land in different batches;
+- with group_by_length (config.group_by_length), each block is instead sorted
+  by caption length (ties in random order), cut into batches, and the batches
+  that lie wholly inside the block are shuffled among themselves: a batch
+  then holds captions of about one length and pads little, while the lengths
+  still come in random order;
 - an epoch is its first (num_examples // batch_size) * batch_size examples,
   batched in order (each epoch drops a different remainder);
 - step s reads epoch s // steps_per_epoch, batch s % steps_per_epoch.
@@ -147,8 +152,8 @@ class TrainBatches:
 
   def __init__(self, examples: Examples, *, batch_size: int, seed: int,
                bucket_lengths: Sequence[int], shuffle_buffer: int,
-               cache_features: bool, process_index: int = 0,
-               process_count: int = 1):
+               cache_features: bool, group_by_length: bool = False,
+               process_index: int = 0, process_count: int = 1):
     """See the module docstring.
 
     Args:
@@ -158,6 +163,7 @@ class TrainBatches:
       bucket_lengths: allowed caption lengths T.
       shuffle_buffer: examples per shuffling block, at least.
       cache_features: read all features into memory once.
+      group_by_length: batch captions of similar length together.
       process_index: this process.
       process_count: processes sharing each global batch.
     """
@@ -172,6 +178,7 @@ class TrainBatches:
     self._buckets = tuple(bucket_lengths)
     self._block_examples = max(shuffle_buffer, _MIN_BLOCK_BATCHES * batch_size)
     self._cache_features = cache_features
+    self._group_by_length = group_by_length
     self._process_index = process_index
     self.steps_per_epoch = len(examples) // batch_size
     # Examples grouped by image: those of image `unique_images[j]` are
@@ -203,7 +210,12 @@ class TrainBatches:
     offsets = np.arange(counts.sum()) - np.repeat(first, counts)
     grouped = self._by_image[np.repeat(self._starts[perm], counts) + offsets]
     block = np.repeat(first // self._block_examples, counts)
-    order = grouped[np.lexsort((rng.random(len(grouped)), block))]
+    if self._group_by_length:
+      lengths = self._examples.lengths[grouped]
+      order = grouped[np.lexsort((rng.random(len(grouped)), lengths, block))]
+      order = self._shuffle_batches_within_blocks(order, block, rng)
+    else:
+      order = grouped[np.lexsort((rng.random(len(grouped)), block))]
     block_starts = np.searchsorted(block, np.arange(block[-1] + 2))
     with self._lock:
       self._orders[epoch] = (order, block_starts)
@@ -211,16 +223,45 @@ class TrainBatches:
         self._orders.popitem(last=False)
     return order, block_starts
 
+  def _shuffle_batches_within_blocks(self, order: np.ndarray,
+                                     block: np.ndarray,
+                                     rng: np.random.Generator) -> np.ndarray:
+    """Reorders the batches that lie wholly inside a block among themselves.
+
+    Args:
+      order: example ids, grouped by block (and sorted within each).
+      block: (N,) the block of each position of `order`, non-decreasing.
+      rng: the epoch's generator.
+    """
+    num_batches = len(order) // self._batch_size
+    first = np.arange(num_batches) * self._batch_size
+    first_block, last_block = block[first], block[first + self._batch_size - 1]
+    inside = np.flatnonzero(first_block == last_block)
+    # Sorting the inside batches by (block, random key) permutes each block's
+    # batches among the positions that block's inside batches occupy.
+    shuffled = inside[np.lexsort((rng.random(len(inside)),
+                                  first_block[inside]))]
+    batch_order = np.arange(num_batches)
+    batch_order[inside] = shuffled
+    used = num_batches * self._batch_size
+    batches = order[:used].reshape(num_batches, self._batch_size)
+    return np.concatenate([batches[batch_order].reshape(-1), order[used:]])
+
+  def caption_length(self, step: int) -> int:
+    """T of the global batch of `step`: the bucket of its longest caption."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    order, _ = self.epoch_order(epoch)
+    batch = order[i * self._batch_size:(i + 1) * self._batch_size]
+    return bucket_length(int(self._examples.lengths[batch].max()),
+                         self._buckets)
+
   def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(this process's positions in the epoch, its example ids, T)."""
     epoch, i = divmod(step, self.steps_per_epoch)
     order, _ = self.epoch_order(epoch)
-    batch = order[i * self._batch_size:(i + 1) * self._batch_size]
-    length = bucket_length(int(self._examples.lengths[batch].max()),
-                           self._buckets)
     start = i * self._batch_size + self._process_index * self._local
     positions = np.arange(start, start + self._local)
-    return positions, order[positions], length
+    return positions, order[positions], self.caption_length(step)
 
   def _read_block(self, epoch: int, block: int) -> tuple[np.ndarray,
                                                          np.ndarray]:
@@ -370,7 +411,7 @@ def train_iterator(config, store: features_lib.FeatureStore,
 
   Args:
     config: batch_size (global), seed, max_caption_len, bucket_lengths,
-      shuffle_buffer, cache_features.
+      shuffle_buffer, cache_features, group_by_length.
     store: the training split's features.
     records: the training split's records.
     vocab: the vocabulary.
@@ -383,7 +424,8 @@ def train_iterator(config, store: features_lib.FeatureStore,
       examples, batch_size=config.batch_size, seed=config.seed,
       bucket_lengths=config.bucket_lengths,
       shuffle_buffer=config.shuffle_buffer,
-      cache_features=config.cache_features, process_index=process_index,
+      cache_features=config.cache_features,
+      group_by_length=config.group_by_length, process_index=process_index,
       process_count=process_count).iterator(start_step)
 
 

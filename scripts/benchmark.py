@@ -21,10 +21,12 @@ machine the ratios are more trustworthy than the absolute rates.
    step, the loss a sum over steps of batch-mean masked cross-entropy, Adam.
    Both do the same work per step apart from W1. At caption lengths T = 16,
    32 and 48, and on the real lengths of the Flickr8k training captions
-   (from $CAPJAX_TEST_DATA or ../shared/data; skipped if absent): capjax pads
-   each random batch of 64 to the smallest of config.bucket_lengths that fits
-   it, so its rate is 64 / E[step time] over the buckets' frequencies among
-   random batches; the tutorial pads every caption to the longest of all.
+   (from $CAPJAX_TEST_DATA or ../shared/data; skipped if absent): capjax
+   batches them as its input pipeline does with
+   experiments/flickr8k_inception.py (captions of similar length grouped
+   together, each batch padded to the smallest of its bucket_lengths that
+   fits), so its rate is 64 / E[step time] over the buckets' frequencies in
+   two epochs of batches; the tutorial pads every caption to the longest.
 2. Greedy decoding, --decode_len tokens (random weights never produce <end>,
    so every caption runs the full length): capjax's `decode.greedy_captions`
    (one jitted `lax.while_loop`) at batch 64 and batch 1, against the
@@ -62,6 +64,7 @@ JAX), so the tutorial baselines always run on the CPU; the table says so.
 """
 
 import functools
+import importlib.util
 import json
 import os
 import pathlib
@@ -110,6 +113,15 @@ _BEAM_SIZE = 3
 _TUTORIAL_SHUFFLE = 1000
 _CAPTIONS_PER_IMAGE = 5
 _PEAK_MATMUL_SIZE = 2048
+
+
+def _load_experiment(name: str):
+  """experiments/<name>.py's config."""
+  path = _REPO / 'experiments' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]],
@@ -228,28 +240,38 @@ def _shared_data_dir() -> pathlib.Path | None:
   return path if path.is_dir() else None
 
 
-def flickr8k_train_lengths() -> np.ndarray | None:
-  """Tokens per Flickr8k training caption, with <start> and <end>."""
+def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
+  """(tokens per Flickr8k training caption with <start> and <end>, its image)."""
   data = _shared_data_dir()
   flickr = data / 'flickr8k' if data else None
   if flickr is None or not (flickr / 'Flickr_8k.trainImages.txt').exists():
     return None
   captions = datasets.read_flickr_tokens(str(flickr / 'Flickr8k.token.txt'))
   names = (flickr / 'Flickr_8k.trainImages.txt').read_text().split()
-  return np.array([len(vocab_lib.tokenize(c)) + 2
-                   for n in names for c in captions.get(n, ())])
+  pairs = [(len(vocab_lib.tokenize(c)) + 2, i)
+           for i, n in enumerate(names) for c in captions.get(n, ())]
+  return tuple(np.array(column, np.int32) for column in zip(*pairs))
 
 
-def bucket_frequencies(lengths: np.ndarray, bucket_lengths: tuple[int, ...],
-                       num_batches: int = 10_000) -> dict[int, float]:
-  """How often each bucket pads a random batch of captions of these lengths."""
-  rng = np.random.default_rng(0)
-  longest = lengths[rng.integers(0, len(lengths),
-                                 size=(num_batches, _BATCH_SIZE))].max(axis=1)
-  buckets = [input_pipeline.bucket_length(int(n), bucket_lengths)
-             for n in longest]
-  return {b: buckets.count(b) / num_batches for b in bucket_lengths
-          if b in buckets}
+def bucket_frequencies(lengths: np.ndarray, image_index: np.ndarray,
+                       config) -> dict[int, float]:
+  """How often each bucket pads capjax's training batches of these captions.
+
+  The batches are those `input_pipeline.TrainBatches` makes with the config's
+  batch size, buckets, shuffling and length grouping, over two epochs.
+  """
+  # Only the lengths decide the batches' shapes: no features or tokens needed.
+  examples = input_pipeline.Examples(
+      store=None, image_index=image_index,
+      tokens=np.zeros((len(lengths), 1), np.int32), lengths=lengths)
+  batches = input_pipeline.TrainBatches(
+      examples, batch_size=_BATCH_SIZE, seed=config.seed,
+      bucket_lengths=config.bucket_lengths,
+      shuffle_buffer=config.shuffle_buffer, cache_features=False,
+      group_by_length=config.group_by_length)
+  steps = 2 * batches.steps_per_epoch
+  counts = np.bincount([batches.caption_length(s) for s in range(steps)])
+  return {t: counts[t] / steps for t in np.flatnonzero(counts).tolist()}
 
 
 def bench_training(repeats: int) -> dict[str, Any]:
@@ -258,14 +280,15 @@ def bench_training(repeats: int) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   features = _random_features(rng, _BATCH_SIZE)
   features_jax, features_tf = jnp.asarray(features), tf.constant(features)
-  lengths = flickr8k_train_lengths()
-  if lengths is None:
+  flickr8k = flickr8k_train_captions()
+  if flickr8k is None:
     logging.warning('Flickr8k captions not found ($CAPJAX_TEST_DATA or '
                     '../shared/data): skipping the real-lengths row')
     buckets, tutorial_length = {}, None
   else:
-    buckets = bucket_frequencies(lengths, tuple(
-        default.get_config().bucket_lengths))
+    lengths, image_index = flickr8k
+    buckets = bucket_frequencies(lengths, image_index,
+                                 _load_experiment('flickr8k_inception'))
     tutorial_length = int(lengths.max())
 
   def time_length(length, tutorial=True):

@@ -1,5 +1,6 @@
 """Tests of capjax.input_pipeline: contents, order, resume, processes, I/O."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -46,13 +47,15 @@ def data_fixture(tmp_path):
 
 
 def _train_batches(data, *, batch_size=8, cache_features=False, seed=1,
-                   shuffle_buffer=10, process_index=0, process_count=1):
+                   shuffle_buffer=10, group_by_length=False, process_index=0,
+                   process_count=1):
   store, records, vocab = data
   examples = input_pipeline.make_examples(store, records, vocab, _MAX_LEN)
   return input_pipeline.TrainBatches(
       examples, batch_size=batch_size, seed=seed, bucket_lengths=_BUCKETS,
       shuffle_buffer=shuffle_buffer, cache_features=cache_features,
-      process_index=process_index, process_count=process_count)
+      group_by_length=group_by_length, process_index=process_index,
+      process_count=process_count)
 
 
 def _identify(batch, vocab):
@@ -68,9 +71,10 @@ def _assert_batches_equal(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_batches_are_well_formed(data):
+@pytest.mark.parametrize('group_by_length', [False, True])
+def test_batches_are_well_formed(data, group_by_length):
   store, records, vocab = data
-  batches = _train_batches(data)
+  batches = _train_batches(data, group_by_length=group_by_length)
   num_examples = sum(len(r.captions) for r in records)
   assert batches.steps_per_epoch == num_examples // 8
   lengths_seen = set()
@@ -95,9 +99,10 @@ def test_batches_are_well_formed(data):
   assert lengths_seen == set(_BUCKETS)
 
 
-def test_each_epoch_sees_each_example_at_most_once(data):
+@pytest.mark.parametrize('group_by_length', [False, True])
+def test_each_epoch_sees_each_example_at_most_once(data, group_by_length):
   _, records, vocab = data
-  batches = _train_batches(data)
+  batches = _train_batches(data, group_by_length=group_by_length)
   spe = batches.steps_per_epoch
   epochs = []
   for epoch in range(3):
@@ -115,21 +120,23 @@ def test_each_epoch_sees_each_example_at_most_once(data):
   assert len(set(first_images)) >= 12
 
 
-def test_resume_gives_exactly_the_same_batches(data):
-  fresh = _train_batches(data, cache_features=False)
+@pytest.mark.parametrize('group_by_length', [False, True])
+def test_resume_gives_exactly_the_same_batches(data, group_by_length):
+  make = functools.partial(_train_batches, data,
+                           group_by_length=group_by_length)
+  fresh = make(cache_features=False)
   spe = fresh.steps_per_epoch
   reference = list(itertools.islice(fresh.iterator(), 3 * spe + 4))
   for start in (0, 5, spe, 2 * spe + 3):
-    resumed = _train_batches(data, cache_features=False).iterator(
-        start_step=start)
+    resumed = make(cache_features=False).iterator(start_step=start)
     for step in range(start, min(start + spe + 1, len(reference))):
       _assert_batches_equal(next(resumed), reference[step])
   # Caching changes where features come from, not the batches.
-  cached = _train_batches(data, cache_features=True)
+  cached = make(cache_features=True)
   for step in (0, 7, spe, 3 * spe + 3):
     _assert_batches_equal(cached.batch(step), reference[step])
   # Another seed, another order.
-  other = _train_batches(data, seed=2).batch(0)
+  other = make(seed=2).batch(0)
   assert not np.array_equal(other['tokens'][:, 1], reference[0]['tokens'][:, 1])
 
 
@@ -180,13 +187,15 @@ def test_resume_does_not_replay_earlier_epochs(data):
   assert sum(len(r) for r in reads) <= len(store)  # a block or two
 
 
-@pytest.mark.parametrize('cache_features', [False, True])
+@pytest.mark.parametrize('cache_features,group_by_length',
+                         [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_process_slices_make_the_global_batch(data, process_count,
-                                              cache_features):
-  global_batches = _train_batches(data, cache_features=cache_features)
-  processes = [_train_batches(data, cache_features=cache_features,
-                              process_index=i, process_count=process_count)
+                                              cache_features, group_by_length):
+  make = functools.partial(_train_batches, data, cache_features=cache_features,
+                           group_by_length=group_by_length)
+  global_batches = make()
+  processes = [make(process_index=i, process_count=process_count)
                for i in range(process_count)]
   spe = global_batches.steps_per_epoch
   for step in (0, 1, spe - 1, spe, 2 * spe + 5):
@@ -196,6 +205,33 @@ def test_process_slices_make_the_global_batch(data, process_count,
     for key in whole:
       np.testing.assert_array_equal(
           np.concatenate([s[key] for s in slices]), whole[key])
+
+
+def test_grouping_by_length_pads_less_and_keeps_lengths_shuffled(tmp_path):
+  data = _make_data(tmp_path, num_images=600)
+  plain = _train_batches(data, shuffle_buffer=200)
+  grouped = _train_batches(data, shuffle_buffer=200, group_by_length=True)
+  steps = range(2 * plain.steps_per_epoch)
+
+  def padded_tokens(batches):
+    return sum(batches.caption_length(s) * 8 for s in steps)
+
+  assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+  order, block_starts = grouped.epoch_order(0)
+  assert len(block_starts) - 1 >= 3
+  examples = input_pipeline.make_examples(*data, _MAX_LEN)
+  lengths = examples.lengths[order]
+  # Batches inside a block hold captions of about one length...
+  spread = [np.ptp(lengths[i:i + 8]) for i in range(0, block_starts[1] - 7, 8)]
+  assert np.median(spread) == 0
+  # ...but come in random order, not shortest first.
+  first_block = lengths[:block_starts[1] // 8 * 8].reshape(-1, 8).max(axis=1)
+  assert not (np.diff(first_block) >= 0).all()
+  # Each block still holds the same examples as without grouping.
+  plain_order, plain_starts = plain.epoch_order(0)
+  np.testing.assert_array_equal(block_starts, plain_starts)
+  for a, b in zip(block_starts[:-1], block_starts[1:]):
+    assert set(order[a:b]) == set(plain_order[a:b])
 
 
 def test_batch_size_must_divide_over_processes(data):
@@ -301,6 +337,7 @@ def test_config_entry_points(data):
                                              process_count=2))
   expected = _train_batches(data, batch_size=16, seed=config.seed,
                             shuffle_buffer=config.shuffle_buffer,
+                            group_by_length=config.group_by_length,
                             process_index=1, process_count=2).batch(3)
   _assert_batches_equal(first, expected)
   evaluation = list(input_pipeline.eval_iterator(config, store, records,

@@ -60,7 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Batches are padded to the smallest of these lengths that fits their
   # longest caption (each distinct length is one compile); the last one must
   # be max_caption_len.
-  config.bucket_lengths = (16, 24, 32, 48)
+  config.bucket_lengths = (12, 16, 20, 24, 32, 48)
+  # Batch captions of similar length together (sorted within each shuffling
+  # block, the batches then shuffled), so that batches pad little: on
+  # Flickr8k a training step then covers 1.8x fewer padded time steps.
+  config.group_by_length = True
   # Keep the features of the training set in memory after the first epoch.
   config.cache_features = True
   config.shuffle_buffer = 10_000
