@@ -305,6 +305,9 @@ class TrainBatches:
       return self._all_features[rows]
     _, block_starts = self.epoch_order(epoch)
     blocks = np.searchsorted(block_starts, positions, side='right') - 1
+    if blocks[0] == blocks[-1]:  # the usual case: one copy, no assembly
+      block_rows, block_features = self._block(epoch, int(blocks[0]))
+      return block_features[np.searchsorted(block_rows, rows)]
     out = np.empty((len(rows), self._examples.store.num_locations,
                     self._examples.store.feature_dim),
                    self._examples.store.dtype)
