@@ -28,7 +28,9 @@ def cross_entropy_sums(logits_BTV: Array, targets_BT: Array) -> dict[str, Array]
                      f'{targets_BT.shape}')
   mask_BT = token_mask(targets_BT)
   logits_BTV = logits_BTV.astype(jnp.float32)
-  max_BT = jnp.max(logits_BTV, axis=-1)
+  # log Z does not depend on the shift, so the shift needs no gradient (its
+  # gradient would be a one-hot over V that cancels exactly).
+  max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
   log_z_BT = max_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]),
                                       axis=-1))
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None],
