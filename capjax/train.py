@@ -18,6 +18,7 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
+from absl import app
 from absl import logging
 import flax
 import jax
@@ -425,7 +426,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    # e.g. `--config.carry_gru_state false`: absl reads a boolean flag alone,
+    # so the value would otherwise be dropped and the flag left True.
+    raise app.UsageError(
+        f'unexpected arguments: {" ".join(argv[1:])} (boolean config fields '
+        'take their value after "=", e.g. --config.group_by_length=false)')
   reporting.concise_console_logging()
   parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)

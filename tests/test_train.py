@@ -246,6 +246,17 @@ def test_batch_that_does_not_divide_over_devices_is_refused(tmp_path, shapes_dir
   assert 'Traceback' not in result.stderr
 
 
+def test_a_boolean_flag_given_a_separate_value_is_refused(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'capjax.train', f'--workdir={tmp_path / "run"}',
+       '--config.group_by_length', 'false'],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+  assert result.returncode == 1
+  assert 'unexpected arguments: false' in result.stderr
+  assert '--config.group_by_length=false' in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
 @pytest.mark.slow
 def test_four_devices_match_one(tmp_path, shapes_dir):
   config = tiny_config(shapes_dir, num_train_steps=8)

@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Batch captions of similar length together (sorted within each shuffling
   # block, the batches then shuffled), so that batches pad little: on
   # Flickr8k a training step then covers 1.8x fewer padded time steps.
-  config.group_by_length = True
+  config.group_by_length = False
   # Keep the features of the training set in memory after the first epoch.
   config.cache_features = True
   config.shuffle_buffer = 10_000
