@@ -38,9 +38,6 @@ def get_config():
   config.cache_features = False
 
   config.top_k = 5000
-  # Finer buckets than the default: with length grouping, most batches pad to
-  # within two tokens of their longest caption.
-  config.bucket_lengths = (10, 12, 14, 16, 20, 24, 32, 48)
   config.embedding_dim = 256
   config.units = 512
 

@@ -22,11 +22,11 @@ machine the ratios are more trustworthy than the absolute rates.
    Both do the same work per step apart from W1. At caption lengths T = 16,
    32 and 48, and on the real lengths of the Flickr8k training captions
    (from $CAPJAX_TEST_DATA or ../shared/data; skipped if absent): capjax
-   batches them as its input pipeline does with
-   experiments/flickr8k_inception.py (captions of similar length grouped
-   together, each batch padded to the smallest of its bucket_lengths that
-   fits), so its rate is 64 / E[step time] over the buckets' frequencies in
-   two epochs of batches; the tutorial pads every caption to the longest.
+   batches them as its input pipeline does with the default config (each
+   batch padded to the smallest of config.bucket_lengths that fits it), with
+   random batches (the default) and with config.group_by_length, so its rate
+   is 64 / E[step time] over the buckets' frequencies in two epochs of
+   batches; the tutorial pads every caption to the longest.
 2. Greedy decoding, --decode_len tokens (random weights never produce <end>,
    so every caption runs the full length): capjax's `decode.greedy_captions`
    (one jitted `lax.while_loop`) at batch 64 and batch 1, against the
@@ -67,7 +67,6 @@ JAX), so the tutorial baselines always run on the CPU; the table says so.
 """
 
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -116,15 +115,6 @@ _BEAM_SIZE = 3
 _TUTORIAL_SHUFFLE = 1000
 _CAPTIONS_PER_IMAGE = 5
 _PEAK_MATMUL_SIZE = 2048
-
-
-def _load_experiment(name: str):
-  """experiments/<name>.py's config."""
-  path = _REPO / 'experiments' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]],
@@ -280,7 +270,7 @@ def bucket_frequencies(lengths: np.ndarray, image_index: np.ndarray,
       group_by_length=config.group_by_length)
   steps = 2 * batches.steps_per_epoch
   counts = np.bincount([batches.caption_length(s) for s in range(steps)])
-  return {t: counts[t] / steps for t in np.flatnonzero(counts).tolist()}
+  return {t: float(counts[t] / steps) for t in np.flatnonzero(counts).tolist()}
 
 
 def bench_training(repeats: int) -> dict[str, Any]:
@@ -293,11 +283,15 @@ def bench_training(repeats: int) -> dict[str, Any]:
   if flickr8k is None:
     logging.warning('Flickr8k captions not found ($CAPJAX_TEST_DATA or '
                     '../shared/data): skipping the real-lengths row')
-    buckets, tutorial_length = {}, None
+    mixes, tutorial_length = {}, None
   else:
     lengths, image_index = flickr8k
-    buckets = bucket_frequencies(lengths, image_index,
-                                 _load_experiment('flickr8k_inception'))
+    config = default.get_config()
+    grouped = config.copy_and_resolve_references()
+    grouped.group_by_length = True
+    mixes = {name: bucket_frequencies(lengths, image_index, c)
+             for name, c in (('flickr8k_lengths', config),
+                             ('flickr8k_lengths_grouped', grouped))}
     tutorial_length = int(lengths.max())
 
   def time_length(length, tutorial=True):
@@ -317,20 +311,21 @@ def bench_training(repeats: int) -> dict[str, Any]:
           'capjax_step_s': s['capjax'], 'tutorial_step_s': s['tutorial'],
           'capjax_model_flops': train_flops(t)}
       for t, s in step_s.items()}}
-  if buckets:
-    for t in buckets:
+  if mixes:
+    for t in sorted({t for buckets in mixes.values() for t in buckets}):
       if t not in step_s:
         step_s[t] = time_length(t, tutorial=False)
     tutorial_s = time_length(tutorial_length)['tutorial']
-    capjax_s = sum(f * step_s[t]['capjax'] for t, f in buckets.items())
-    results['flickr8k_lengths'] = {
-        'capjax_captions_per_s': _BATCH_SIZE / capjax_s,
-        'tutorial_captions_per_s': _BATCH_SIZE / tutorial_s,
-        'capjax_bucket_frequencies': buckets,
-        'capjax_bucket_step_s': {t: step_s[t]['capjax'] for t in buckets},
-        'tutorial_length': tutorial_length,
-        'num_captions': len(lengths),
-        'mean_length': float(lengths.mean())}
+    for name, buckets in mixes.items():
+      capjax_s = sum(f * step_s[t]['capjax'] for t, f in buckets.items())
+      results[name] = {
+          'capjax_captions_per_s': _BATCH_SIZE / capjax_s,
+          'tutorial_captions_per_s': _BATCH_SIZE / tutorial_s,
+          'capjax_bucket_frequencies': buckets,
+          'capjax_bucket_step_s': {t: step_s[t]['capjax'] for t in buckets},
+          'tutorial_length': tutorial_length,
+          'num_captions': len(lengths),
+          'mean_length': float(lengths.mean())}
   return results
 
 
@@ -580,13 +575,16 @@ def table_rows(report: dict) -> list[list[str]]:
         f"{r['capjax_captions_per_s']:.1f}",
         f"{r['tutorial_captions_per_s']:.1f}",
         r['capjax_captions_per_s'] / r['tutorial_captions_per_s'], 2.5))
-  real = report['training'].get('flickr8k_lengths')
-  if real:
+  for name, batching in (('flickr8k_lengths', 'random batches'),
+                         ('flickr8k_lengths_grouped', 'group_by_length')):
+    real = report['training'].get(name)
+    if not real:
+      continue
     buckets = ', '.join(f'{t}: {f:.0%}' for t, f in
                         real['capjax_bucket_frequencies'].items())
     rows.append(_row(
-        f'training, Flickr8k lengths (captions/s; capjax buckets {buckets}, '
-        f"tutorial T={real['tutorial_length']})",
+        f'training, Flickr8k lengths, {batching} (captions/s; capjax '
+        f"buckets {buckets}; tutorial T={real['tutorial_length']})",
         f"{real['capjax_captions_per_s']:.1f}",
         f"{real['tutorial_captions_per_s']:.1f}",
         real['capjax_captions_per_s'] / real['tutorial_captions_per_s'], 5))

@@ -63,7 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.bucket_lengths = (12, 16, 20, 24, 32, 48)
   # Batch captions of similar length together (sorted within each shuffling
   # block, the batches then shuffled), so that batches pad little: on
-  # Flickr8k a training step then covers 1.8x fewer padded time steps.
+  # Flickr8k's captions a batch then spans 14.9 time steps on average instead
+  # of 27.4. Off by default: in a short test (400 steps on 1,000 Flickr8k
+  # images) grouped batches ran 1.45x more steps/s but ended at a higher
+  # evaluation loss (3.20 vs 2.98), and on `shapes` (3000 steps) at a token
+  # accuracy of 0.861 instead of 0.890.
   config.group_by_length = False
   # Keep the features of the training set in memory after the first epoch.
   config.cache_features = True
