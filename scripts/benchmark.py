@@ -97,6 +97,7 @@ from capjax.configs import default
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / 'tests'))
+import real_data  # noqa: E402  pylint: disable=g-import-not-at-top
 import tf_reference  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmark_results',
@@ -232,16 +233,9 @@ def tutorial_train_flops(length: int) -> float:
   return train_flops(length) + 2 * 3 * (length - 2) * b * l * e * u
 
 
-def _shared_data_dir() -> pathlib.Path | None:
-  """The real data, from $CAPJAX_TEST_DATA or ../shared/data, if present."""
-  env = os.environ.get('CAPJAX_TEST_DATA')
-  path = pathlib.Path(env) if env else _REPO.parent / 'shared' / 'data'
-  return path if path.is_dir() else None
-
-
 def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
   """(tokens per Flickr8k training caption with <start> and <end>, its image)."""
-  data = _shared_data_dir()
+  data = real_data.find()
   flickr = data / 'flickr8k' if data else None
   if flickr is None or not (flickr / 'Flickr_8k.trainImages.txt').exists():
     return None
