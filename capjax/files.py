@@ -1,19 +1,43 @@
-"""Atomic file writes: a reader (or a rerun after a crash) never sees half a file."""
+"""Reading and writing the small JSON and text files capjax keeps.
+
+Writes are atomic: a reader, or a rerun after a crash, never sees half a
+file. Reads name the file in every error.
+"""
 
 import json
 import os
+import pathlib
 from typing import Any
 
+from capjax import errors
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+PathLike = str | os.PathLike[str]
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, then renames it."""
-  tmp = f'{os.fspath(path)}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text, encoding='utf-8')
+  tmp.replace(path)
 
 
-def write_json_atomic(path: str | os.PathLike[str], value: Any,
-                      **dump_kwargs) -> None:
+def write_json_atomic(path: PathLike, value: Any, **dump_kwargs) -> None:
   """`json.dumps(value, **dump_kwargs)` written atomically."""
   write_text_atomic(path, json.dumps(value, **dump_kwargs))
+
+
+def read_json(path: PathLike) -> Any:
+  """The JSON value in a file.
+
+  Raises:
+    MissingFileError: no such file.
+    UserError: the file cannot be read or is not JSON; names the file.
+  """
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text(encoding='utf-8'))
+  except FileNotFoundError:
+    raise errors.MissingFileError(f'{path} not found') from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.UserError(f'cannot read {path}: {e}') from None

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 import math
 import os
+import pathlib
 
 import numpy as np
 
@@ -70,3 +71,15 @@ def plot_attention(path: str | os.PathLike[str], words: Sequence[str],
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path, dpi=80)
   plt.close(fig)
+
+
+def plot_path(plot_dir: str | os.PathLike[str], path: str,
+              taken: set[str]) -> pathlib.Path:
+  """`<plot_dir>/<file stem>.png`, numbered when two inputs share a stem."""
+  stem = pathlib.Path(path).stem
+  name, n = f'{stem}.png', 1
+  while name in taken:
+    n += 1
+    name = f'{stem}-{n}.png'
+  taken.add(name)
+  return pathlib.Path(plot_dir) / name

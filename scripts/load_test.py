@@ -38,7 +38,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from capjax import serve
+from capjax.testing import serving
 
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'A trained workdir: start its servers here.')
@@ -155,7 +155,7 @@ def run(url: str, bodies: Sequence[bytes],
 @contextlib.contextmanager
 def started_server(workdir: str, max_batch_size: int, log_dir: str):
   """The URL of a capjax.serve process, for the length of the block."""
-  process, url = serve.start_subprocess(
+  process, url = serving.start_subprocess(
       ['--workdir', workdir, f'--max_batch_size={max_batch_size}'],
       str(pathlib.Path(log_dir) / f'serve-{max_batch_size}.log'))
   try:

@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-import real_data
+from capjax.testing import real_data
+from capjax.training import loop
 
 
 @pytest.fixture(scope='session')
@@ -26,7 +27,6 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   shapes captions ("a small red square"). Tests may add files to it but must
   not change or remove what is there.
   """
-  from capjax import train  # pylint: disable=g-import-not-at-top
   from capjax.configs import default  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp('trained')
@@ -42,5 +42,5 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   config.log_every_steps = 100
   config.eval_every_steps = config.checkpoint_every_steps = 200
   workdir = root / 'workdir'
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   return workdir

@@ -1,25 +1,20 @@
-"""The benchmark script's accounting: FLOP counts and bucket mixes."""
-
-import pathlib
-import sys
+"""The benchmarks' accounting: FLOP counts and bucket mixes."""
 
 import numpy as np
 
+from capjax.benchmarks import flops as flops_lib
+from capjax.benchmarks import training
 from capjax.configs import default
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
-                       / 'scripts'))
-import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_flop_counts():
-  flops = [benchmark.train_flops(t) for t in (2, 16, 32, 48)]
+  flops = [flops_lib.train_flops(t) for t in (2, 16, 32, 48)]
   assert all(a < b for a, b in zip(flops, flops[1:]))
   # Each extra token adds the same work: one recurrent step and its outputs.
   assert np.isclose(flops[2] - flops[1], flops[3] - flops[2])
   # One predicted step: the tutorial's W1 runs once, as capjax's does.
-  assert benchmark.tutorial_train_flops(2) == benchmark.train_flops(2)
-  ratios = [benchmark.tutorial_train_flops(t) / benchmark.train_flops(t)
+  assert flops_lib.tutorial_train_flops(2) == flops_lib.train_flops(2)
+  ratios = [flops_lib.tutorial_train_flops(t) / flops_lib.train_flops(t)
             for t in (16, 32, 48)]
   assert 2 < ratios[0] < ratios[1] < ratios[2] < 3
 
@@ -32,7 +27,7 @@ def test_bucket_frequencies_follow_the_pipeline():
   mixes = []
   for group_by_length in (False, True):
     config.group_by_length = group_by_length
-    mix = benchmark.bucket_frequencies(lengths, image_index, config)
+    mix = training.bucket_frequencies(lengths, image_index, config)
     assert set(mix) <= set(config.bucket_lengths)
     assert np.isclose(sum(mix.values()), 1.0)
     mixes.append(sum(t * f for t, f in mix.items()))

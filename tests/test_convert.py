@@ -1,4 +1,4 @@
-"""capjax.convert: models trained with the TensorFlow tutorial, as workdirs.
+"""capjax.porting and capjax.convert: models trained with the TensorFlow tutorial, as workdirs.
 
 The tutorial's model is trained a few steps with real Keras layers, under
 Keras 2 (`tf_keras`, with the OptimizerV2 Adam of TF <= 2.10) and Keras 3,
@@ -19,13 +19,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from capjax import convert
-from capjax import features as features_lib
-from capjax import models
-from capjax import vocab as vocab_lib
+from capjax.model import captioner
+from capjax.data import vocab as vocab_lib
 from capjax import workdir as workdir_lib
 from capjax.configs import default
-import tf_reference as ref
+from capjax.testing import tf_reference as ref
+from capjax import files
+from capjax.data import extractors
+from capjax.porting import tf_checkpoint
+from capjax.porting import tutorial_vocab
+from capjax.porting import tutorial_weights
+from capjax.porting import tutorial_workdir
+from capjax.training import checkpoints
 
 _TESTS = pathlib.Path(__file__).resolve().parent
 _REPO = _TESTS.parent
@@ -77,7 +82,7 @@ def _env(keras_env: str) -> dict[str, str]:
   env = dict(os.environ, TF_USE_LEGACY_KERAS=keras_env,
              TF_CPP_MIN_LOG_LEVEL='2')
   env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (str(_TESTS), str(_REPO), env.get('PYTHONPATH')) if p)
+      p for p in (str(_REPO), env.get('PYTHONPATH')) if p)
   return env
 
 
@@ -105,8 +110,9 @@ def runs(tmp_path_factory) -> dict[str, Run]:
   """Both Keras versions' tutorial runs, each converted by the command line."""
   root = tmp_path_factory.mktemp('tutorial')
   runs = {name: Run(root / name, root / f'{name}_workdir') for name in KERAS}
-  save = ('import json, sys, tf_reference; tf_reference.save_tutorial_run('
-          'sys.argv[1], **json.loads(sys.argv[2]))')
+  save = ('import json, sys; from capjax.testing import tf_reference; '
+          'tf_reference.save_tutorial_run(sys.argv[1], '
+          '**json.loads(sys.argv[2]))')
   commands = {}
   for name, run in runs.items():
     run.directory.mkdir()
@@ -143,8 +149,8 @@ def test_teacher_forced_logits_match_the_tf_model(runs, keras):
     np.testing.assert_array_equal(row[:len(encoded)], encoded)
     assert not row[len(encoded):].any()
 
-  model = models.from_config(config, vocab.size)
-  params = workdir_lib.load_params(run.workdir)
+  model = captioner.from_config(config, vocab.size)
+  params = checkpoints.load_params(run.workdir)
   logits, _ = jax.jit(model.apply)({'params': params}, reference['features'],
                                    tokens)
   expected = reference['logits'][..., tutorial_ids]
@@ -159,13 +165,13 @@ def test_workdir_describes_the_tutorial_model(runs, keras):
   config = workdir_lib.load_config(run.workdir)
   assert (config.extractor, config.embedding_dim, config.units, config.top_k,
           config.carry_gru_state) == ('inception_v3', 16, 32, 6, False)
-  assert workdir_lib.load_json(run.workdir / workdir_lib.FEATURES_FILE) == {
+  assert files.read_json(run.workdir / workdir_lib.FEATURES_FILE) == {
       'extractor': {'name': 'inception_v3', 'weights': 'imagenet'},
       'num_locations': 64, 'feature_dim': 24}
   vocab = vocab_lib.Vocab.load(run.workdir / workdir_lib.VOCAB_FILE)
   assert vocab.words[4:] == ['a', 'red', 'circle', 'green', 'blue', 'square']
   # The checkpoint's step is the optimizer's iteration count.
-  manager = workdir_lib.checkpoint_manager(run.workdir, read_only=True)
+  manager = checkpoints.manager(run.workdir, read_only=True)
   assert manager.all_steps() == [TUTORIAL_RUN['train_steps']]
   manager.close()
 
@@ -230,7 +236,7 @@ def test_checkpoint_without_optimizer_reads_at_step_0(tmp_path):
   encoder, decoder = _small_model()
   prefix = tf.train.Checkpoint(encoder=encoder, decoder=decoder).save(
       str(tmp_path / 'ckpt'))
-  weights, step = convert.read_tutorial_checkpoint(prefix)
+  weights, step = tf_checkpoint.read_tutorial_checkpoint(prefix)
   expected = ref.weights(encoder, decoder)
   assert weights.keys() == expected.keys()
   for name, value in expected.items():
@@ -264,10 +270,10 @@ def _plain_word_index(run: Run, tmp_path: pathlib.Path) -> pathlib.Path:
 
 def test_plain_word_index_gives_the_same_vocabulary(runs, tmp_path):
   run = runs['keras3']
-  expected, expected_ids = convert.vocabulary(
-      convert.load_tokenizer(run.tokenizer), TOP_K + 1)
-  vocab, ids = convert.vocabulary(
-      convert.load_tokenizer(_plain_word_index(run, tmp_path)), TOP_K + 1)
+  expected, expected_ids = tutorial_vocab.vocabulary(
+      tutorial_vocab.load_tokenizer(run.tokenizer), TOP_K + 1)
+  vocab, ids = tutorial_vocab.vocabulary(
+      tutorial_vocab.load_tokenizer(_plain_word_index(run, tmp_path)), TOP_K + 1)
   assert vocab == expected
   np.testing.assert_array_equal(ids, expected_ids)
 
@@ -276,20 +282,20 @@ def test_plain_word_index_gives_the_same_vocabulary(runs, tmp_path):
 def test_plain_word_index_converts_alike(runs, tmp_path):
   run = runs['keras3']
   workdir = tmp_path / 'workdir'
-  convert.convert(str(run.checkpoint_dir), _plain_word_index(run, tmp_path),
+  tutorial_workdir.convert(str(run.checkpoint_dir), _plain_word_index(run, tmp_path),
                   workdir, default.get_config())
   for name in (workdir_lib.VOCAB_FILE, workdir_lib.CONFIG_FILE,
                workdir_lib.FEATURES_FILE):
     assert (workdir / name).read_text() == (run.workdir / name).read_text()
   jax.tree_util.tree_map(np.testing.assert_array_equal,
-                         workdir_lib.load_params(workdir),
-                         workdir_lib.load_params(run.workdir))
+                         checkpoints.load_params(workdir),
+                         checkpoints.load_params(run.workdir))
 
 
 def test_refuses_a_workdir_that_holds_a_checkpoint(runs):
   run = runs['keras3']
   with pytest.raises(ValueError, match='already holds a checkpoint'):
-    convert.convert(str(run.checkpoint_dir), run.tokenizer, run.workdir,
+    tutorial_workdir.convert(str(run.checkpoint_dir), run.tokenizer, run.workdir,
                     default.get_config())
 
 
@@ -308,16 +314,16 @@ _WORD_INDEX = {'<pad>': 0, '<unk>': 1, '<start>': 2, 'a': 3, '<end>': 4,
 ])
 def test_vocabulary_renumbers_the_tutorials_ids(num_words, num_rows, words,
                                                 tutorial_ids):
-  tokenizer = convert.TutorialTokenizer(_WORD_INDEX, num_words)
-  vocab, ids = convert.vocabulary(tokenizer, num_rows)
+  tokenizer = tutorial_vocab.TutorialTokenizer(_WORD_INDEX, num_words)
+  vocab, ids = tutorial_vocab.vocabulary(tokenizer, num_rows)
   assert vocab.words == list(vocab_lib.SPECIAL_TOKENS) + words
   np.testing.assert_array_equal(ids, tutorial_ids)
 
 
 def test_vocabulary_takes_the_oov_token_and_adds_a_missing_pad():
   word_index = {'<oov>': 1, '<start>': 2, '<end>': 3, 'a': 4}
-  vocab, ids = convert.vocabulary(
-      convert.TutorialTokenizer(word_index, oov_token='<oov>'), 5)
+  vocab, ids = tutorial_vocab.vocabulary(
+      tutorial_vocab.TutorialTokenizer(word_index, oov_token='<oov>'), 5)
   assert vocab.words == list(vocab_lib.SPECIAL_TOKENS) + ['a']
   np.testing.assert_array_equal(ids, [0, 2, 3, 1, 4])
 
@@ -327,7 +333,7 @@ def test_select_tokens_permutes_embedding_rows_and_fc2_columns():
             'fc2': {'kernel': np.arange(6)[None] * [[1], [1]],
                     'bias': np.arange(6)},
             'fc1': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}}
-  selected = convert.select_tokens(params, np.array([0, 2, 4, 1]))
+  selected = tutorial_weights.select_tokens(params, np.array([0, 2, 4, 1]))
   np.testing.assert_array_equal(selected['embedding']['embedding'][:, 0],
                                 [0, 2, 4, 1])
   np.testing.assert_array_equal(selected['fc2']['kernel'][1], [0, 2, 4, 1])
@@ -348,7 +354,7 @@ def test_select_tokens_permutes_embedding_rows_and_fc2_columns():
 def test_vocabulary_rejects_a_tokenizer_that_does_not_fit(
     word_index, num_words, num_rows, message):
   with pytest.raises(ValueError, match=message):
-    convert.vocabulary(convert.TutorialTokenizer(word_index, num_words),
+    tutorial_vocab.vocabulary(tutorial_vocab.TutorialTokenizer(word_index, num_words),
                        num_rows)
 
 
@@ -356,11 +362,11 @@ def test_load_tokenizer_reads_keras_json_and_plain_maps(tmp_path):
   tokenizer = ref.tutorial_tokenizer(CAPTIONS, TOP_K)
   keras_json = tmp_path / 'tokenizer.json'
   keras_json.write_text(tokenizer.to_json())
-  assert convert.load_tokenizer(keras_json) == convert.TutorialTokenizer(
+  assert tutorial_vocab.load_tokenizer(keras_json) == tutorial_vocab.TutorialTokenizer(
       tokenizer.word_index, TOP_K, '<unk>')
   plain = tmp_path / 'plain.json'
   plain.write_text(json.dumps({'<start>': 2, 'a': 3}))
-  assert convert.load_tokenizer(plain) == convert.TutorialTokenizer(
+  assert tutorial_vocab.load_tokenizer(plain) == tutorial_vocab.TutorialTokenizer(
       {'<start>': 2, 'a': 3})
 
 
@@ -370,7 +376,7 @@ def test_load_tokenizer_rejects_other_files(tmp_path, text):
   path = tmp_path / 'tokenizer.json'
   path.write_text(text)
   with pytest.raises(ValueError, match='tokenizer.json'):
-    convert.load_tokenizer(path)
+    tutorial_vocab.load_tokenizer(path)
 
 
 @pytest.mark.slow
@@ -379,8 +385,8 @@ def test_features_json_is_what_capjax_features_describes(runs, tmp_path):
   config = default.get_config()
   config.extractor_weights = 'none'
   run = runs['keras3']
-  convert.convert(str(run.checkpoint_dir), run.tokenizer, tmp_path, config)
-  extractor = features_lib.make_extractor(workdir_lib.load_config(tmp_path))
-  saved = workdir_lib.load_json(tmp_path / workdir_lib.FEATURES_FILE)
+  tutorial_workdir.convert(str(run.checkpoint_dir), run.tokenizer, tmp_path, config)
+  extractor = extractors.make_extractor(workdir_lib.load_config(tmp_path))
+  saved = files.read_json(tmp_path / workdir_lib.FEATURES_FILE)
   assert saved['extractor'] == extractor.info
   assert saved['num_locations'] == extractor.num_locations

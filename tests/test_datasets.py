@@ -1,4 +1,4 @@
-"""Tests of capjax.datasets on the real COCO/Flickr8k slices and mocked TFDS."""
+"""Tests of capjax.data.datasets on the real COCO/Flickr8k slices and mocked TFDS."""
 
 import io
 import json
@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import datasets
+from capjax.data import datasets
 from capjax.configs import default
 
 

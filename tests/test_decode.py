@@ -1,4 +1,4 @@
-"""capjax.decode: greedy search, sampling and beam search."""
+"""capjax.model.search and .decoding: greedy search, sampling, beam search."""
 
 import functools
 import itertools
@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax import decode
-from capjax import models
-from capjax import vocab as vocab_lib
+from capjax.model import decoding
+from capjax.model import search
+from capjax.model import captioner
+from capjax.data import vocab as vocab_lib
 
 PAD, START, END = 0, 1, 2
 A, B_ = 4, 5  # the table tests' words: 'a' and 'b' after <unk> = 3
@@ -31,7 +32,7 @@ def model_and_params():
   every image and never pick <end>; doubled, and with <end>'s output bias
   raised, some captions end early and others run to MAX_LEN.
   """
-  model = models.Captioner(vocab_size=VOCAB_SIZE, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=VOCAB_SIZE, embedding_dim=8, units=16)
   params = model.init(jax.random.PRNGKey(0), _features(1),
                       jnp.zeros((1, 2), jnp.int32))['params']
   params = jax.tree_util.tree_map(lambda x: 2 * x, params)
@@ -47,7 +48,7 @@ def _features(batch=BATCH, seed=0):
 
 def _jitted_decode_step(model):
   return jax.jit(functools.partial(model.apply,
-                                   method=models.Captioner.decode_step))
+                                   method=captioner.Captioner.decode_step))
 
 
 def _python_greedy(model, params, features_LD, max_len):
@@ -55,13 +56,13 @@ def _python_greedy(model, params, features_LD, max_len):
   on the host."""
   variables = {'params': params}
   encoded = model.apply(variables, features_LD[None],
-                        method=models.Captioner.encode)
-  h = model.apply(variables, 1, method=models.Captioner.initial_state)
+                        method=captioner.Captioner.encode)
+  h = model.apply(variables, 1, method=captioner.Captioner.initial_state)
   decode_step = _jitted_decode_step(model)
   token, tokens, attention, log_prob = START, [], [], 0.0
   for _ in range(max_len):
     logits, h, a = decode_step(variables, h, jnp.array([token]), encoded)
-    log_probs = np.asarray(decode.token_log_probs(logits))[0]
+    log_probs = np.asarray(search.token_log_probs(logits))[0]
     token = int(np.argmax(log_probs))
     tokens.append(token)
     attention.append(np.asarray(a)[0])
@@ -117,7 +118,7 @@ def _count_state(batch):
 def test_greedy_equals_python_loop_token_for_token(model_and_params):
   model, params = model_and_params
   features, max_len = _features(), MAX_LEN
-  got = decode.greedy_captions(params, features, model=model, max_len=max_len)
+  got = decoding.greedy_captions(params, features, model=model, max_len=max_len)
   lengths = []
   for b in range(len(features)):
     tokens, attention, log_prob = _python_greedy(model, params, features[b],
@@ -136,7 +137,7 @@ def test_greedy_equals_python_loop_token_for_token(model_and_params):
 
 
 def test_greedy_known_answer_with_a_table():
-  got = decode.greedy_search(_table_step_fn(HAND_TABLE), None,
+  got = search.greedy_search(_table_step_fn(HAND_TABLE), None,
                              _count_state(2), max_len=4)
   np.testing.assert_array_equal(got.tokens_BT, [[A, END, PAD, PAD]] * 2)
   np.testing.assert_array_equal(got.lengths_B, [2, 2])
@@ -150,7 +151,7 @@ def test_pad_and_start_are_never_generated():
   logits = np.zeros((6, 6))
   logits[:, PAD] = logits[:, START] = 10.0
   logits[:, A] = 1.0
-  got = decode.greedy_search(_table_step_fn(logits), None, _count_state(1),
+  got = search.greedy_search(_table_step_fn(logits), None, _count_state(1),
                              max_len=3)
   np.testing.assert_array_equal(got.tokens_BT, [[A, A, A]])
   np.testing.assert_allclose(got.log_prob_B,
@@ -159,12 +160,12 @@ def test_pad_and_start_are_never_generated():
 
 def test_greedy_compiles_once_per_shape(model_and_params):
   model, params = model_and_params
-  decode.greedy_captions(params, _features(), model=model, max_len=MAX_LEN)
-  compiled = decode.greedy_captions._cache_size()
+  decoding.greedy_captions(params, _features(), model=model, max_len=MAX_LEN)
+  compiled = decoding.greedy_captions._cache_size()
   for seed in range(1, 3):
-    decode.greedy_captions(params, _features(seed=seed), model=model,
+    decoding.greedy_captions(params, _features(seed=seed), model=model,
                            max_len=MAX_LEN)
-  assert decode.greedy_captions._cache_size() == compiled
+  assert decoding.greedy_captions._cache_size() == compiled
 
 
 def test_decoders_cut_captions_that_never_end():
@@ -174,16 +175,16 @@ def test_decoders_cut_captions_that_never_end():
   step_fn = _table_step_fn(table)
   vocab = vocab_lib.Vocab(['a', 'b'])
   results = [
-      decode.greedy_search(step_fn, None, _count_state(2), max_len=5),
-      decode.temperature_sampling(step_fn, None, _count_state(2),
+      search.greedy_search(step_fn, None, _count_state(2), max_len=5),
+      search.temperature_sampling(step_fn, None, _count_state(2),
                                   jax.random.PRNGKey(0), max_len=5),
-      decode.beam_search(step_fn, None, _count_state(2), max_len=5,
+      search.beam_search(step_fn, None, _count_state(2), max_len=5,
                          beam_size=3).best(),
   ]
   for got in results:
     np.testing.assert_array_equal(got.lengths_B, [5, 5])
     assert all(len(t.split()) == 5 and set(t.split()) <= {'a', 'b'}
-               for t in decode.texts(got.tokens_BT, vocab))
+               for t in decoding.texts(got.tokens_BT, vocab))
     assert np.all(np.isfinite(got.log_prob_B))
   np.testing.assert_array_equal(results[0].tokens_BT, [[A] * 5] * 2)
   np.testing.assert_array_equal(results[2].tokens_BT, [[A] * 5] * 2)
@@ -196,12 +197,12 @@ def test_sampling_equals_python_loop(model_and_params):
   model, params = model_and_params
   features, max_len, temperature = _features(), MAX_LEN, 0.7
   rng = jax.random.PRNGKey(3)
-  got = decode.sampled_captions(params, features, rng, temperature,
+  got = decoding.sampled_captions(params, features, rng, temperature,
                                 model=model, max_len=max_len)
   variables = {'params': params}
-  encoded = model.apply(variables, features, method=models.Captioner.encode)
+  encoded = model.apply(variables, features, method=captioner.Captioner.encode)
   h = model.apply(variables, len(features),
-                  method=models.Captioner.initial_state)
+                  method=captioner.Captioner.initial_state)
   token = np.full(len(features), START)
   done = np.zeros(len(features), bool)
   expected = np.zeros((len(features), max_len), np.int32)
@@ -209,7 +210,7 @@ def test_sampling_equals_python_loop(model_and_params):
   decode_step = _jitted_decode_step(model)
   for t in range(max_len):
     logits, h, _ = decode_step(variables, h, jnp.asarray(token), encoded)
-    log_probs = decode.token_log_probs(logits)
+    log_probs = search.token_log_probs(logits)
     drawn = np.asarray(jax.random.categorical(
         jax.random.fold_in(rng, t), log_probs / temperature, axis=-1))
     token = np.where(done, PAD, drawn)
@@ -220,7 +221,7 @@ def test_sampling_equals_python_loop(model_and_params):
   np.testing.assert_array_equal(got.tokens_BT, expected)
   np.testing.assert_allclose(got.log_prob_B, log_prob, rtol=1e-5)
   # Another key draws other captions.
-  other = decode.sampled_captions(params, features, jax.random.PRNGKey(4),
+  other = decoding.sampled_captions(params, features, jax.random.PRNGKey(4),
                                   temperature, model=model, max_len=max_len)
   assert not np.array_equal(other.tokens_BT, got.tokens_BT)
 
@@ -228,7 +229,7 @@ def test_sampling_equals_python_loop(model_and_params):
 @pytest.mark.parametrize('temperature', [0.5, 1.0, 2.0])
 def test_sampling_follows_the_tempered_distribution(temperature):
   n = 20_000
-  got = decode.temperature_sampling(
+  got = search.temperature_sampling(
       _table_step_fn(HAND_TABLE), None, _count_state(n),
       jax.random.PRNGKey(0), max_len=1, temperature=temperature)
   first = np.asarray(got.tokens_BT[:, 0])
@@ -243,9 +244,9 @@ def test_sampling_follows_the_tempered_distribution(temperature):
 def test_beam_size_one_equals_greedy(model_and_params):
   model, params = model_and_params
   features = _features(seed=1)
-  greedy = decode.greedy_captions(params, features, model=model,
+  greedy = decoding.greedy_captions(params, features, model=model,
                                   max_len=MAX_LEN)
-  beam = decode.beam_captions(params, features, model=model, max_len=MAX_LEN,
+  beam = decoding.beam_captions(params, features, model=model, max_len=MAX_LEN,
                               beam_size=1).best()
   np.testing.assert_array_equal(beam.tokens_BT, greedy.tokens_BT)
   np.testing.assert_array_equal(beam.lengths_B, greedy.lengths_B)
@@ -257,9 +258,9 @@ def test_beam_size_one_equals_greedy(model_and_params):
 def test_beam_scores_at_least_greedy(model_and_params):
   model, params = model_and_params
   features = _features()
-  greedy = decode.greedy_captions(params, features, model=model,
+  greedy = decoding.greedy_captions(params, features, model=model,
                                   max_len=MAX_LEN)
-  beams = decode.beam_captions(params, features, model=model, max_len=MAX_LEN,
+  beams = decoding.beam_captions(params, features, model=model, max_len=MAX_LEN,
                                beam_size=BEAM)
   assert np.all(beams.score_BK[:, 0] >= greedy.log_prob_B - 1e-5)
   # Normalisation off: the score is the log-probability, best first.
@@ -273,9 +274,9 @@ def test_beam_batched_equals_per_example(model_and_params):
   model, params = model_and_params
   features = _features(seed=3)
   kwargs = dict(model=model, max_len=MAX_LEN, beam_size=BEAM, alpha=0.7)
-  batched = decode.beam_captions(params, features, **kwargs)
+  batched = decoding.beam_captions(params, features, **kwargs)
   for b in range(len(features)):
-    alone = decode.beam_captions(params, features[b:b + 1], **kwargs)
+    alone = decoding.beam_captions(params, features[b:b + 1], **kwargs)
     np.testing.assert_array_equal(batched.tokens_BKT[b], alone.tokens_BKT[0])
     np.testing.assert_allclose(batched.score_BK[b], alone.score_BK[0],
                                rtol=1e-5)
@@ -284,7 +285,7 @@ def test_beam_batched_equals_per_example(model_and_params):
 
 
 def test_beam_known_answer_with_a_table():
-  got = decode.beam_search(_table_step_fn(HAND_TABLE), None, _count_state(1),
+  got = search.beam_search(_table_step_fn(HAND_TABLE), None, _count_state(1),
                            max_len=4, beam_size=2)
   np.testing.assert_array_equal(got.tokens_BKT,
                                 [[[B_, END, PAD, PAD], [A, END, PAD, PAD]]])
@@ -298,7 +299,7 @@ def test_beam_known_answer_with_a_table():
 def _exhaustive(log_probs_VV, max_len, alpha):
   """All captions of up to max_len tokens as (tokens, log_prob, score), best
   first."""
-  log_probs_VV = np.asarray(decode.token_log_probs(log_probs_VV))
+  log_probs_VV = np.asarray(search.token_log_probs(log_probs_VV))
   outputs = [t for t in range(log_probs_VV.shape[0]) if t not in (PAD, START)]
   hypotheses = []
   for n in range(1, max_len + 1):
@@ -321,7 +322,7 @@ def test_wide_beam_equals_exhaustive_search(alpha):
   table = np.log(rng.dirichlet(np.ones(5), size=5))
   expected = _exhaustive(table, max_len=3, alpha=alpha)
   assert len(expected) == 15
-  got = decode.beam_search(_table_step_fn(table), None, _count_state(1),
+  got = search.beam_search(_table_step_fn(table), None, _count_state(1),
                            max_len=3, beam_size=15, alpha=alpha)
   np.testing.assert_array_equal(got.tokens_BKT[0], [h[0] for h in expected])
   np.testing.assert_allclose(got.log_prob_BK[0], [h[1] for h in expected],
@@ -336,14 +337,15 @@ def test_length_normalisation_changes_the_winner():
   table = _table({START: {END: .3, A: .35, B_: .35},
                   A: {END: .8, A: .1, B_: .1},
                   B_: {END: .7, A: .15, B_: .15}})
-  search = functools.partial(decode.beam_search, _table_step_fn(table), None,
-                             _count_state(1), max_len=2, beam_size=3)
-  raw = search(alpha=0.0)
+  beam_search = functools.partial(search.beam_search, _table_step_fn(table),
+                                  None, _count_state(1), max_len=2,
+                                  beam_size=3)
+  raw = beam_search(alpha=0.0)
   np.testing.assert_array_equal(raw.tokens_BKT[0],
                                 [[END, PAD], [A, END], [B_, END]])
   np.testing.assert_allclose(raw.score_BK[0], np.log([.3, .28, .245]),
                              rtol=1e-6)
-  normalised = search(alpha=2.0)
+  normalised = beam_search(alpha=2.0)
   np.testing.assert_array_equal(normalised.tokens_BKT[0, 0], [A, END])
   np.testing.assert_allclose(normalised.score_BK[0, 0],
                              np.log(.28) / (7 / 6) ** 2, rtol=1e-6)
@@ -358,20 +360,20 @@ def test_caption_features_dispatches(model_and_params):
   model, params = model_and_params
   features = _features()
   kwargs = dict(model=model, max_len=MAX_LEN)
-  greedy = decode.greedy_captions(params, features, **kwargs)
+  greedy = decoding.greedy_captions(params, features, **kwargs)
   np.testing.assert_array_equal(
-      decode.caption_features(params, features, **kwargs).tokens_BT,
+      decoding.caption_features(params, features, **kwargs).tokens_BT,
       greedy.tokens_BT)
   np.testing.assert_array_equal(
-      decode.caption_features(params, features, beam_size=BEAM, **kwargs)
+      decoding.caption_features(params, features, beam_size=BEAM, **kwargs)
       .tokens_BT,
-      decode.beam_captions(params, features, beam_size=BEAM, **kwargs)
+      decoding.beam_captions(params, features, beam_size=BEAM, **kwargs)
       .tokens_BKT[:, 0])
   rng = jax.random.PRNGKey(0)
   np.testing.assert_array_equal(
-      decode.caption_features(params, features, temperature=0.5, rng=rng,
+      decoding.caption_features(params, features, temperature=0.5, rng=rng,
                               **kwargs).tokens_BT,
-      decode.sampled_captions(params, features, rng, 0.5, **kwargs).tokens_BT)
+      decoding.sampled_captions(params, features, rng, 0.5, **kwargs).tokens_BT)
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -388,10 +390,10 @@ def test_caption_features_rejects_bad_settings(model_and_params, kwargs,
   model, params = model_and_params
   kwargs = dict(dict(max_len=5), **kwargs)
   with pytest.raises(ValueError, match=message):
-    decode.caption_features(params, _features(1), model=model, **kwargs)
+    decoding.caption_features(params, _features(1), model=model, **kwargs)
 
 
 def test_bad_feature_shape_is_a_clear_error(model_and_params):
   model, params = model_and_params
   with pytest.raises(ValueError, match=r'expected features \(B, L, D\)'):
-    decode.greedy_captions(params, _features(2)[0], model=model, max_len=5)
+    decoding.greedy_captions(params, _features(2)[0], model=model, max_len=5)

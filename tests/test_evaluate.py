@@ -1,4 +1,4 @@
-"""capjax.evaluate: captions of a split, their scores, the command line."""
+"""capjax.evaluation and capjax.evaluate: captions of a split, their scores, the command line."""
 
 import json
 import subprocess
@@ -6,51 +6,51 @@ import sys
 
 import pytest
 
-from capjax import datasets
-from capjax import decode
-from capjax import evaluate
-from capjax import features as features_lib
-from capjax import metrics
-from capjax import sample
+from capjax.data import datasets
+from capjax.model import decoding
+from capjax.metrics import coco as metrics
+from capjax import evaluation
+from capjax import inference
+from capjax.data import feature_store
 
 
 @pytest.fixture(scope='module')
 def trained(trained_workdir):
-  return sample.load_trained(trained_workdir)
+  return inference.load_trained(trained_workdir)
 
 
 @pytest.fixture(scope='module')
 def val_data(trained, trained_workdir):
   """The validation split's records and features, as training made them."""
   config = trained.config
-  store = features_lib.FeatureStore.open_split(
-      features_lib.resolve_feature_dir(config, str(trained_workdir)), 'val')
+  store = feature_store.FeatureStore.open_split(
+      feature_store.resolve_feature_dir(config, str(trained_workdir)), 'val')
   return store, datasets.load_split(config, 'val')
 
 
 def test_generate_captions_in_padded_batches_equals_one_batch(trained,
                                                               val_data):
   store, records = val_data
-  max_len = decode.max_caption_tokens(trained.config)
+  max_len = decoding.max_caption_tokens(trained.config)
   # 16 images in batches of 6: the last batch is padded with 2 empty rows.
-  got = evaluate.generate_captions(trained.params, trained.model, store,
+  got = evaluation.generate_captions(trained.params, trained.model, store,
                                    records, trained.vocab, max_len=max_len,
                                    batch_size=6)
-  whole = decode.greedy_captions(
+  whole = decoding.greedy_captions(
       trained.params, store.read(store.index_of(r.image_id for r in records)),
       model=trained.model, max_len=max_len)
   assert list(got) == [r.image_id for r in records]
-  assert list(got.values()) == decode.texts(whole.tokens_BT, trained.vocab)
+  assert list(got.values()) == decoding.texts(whole.tokens_BT, trained.vocab)
 
 
 def test_caption_metrics_for_training(trained, val_data):
   store, records = val_data
-  got = evaluate.caption_metrics(trained.params, trained.model, store,
+  got = evaluation.caption_metrics(trained.params, trained.model, store,
                                  records, trained.vocab, trained.config,
                                  num_images=10)
-  captions = evaluate.generate_captions(
+  captions = evaluation.generate_captions(
       trained.params, trained.model, store, records[:10], trained.vocab,
-      max_len=decode.max_caption_tokens(trained.config), batch_size=10)
+      max_len=decoding.max_caption_tokens(trained.config), batch_size=10)
   expected = metrics.score_captions(
       captions, {r.image_id: r.captions for r in records[:10]},
       use_java=False)
@@ -61,13 +61,13 @@ def test_caption_metrics_for_training(trained, val_data):
 
 def test_evaluate_split_without_java(trained, trained_workdir, monkeypatch):
   monkeypatch.setattr(metrics.shutil, 'which', lambda name: None)
-  report = evaluate.evaluate_split(str(trained_workdir), 'val', beam_size=2,
+  report = evaluation.evaluate_split(str(trained_workdir), 'val', beam_size=2,
                                    num_images=6)
   assert report['tokenizer'] == 'simple'
   assert report['num_images'] == 6 and report['step'] == 200
   assert report['decoder'] == {
       'name': 'beam2', 'beam_size': 2, 'alpha': 0.0,
-      'max_len': decode.max_caption_tokens(trained.config)}
+      'max_len': decoding.max_caption_tokens(trained.config)}
   assert list(report['metrics']) == list(metrics.BLEU) + ['ROUGE_L', 'CIDEr']
   saved = json.loads((trained_workdir / 'metrics_val_beam2.json').read_text())
   assert saved == report
@@ -82,15 +82,15 @@ def test_evaluate_split_without_java(trained, trained_workdir, monkeypatch):
 
 def test_evaluate_split_errors(trained_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match='not a capjax workdir'):
-    evaluate.evaluate_split(str(tmp_path), 'test')
+    evaluation.evaluate_split(str(tmp_path), 'test')
   with pytest.raises(ValueError, match="unknown shapes split 'nope'"):
-    evaluate.evaluate_split(str(trained_workdir), 'nope')
+    evaluation.evaluate_split(str(trained_workdir), 'nope')
 
 
 def test_decoder_name():
-  assert evaluate.decoder_name(1, 0.0) == 'greedy'
-  assert evaluate.decoder_name(3, 0.0) == 'beam3'
-  assert evaluate.decoder_name(3, 0.6) == 'beam3_alpha0.6'
+  assert evaluation.decoder_name(1, 0.0) == 'greedy'
+  assert evaluation.decoder_name(3, 0.0) == 'beam3'
+  assert evaluation.decoder_name(3, 0.6) == 'beam3_alpha0.6'
 
 
 @pytest.mark.slow  # METEOR's Java start-up alone takes about 10 s
@@ -107,7 +107,7 @@ def test_command_line(trained, trained_workdir):
                       if metrics.java_available() or m != 'METEOR']
   assert list(report['metrics']) == expected_metrics
   assert 0.2 < report['metrics']['Bleu_1'] <= 1
-  assert run.stdout.strip() == evaluate.format_report(report)
+  assert run.stdout.strip() == evaluation.format_report(report)
   results = json.loads((trained_workdir / 'captions_test_greedy.json')
                        .read_text())
   assert all(r['caption'] for r in results)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from capjax import models
+from capjax.model import captioner
 from capjax.configs import default
 
 EXPERIMENTS = sorted(
@@ -30,7 +30,7 @@ def test_experiment_is_a_valid_config(path):
   config = module.get_config()
   assert set(config.keys()) == set(default.get_config().keys())
   assert config.bucket_lengths[-1] == config.max_caption_len
-  models.from_config(config, vocab_size=config.top_k + 4)
+  captioner.from_config(config, vocab_size=config.top_k + 4)
   # The docstring holds the command lines that run it.
   assert 'python -m capjax.train' in module.__doc__
   assert f'experiments/{path.name}' in module.__doc__

@@ -1,4 +1,4 @@
-"""Tests of capjax.features: extractors, the store, resuming, bad images."""
+"""capjax.data extractors, store and extraction; the capjax.features program."""
 
 import json
 import logging
@@ -10,11 +10,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import datasets
-from capjax import features
-from capjax import input_pipeline
-from capjax import vocab as vocab_lib
+from capjax.data import datasets
+from capjax.data import input_pipeline
+from capjax.data import vocab as vocab_lib
 from capjax.configs import default
+from capjax.data import extraction
+from capjax.data import extractors
+from capjax.data import feature_store
+from capjax.data import images as images_lib
 
 
 def _coco_config(data_dir, **overrides):
@@ -42,7 +45,7 @@ class _Counting:
     self.images = 0
     self._fn = extractor.features_fn
     self._fail_after = fail_after
-    self.extractor = features.Extractor(
+    self.extractor = extractors.Extractor(
         extractor.info, extractor.image_size, extractor.num_locations,
         extractor.feature_dim, self)
 
@@ -59,25 +62,25 @@ class _Counting:
 def test_load_image_converts_modes_to_rgb(tmp_path):
   gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
   Image.fromarray(gray, 'L').save(tmp_path / 'gray.png')
-  np.testing.assert_array_equal(features.load_image(str(tmp_path / 'gray.png')),
+  np.testing.assert_array_equal(images_lib.load_image(str(tmp_path / 'gray.png')),
                                 np.stack([gray] * 3, axis=-1))
   Image.new('CMYK', (5, 2), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg',
                                                    quality=100)
-  cmyk = features.load_image(str(tmp_path / 'cmyk.jpg'))
+  cmyk = images_lib.load_image(str(tmp_path / 'cmyk.jpg'))
   assert cmyk.shape == (2, 5, 3) and cmyk.dtype == np.uint8
   assert cmyk[0, 0, 0] > 240 and cmyk[0, 0, 1:].max() < 15  # red
   rgba = np.zeros((2, 2, 4), np.uint8)
   rgba[0, 0] = (10, 20, 30, 255)  # opaque; the rest is transparent
   Image.fromarray(rgba, 'RGBA').save(tmp_path / 'alpha.png')
   with open(tmp_path / 'alpha.png', 'rb') as f:
-    decoded = features.load_image(f.read())
+    decoded = images_lib.load_image(f.read())
   np.testing.assert_array_equal(decoded[0, 0], (10, 20, 30))
   np.testing.assert_array_equal(decoded[1, 1], (255, 255, 255))
 
 
 def test_patches_extractor_cuts_row_major_cells():
-  extractor = features.patches_extractor(2)
-  p = features.PATCH_SIZE
+  extractor = extractors.patches_extractor(2)
+  p = extractors.PATCH_SIZE
   assert (extractor.image_size, extractor.num_locations,
           extractor.feature_dim) == (2 * p, 4, 3 * p * p + 4)
   image = np.zeros((2 * p, 2 * p, 3), np.uint8)
@@ -93,7 +96,7 @@ def test_patches_extractor_cuts_row_major_cells():
   np.testing.assert_allclose(pixels[3], -1.0)
   np.testing.assert_array_equal(positions, np.eye(4))
   with pytest.raises(ValueError, match='unknown extractor'):
-    features.make_extractor(_coco_config('', extractor='vgg'))
+    extractors.make_extractor(_coco_config('', extractor='vgg'))
 
 
 def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
@@ -107,22 +110,22 @@ def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
   expected = tmp_path / 'models' / (
       'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')
   with pytest.raises(ValueError) as error:
-    features.inception_v3_extractor('imagenet')
+    extractors.inception_v3_extractor('imagenet')
   message = str(error.value)
   assert str(expected) in message and 'no network' in message
   assert 'storage.googleapis.com' in message
   # A cached file is used without any download.
   expected.parent.mkdir()
   expected.write_bytes(b'')
-  assert features.inception_weights_path() == str(expected)
+  assert extractors.inception_weights_path() == str(expected)
   with pytest.raises(ValueError, match='existing weights file'):
-    features.inception_v3_extractor(str(tmp_path / 'missing.h5'))
+    extractors.inception_v3_extractor(str(tmp_path / 'missing.h5'))
 
 
 @pytest.fixture(scope='module')
 def inception():
   """InceptionV3 with random weights (built once: it takes seconds)."""
-  return features.inception_v3_extractor('none')
+  return extractors.inception_v3_extractor('none')
 
 
 # --- Real COCO images through the store and the pipeline ----------------------
@@ -146,7 +149,7 @@ def test_inception_v3_coco_through_store_and_pipeline(tmp_path, shared_data,
                         extractor_weights='none', extract_batch_size=3,
                         shard_size=3, batch_size=8, max_caption_len=24,
                         bucket_lengths=(12, 24))
-  store = features.extract_split(config, split, str(tmp_path / 'f'),
+  store = extraction.extract_split(config, split, str(tmp_path / 'f'),
                                  extractor=inception)
   records = datasets.load_split(config, split)
   assert store.image_ids == tuple(r.image_id for r in records)
@@ -155,7 +158,7 @@ def test_inception_v3_coco_through_store_and_pipeline(tmp_path, shared_data,
   assert store.extractor == {'name': 'inception_v3', 'weights': 'none'}
   grids = store.read_all()
   assert np.isfinite(grids).all() and grids.std() > 0
-  direct = inception([features.load_image(records[3].image)])
+  direct = inception([images_lib.load_image(records[3].image)])
   np.testing.assert_allclose(grids[3], direct[0], rtol=1e-2, atol=1e-2)
 
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 100)
@@ -171,18 +174,18 @@ def test_inception_v3_coco_through_store_and_pipeline(tmp_path, shared_data,
 def test_patches_coco_train_through_store_and_pipeline(tmp_path, shared_data):
   config = _coco_config(shared_data / 'coco-mini', patch_grid=3,
                         shard_size=32, batch_size=16)
-  store = features.extract_split(config, 'train', str(tmp_path))
+  store = extraction.extract_split(config, 'train', str(tmp_path))
   records = datasets.load_split(config, 'train')
   assert len(store) == 80 and not store.failed
   assert sorted(os.listdir(tmp_path / 'train')) == [
       'metadata.json', 'shard-00000.npy', 'shard-00001.npy', 'shard-00002.npy']
-  p = features.PATCH_SIZE
+  p = extractors.PATCH_SIZE
   assert (store.num_locations, store.feature_dim) == (9, 3 * p * p + 9)
-  extractor = features.make_extractor(config)
+  extractor = extractors.make_extractor(config)
   row = store.index_of([records[5].image_id])
   np.testing.assert_allclose(
       store.read(row)[0],
-      extractor([features.load_image(records[5].image)])[0], atol=1e-3)
+      extractor([images_lib.load_image(records[5].image)])[0], atol=1e-3)
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 1000)
   batches = input_pipeline.eval_iterator(config, store, records, vocab)
   total = 0
@@ -214,7 +217,7 @@ def test_corrupt_and_non_image_files_are_reported_and_skipped(
   config = _coco_config(tmp_path, patch_grid=1, shard_size=3,
                         extract_batch_size=2)
   with caplog.at_level(logging.WARNING):
-    store = features.extract_split(config, 'c.json:pics', str(tmp_path / 'f'))
+    store = extraction.extract_split(config, 'c.json:pics', str(tmp_path / 'f'))
   assert store.image_ids == ('1', '5', '7')
   assert [image_id for image_id, _ in store.failed] == ['2', '3', '4', '6']
   assert 'No such file' in dict(store.failed)['4']
@@ -251,27 +254,27 @@ def _five_pngs(tmp_path):
 def test_rerun_skips_finished_shards(tmp_path):
   config = _five_pngs(tmp_path)
   split, out = 'c.json:pics', str(tmp_path / 'f')
-  interrupted = _Counting(features.make_extractor(config), fail_after=4)
+  interrupted = _Counting(extractors.make_extractor(config), fail_after=4)
   with pytest.raises(KeyboardInterrupt):
-    features.extract_split(config, split, out, interrupted.extractor)
+    extraction.extract_split(config, split, out, interrupted.extractor)
   assert interrupted.images == 4
-  store_dir = features.store_dir(out, split)
+  store_dir = feature_store.store_dir(out, split)
   assert sorted(os.listdir(store_dir)) == [
       'metadata.json', 'shard-00000.npy', 'shard-00001.npy']
   with pytest.raises(ValueError, match='incomplete'):
-    features.FeatureStore.open(store_dir)
+    feature_store.FeatureStore.open(store_dir)
 
-  resumed = _Counting(features.make_extractor(config))
-  store = features.extract_split(config, split, out, resumed.extractor)
+  resumed = _Counting(extractors.make_extractor(config))
+  store = extraction.extract_split(config, split, out, resumed.extractor)
   assert resumed.images == 1  # only the last shard's image
   assert store.image_ids == ('1', '2', '3', '4', '5')
-  fresh = features.extract_split(config, split, str(tmp_path / 'fresh'))
+  fresh = extraction.extract_split(config, split, str(tmp_path / 'fresh'))
   np.testing.assert_array_equal(store.read_all(), fresh.read_all())
 
-  again = _Counting(features.make_extractor(config))
+  again = _Counting(extractors.make_extractor(config))
   mtimes = {f: os.stat(os.path.join(store_dir, f)).st_mtime_ns
             for f in os.listdir(store_dir) if f.endswith('.npy')}
-  features.extract_split(config, split, out, again.extractor)
+  extraction.extract_split(config, split, out, again.extractor)
   assert again.images == 0
   assert mtimes == {f: os.stat(os.path.join(store_dir, f)).st_mtime_ns
                     for f in os.listdir(store_dir) if f.endswith('.npy')}
@@ -280,21 +283,21 @@ def test_rerun_skips_finished_shards(tmp_path):
 def test_rerun_refuses_other_settings_or_images(tmp_path):
   config = _five_pngs(tmp_path)
   split, out = 'c.json:pics', str(tmp_path / 'f')
-  features.extract_split(config, split, out)
+  extraction.extract_split(config, split, out)
   config.patch_grid = 2
   with pytest.raises(ValueError, match='other settings'):
-    features.extract_split(config, split, out)
+    extraction.extract_split(config, split, out)
   config.patch_grid = 1
   files = [f'{i}.png' for i in range(5)]
   _write_coco(tmp_path / 'c.json', files, ids=[2, 1, 4, 3, 5])
-  features.extract_split(config, split, out)  # same images per shard: fine
+  extraction.extract_split(config, split, out)  # same images per shard: fine
   _write_coco(tmp_path / 'c.json', files, ids=[1, 3, 2, 4, 5])
   with pytest.raises(ValueError, match='shard 0 differs'):
-    features.extract_split(config, split, out)
+    extraction.extract_split(config, split, out)
   _write_coco(tmp_path / 'c.json', [f'{i}.png' for i in range(4)])
   with pytest.raises(ValueError, match='holds 3 shards but the data now '
                      'makes 2'):
-    features.extract_split(config, split, out)
+    extraction.extract_split(config, split, out)
 
 
 # --- The store ----------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_rerun_refuses_other_settings_or_images(tmp_path):
 def test_write_feature_store_and_read_back(tmp_path):
   grids = np.arange(7 * 3 * 2, dtype=np.float32).reshape(7, 3, 2) / 4
   ids = [f'im{i}' for i in range(7)]
-  store = features.write_feature_store(str(tmp_path / 'a'), grids, ids,
+  store = feature_store.write_feature_store(str(tmp_path / 'a'), grids, ids,
                                        {'name': 'mine', 'layer': 4},
                                        shard_size=3)
   assert len(os.listdir(tmp_path / 'a')) == 4  # 3 shards + metadata
@@ -321,29 +324,29 @@ def test_write_feature_store_and_read_back(tmp_path):
   with pytest.raises(ValueError, match='rows must be in'):
     store.read([7])
   with pytest.raises(ValueError, match='distinct'):
-    features.write_feature_store(str(tmp_path / 'b'), grids[:2], ['x', 'x'],
+    feature_store.write_feature_store(str(tmp_path / 'b'), grids[:2], ['x', 'x'],
                                  {'name': 'mine'})
   with pytest.raises(ValueError, match='2 image ids for 7'):
-    features.write_feature_store(str(tmp_path / 'b'), grids, ['x', 'y'],
+    feature_store.write_feature_store(str(tmp_path / 'b'), grids, ['x', 'y'],
                                  {'name': 'mine'})
 
 
 def test_open_split_joins_stores_and_reports_missing(tmp_path):
   grids = np.ones((2, 3, 2), np.float32)
   info = {'name': 'mine'}
-  features.write_feature_store(features.store_dir(str(tmp_path), 'train'),
+  feature_store.write_feature_store(feature_store.store_dir(str(tmp_path), 'train'),
                                grids, ['a', 'b'], info)
-  features.write_feature_store(features.store_dir(str(tmp_path), 'restval'),
+  feature_store.write_feature_store(feature_store.store_dir(str(tmp_path), 'restval'),
                                2 * grids, ['c', 'd'], info)
-  store = features.FeatureStore.open_split(str(tmp_path), 'train+restval')
+  store = feature_store.FeatureStore.open_split(str(tmp_path), 'train+restval')
   assert store.image_ids == ('a', 'b', 'c', 'd')
   np.testing.assert_array_equal(store.read([3, 0])[:, 0, 0], [2, 1])
   with pytest.raises(ValueError, match='no feature store in .*val'):
-    features.FeatureStore.open_split(str(tmp_path), 'val')
-  features.write_feature_store(features.store_dir(str(tmp_path), 'other'),
+    feature_store.FeatureStore.open_split(str(tmp_path), 'val')
+  feature_store.write_feature_store(feature_store.store_dir(str(tmp_path), 'other'),
                                grids, ['e', 'f'], {'name': 'theirs'})
   with pytest.raises(ValueError, match='extractor differ'):
-    features.FeatureStore.open_split(str(tmp_path), 'train+other')
+    feature_store.FeatureStore.open_split(str(tmp_path), 'train+other')
 
 
 def _run_cli(*args):
@@ -360,7 +363,7 @@ def test_cli_stores_features_from_numpy(tmp_path):
                     f'--ids={tmp_path}/ids.txt', '--split=train',
                     f'--feature_dir={tmp_path}/f', '--extractor_name=vit')
   assert result.returncode == 0, result.stderr
-  store = features.FeatureStore.open_split(str(tmp_path / 'f'), 'train')
+  store = feature_store.FeatureStore.open_split(str(tmp_path / 'f'), 'train')
   assert store.extractor == {'name': 'vit'}
   np.testing.assert_allclose(store.read_all(), grids.reshape(5, 4, 3),
                              atol=2e-3)

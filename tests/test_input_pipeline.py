@@ -1,4 +1,4 @@
-"""Tests of capjax.input_pipeline: contents, order, resume, processes, I/O."""
+"""capjax.data.schedule and .input_pipeline: contents, order, resume, I/O."""
 
 import functools
 import itertools
@@ -6,11 +6,12 @@ import itertools
 import numpy as np
 import pytest
 
-from capjax import datasets
-from capjax import features
-from capjax import input_pipeline
-from capjax import vocab as vocab_lib
+from capjax.data import datasets
+from capjax.data import input_pipeline
+from capjax.data import schedule
+from capjax.data import vocab as vocab_lib
 from capjax.configs import default
+from capjax.data import feature_store
 
 _BUCKETS = (8, 16, 24)
 _MAX_LEN = 24
@@ -26,7 +27,7 @@ def _make_data(tmp_path, num_images=150, seed=0):
   ids = [f'img{i}' for i in range(num_images)]
   numbers = np.arange(num_images, dtype=np.float32)
   grids = np.broadcast_to(numbers[:, None, None], (num_images, 2, 3))
-  store = features.write_feature_store(str(tmp_path / 'store'), grids, ids,
+  store = feature_store.write_feature_store(str(tmp_path / 'store'), grids, ids,
                                        {'name': 'test'}, shard_size=16)
   def padding():
     return ' x' * int(rng.integers(0, 30) if rng.random() < 0.1
@@ -51,11 +52,13 @@ def _train_batches(data, *, batch_size=8, cache_features=False, seed=1,
                    process_count=1):
   store, records, vocab = data
   examples = input_pipeline.make_examples(store, records, vocab, _MAX_LEN)
-  return input_pipeline.TrainBatches(
-      examples, batch_size=batch_size, seed=seed, bucket_lengths=_BUCKETS,
-      shuffle_buffer=shuffle_buffer, cache_features=cache_features,
+  batch_schedule = schedule.BatchSchedule(
+      examples.lengths, examples.image_index, batch_size=batch_size,
+      seed=seed, bucket_lengths=_BUCKETS, shuffle_buffer=shuffle_buffer,
       group_by_length=group_by_length, process_index=process_index,
       process_count=process_count)
+  return input_pipeline.TrainBatches(examples, batch_schedule,
+                                     cache_features=cache_features)
 
 
 def _identify(batch, vocab):
@@ -76,9 +79,9 @@ def test_batches_are_well_formed(data, group_by_length):
   store, records, vocab = data
   batches = _train_batches(data, group_by_length=group_by_length)
   num_examples = sum(len(r.captions) for r in records)
-  assert batches.steps_per_epoch == num_examples // 8
+  assert batches.schedule.steps_per_epoch == num_examples // 8
   lengths_seen = set()
-  for step in range(batches.steps_per_epoch + 3):
+  for step in range(batches.schedule.steps_per_epoch + 3):
     batch = batches.batch(step)
     tokens = batch['tokens']
     assert batch['features'].shape == (8, 2, 3)
@@ -103,7 +106,7 @@ def test_batches_are_well_formed(data, group_by_length):
 def test_each_epoch_sees_each_example_at_most_once(data, group_by_length):
   _, records, vocab = data
   batches = _train_batches(data, group_by_length=group_by_length)
-  spe = batches.steps_per_epoch
+  spe = batches.schedule.steps_per_epoch
   epochs = []
   for epoch in range(3):
     seen = [pair for s in range(epoch * spe, (epoch + 1) * spe)
@@ -125,7 +128,7 @@ def test_resume_gives_exactly_the_same_batches(data, group_by_length):
   make = functools.partial(_train_batches, data,
                            group_by_length=group_by_length)
   fresh = make(cache_features=False)
-  spe = fresh.steps_per_epoch
+  spe = fresh.schedule.steps_per_epoch
   reference = list(itertools.islice(fresh.iterator(), 3 * spe + 4))
   for start in (0, 5, spe, 2 * spe + 3):
     resumed = make(cache_features=False).iterator(start_step=start)
@@ -156,14 +159,14 @@ def test_features_are_read_once_per_epoch(data):
   store, _, _ = data
   reads = _record_reads(store)
   batches = _train_batches(data, batch_size=4)
-  order, block_starts = batches.epoch_order(0)
+  order, block_starts = batches.schedule.epoch_order(0)
   num_blocks = len(block_starts) - 1
   assert num_blocks >= 4
-  for step in range(batches.steps_per_epoch):
+  for step in range(batches.schedule.steps_per_epoch):
     batches.batch(step)
   epoch_reads = np.concatenate(reads[:num_blocks])
   assert len(epoch_reads) == len(set(epoch_reads))  # each image at most once
-  used = order[:batches.steps_per_epoch * 4]
+  used = order[:batches.schedule.steps_per_epoch * 4]
   examples = input_pipeline.make_examples(*data, _MAX_LEN)
   assert set(epoch_reads) == set(examples.image_index[used])
 
@@ -173,14 +176,14 @@ def test_resume_does_not_replay_earlier_epochs(data):
   reads = _record_reads(store)
   batches = _train_batches(data, batch_size=4)
   epochs_ordered = []
-  epoch_order = batches.epoch_order
+  epoch_order = batches.schedule.epoch_order
 
   def spy(epoch):
     epochs_ordered.append(epoch)
     return epoch_order(epoch)
 
-  batches.epoch_order = spy
-  start = 5 * batches.steps_per_epoch + 3
+  batches.schedule.epoch_order = spy
+  start = 5 * batches.schedule.steps_per_epoch + 3
   for step in range(start, start + 3):
     batches.batch(step)
   assert min(epochs_ordered) == 5
@@ -197,7 +200,7 @@ def test_process_slices_make_the_global_batch(data, process_count,
   global_batches = make()
   processes = [make(process_index=i, process_count=process_count)
                for i in range(process_count)]
-  spe = global_batches.steps_per_epoch
+  spe = global_batches.schedule.steps_per_epoch
   for step in (0, 1, spe - 1, spe, 2 * spe + 5):
     slices = [p.batch(step) for p in processes]
     assert slices[0]['features'].shape[0] == 8 // process_count
@@ -211,13 +214,13 @@ def test_grouping_by_length_pads_less_and_keeps_lengths_shuffled(tmp_path):
   data = _make_data(tmp_path, num_images=600)
   plain = _train_batches(data, shuffle_buffer=200)
   grouped = _train_batches(data, shuffle_buffer=200, group_by_length=True)
-  steps = range(2 * plain.steps_per_epoch)
+  steps = range(2 * plain.schedule.steps_per_epoch)
 
   def padded_tokens(batches):
-    return sum(batches.caption_length(s) * 8 for s in steps)
+    return sum(batches.schedule.caption_length(s) * 8 for s in steps)
 
   assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
-  order, block_starts = grouped.epoch_order(0)
+  order, block_starts = grouped.schedule.epoch_order(0)
   assert len(block_starts) - 1 >= 3
   examples = input_pipeline.make_examples(*data, _MAX_LEN)
   lengths = examples.lengths[order]
@@ -228,7 +231,7 @@ def test_grouping_by_length_pads_less_and_keeps_lengths_shuffled(tmp_path):
   first_block = lengths[:block_starts[1] // 8 * 8].reshape(-1, 8).max(axis=1)
   assert not (np.diff(first_block) >= 0).all()
   # Each block still holds the same examples as without grouping.
-  plain_order, plain_starts = plain.epoch_order(0)
+  plain_order, plain_starts = plain.schedule.epoch_order(0)
   np.testing.assert_array_equal(block_starts, plain_starts)
   for a, b in zip(block_starts[:-1], block_starts[1:]):
     assert set(order[a:b]) == set(plain_order[a:b])
@@ -303,7 +306,7 @@ def test_eval_process_slices_make_the_global_batch(data, process_count):
 
 
 def test_make_examples_truncates_and_skips_images_without_features(tmp_path):
-  store = features.write_feature_store(
+  store = feature_store.write_feature_store(
       str(tmp_path), np.zeros((1, 1, 1)), ['a'], {'name': 'test'})
   records = [datasets.Record('a', None, ('one two ' * 20, 'three')),
              datasets.Record('b', None, ('four',))]
@@ -319,11 +322,11 @@ def test_make_examples_truncates_and_skips_images_without_features(tmp_path):
 
 
 def test_bucket_length():
-  assert input_pipeline.bucket_length(1, (16, 24)) == 16
-  assert input_pipeline.bucket_length(16, (24, 16)) == 16
-  assert input_pipeline.bucket_length(17, (16, 24)) == 24
+  assert schedule.bucket_length(1, (16, 24)) == 16
+  assert schedule.bucket_length(16, (24, 16)) == 16
+  assert schedule.bucket_length(17, (16, 24)) == 24
   with pytest.raises(ValueError, match='fits no bucket'):
-    input_pipeline.bucket_length(25, (16, 24))
+    schedule.bucket_length(25, (16, 24))
 
 
 def test_config_entry_points(data):

@@ -1,11 +1,11 @@
-"""capjax.losses on inputs whose answers are known."""
+"""capjax.model.losses on inputs whose answers are known."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax import convert
-from capjax import losses
+from capjax.model import losses
+from capjax.porting import tutorial_weights
 
 
 def test_uniform_logits_give_log_vocab_over_real_tokens_only():
@@ -62,6 +62,6 @@ def test_shape_mismatch_is_a_clear_error():
 
 def test_convert_names_every_missing_weight():
   with pytest.raises(ValueError) as info:
-    convert.params_from_tutorial({'encoder/fc/kernel': np.zeros((2, 2))})
+    tutorial_weights.params_from_tutorial({'encoder/fc/kernel': np.zeros((2, 2))})
   assert 'decoder/gru/bias' in str(info.value)
   assert 'encoder/fc/bias' in str(info.value)

@@ -1,7 +1,5 @@
-"""capjax.models against the TensorFlow tutorial's model, and its invariants."""
+"""capjax.model.captioner against the TensorFlow tutorial's model, and its invariants."""
 
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +8,10 @@ import optax
 import pytest
 import tensorflow as tf
 
-from capjax import convert
-from capjax import losses
-from capjax import models
-import tf_reference as ref
+from capjax.model import losses
+from capjax.model import captioner
+from capjax.testing import tf_reference as ref
+from capjax.porting import tutorial_weights
 
 SMALL = dict(vocab_size=40, embedding_dim=16, units=24, feature_dim=12,
              num_positions=6)
@@ -45,11 +43,11 @@ def _reference(sizes, carry_gru_state):
 
 
 def _capjax(sizes, carry_gru_state, encoder, decoder, **kwargs):
-  model = models.Captioner(vocab_size=sizes['vocab_size'],
+  model = captioner.Captioner(vocab_size=sizes['vocab_size'],
                            embedding_dim=sizes['embedding_dim'],
                            units=sizes['units'],
                            carry_gru_state=carry_gru_state, **kwargs)
-  params = convert.params_from_tutorial(ref.weights(encoder, decoder))
+  params = tutorial_weights.params_from_tutorial(ref.weights(encoder, decoder))
   return model, jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -70,7 +68,7 @@ def _reference_loss_and_grads(encoder, decoder, features, tokens):
   grads = tape.gradient(loss, list(named.values()))
   grads = {name: tf.convert_to_tensor(g).numpy()
            for name, g in zip(named, grads)}
-  return float(loss), convert.params_from_tutorial(grads)
+  return float(loss), tutorial_weights.params_from_tutorial(grads)
 
 
 def _max_abs_diff(a, b):
@@ -123,7 +121,7 @@ def test_one_adam_step_matches_keras_adam():
   grads = [tf.convert_to_tensor(g)
            for g in tape.gradient(loss, list(named.values()))]
   keras_adam.apply_gradients(zip(grads, named.values()))
-  keras_params = convert.params_from_tutorial(ref.weights(encoder, decoder))
+  keras_params = tutorial_weights.params_from_tutorial(ref.weights(encoder, decoder))
 
   # Keras adds epsilon to sqrt(v) before bias correction, optax after: at
   # step t Keras' epsilon is optax's times sqrt(1 - b2**t). Step 1 here.
@@ -138,16 +136,16 @@ def test_one_adam_step_matches_keras_adam():
 
 
 def test_scan_equals_python_loop_over_decode_step():
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   features, tokens = _inputs(dict(SMALL, vocab_size=30, feature_dim=5))
   variables = model.init(jax.random.key(0), features, tokens)
   logits, attention = model.apply(variables, features, tokens)
 
-  encoded = model.apply(variables, features, method=models.Captioner.encode)
+  encoded = model.apply(variables, features, method=captioner.Captioner.encode)
   h = model.apply(variables, tokens.shape[0],
-                  method=models.Captioner.initial_state)
+                  method=captioner.Captioner.initial_state)
   step = jax.jit(lambda h, token: model.apply(
-      variables, h, token, encoded, method=models.Captioner.decode_step))
+      variables, h, token, encoded, method=captioner.Captioner.decode_step))
   for t in range(tokens.shape[1] - 1):
     step_logits, h, step_attention = step(h, tokens[:, t])
     np.testing.assert_allclose(step_logits, logits[:, t], atol=1e-5)
@@ -156,7 +154,7 @@ def test_scan_equals_python_loop_over_decode_step():
 
 def test_padding_length_changes_nothing():
   """Bucketing pads a caption further: loss and gradients must not move."""
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   features, tokens = _inputs(dict(SMALL, vocab_size=30))
   longer = np.pad(tokens, ((0, 0), (0, 7)))
   params = model.init(jax.random.key(0), features, tokens)['params']
@@ -170,7 +168,7 @@ def test_padding_length_changes_nothing():
 
 def test_tokens_after_end_do_not_affect_loss():
   """Whatever sits after <end> (in input positions whose target is pad)."""
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   features, tokens = _inputs(dict(SMALL, vocab_size=30))
   params = model.init(jax.random.key(0), features, tokens)['params']
 
@@ -193,7 +191,7 @@ def test_tokens_after_end_do_not_affect_loss():
 
 def test_causality():
   """Logits at step t have zero gradient with respect to inputs after t."""
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   features, tokens = _inputs(dict(SMALL, vocab_size=30), batch=1, length=6)
   variables = model.init(jax.random.key(0), features, tokens)
 
@@ -208,7 +206,7 @@ def test_causality():
     return model.apply(variables, method=lambda module: fn(module))
 
   token_in = model.apply(variables, tokens[:, :-1],
-                         method=models.Captioner.token_inputs)
+                         method=captioner.Captioner.token_inputs)
   jac = jax.jacrev(logits_from_token_inputs)(token_in)  # (1,T,V, 1,T,3U)
   per_pair = np.abs(np.asarray(jac)).sum(axis=(0, 2, 3, 5))  # (T_out, T_in)
   steps = per_pair.shape[0]
@@ -224,8 +222,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   sizes = dict(vocab_size=500, embedding_dim=64, units=128, feature_dim=256,
                num_positions=16)
   features, tokens = _inputs(sizes, batch=4, length=12)
-  model32 = models.Captioner(vocab_size=500, embedding_dim=64, units=128)
-  model16 = models.Captioner(vocab_size=500, embedding_dim=64, units=128,
+  model32 = captioner.Captioner(vocab_size=500, embedding_dim=64, units=128)
+  model16 = captioner.Captioner(vocab_size=500, embedding_dim=64, units=128,
                              dtype=jnp.bfloat16)
   params = model32.init(jax.random.key(0), features, tokens)['params']
   params16 = model16.init(jax.random.key(0), features, tokens)['params']
@@ -248,8 +246,8 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 def test_dropout_is_off_when_deterministic_and_on_otherwise():
   features, tokens = _inputs(dict(SMALL, vocab_size=30))
-  plain = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
-  dropout = models.Captioner(vocab_size=30, embedding_dim=8, units=16,
+  plain = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  dropout = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16,
                              dropout_rate=0.5)
   variables = plain.init(jax.random.key(0), features, tokens)
   expected, _ = plain.apply(variables, features, tokens)
@@ -265,7 +263,7 @@ def test_dropout_is_off_when_deterministic_and_on_otherwise():
 
 
 def test_shape_errors_are_clear():
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   features, tokens = _inputs(dict(SMALL, vocab_size=30))
   variables = model.init(jax.random.key(0), features, tokens)
   with pytest.raises(ValueError, match=r'expected features \(B, L, D\)'):
@@ -275,7 +273,7 @@ def test_shape_errors_are_clear():
 
 
 def test_nothing_hard_codes_the_feature_grid():
-  model = models.Captioner(vocab_size=30, embedding_dim=8, units=16)
+  model = captioner.Captioner(vocab_size=30, embedding_dim=8, units=16)
   for positions, dim in [(64, 2048), (49, 512), (1, 3)]:
     features = np.ones((2, positions, dim), np.float32)
     tokens = np.array([[1, 5, 2], [1, 2, 0]], np.int32)
@@ -290,10 +288,4 @@ def test_from_config_rejects_unknown_dtype():
   config = default.get_config()
   config.dtype = 'float16'
   with pytest.raises(ValueError, match='config.dtype'):
-    models.from_config(config, vocab_size=10)
-
-
-def test_models_import_does_not_import_tensorflow():
-  code = ('import sys, capjax.models, capjax.losses, capjax.convert; '
-          'sys.exit(1 if "tensorflow" in sys.modules else 0)')
-  subprocess.run([sys.executable, '-c', code], check=True)
+    captioner.from_config(config, vocab_size=10)

@@ -1,4 +1,4 @@
-"""capjax.sample and capjax.plots: captions and attention plots for files."""
+"""capjax.inference, capjax.sample and capjax.plots: captions and attention plots for files."""
 
 import dataclasses
 import shutil
@@ -9,16 +9,16 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import decode
-from capjax import features as features_lib
+from capjax.model import decoding
 from capjax import plots
-from capjax import sample
 from capjax import workdir as workdir_lib
+from capjax import inference
+from capjax.data import images as images_lib
 
 
 @pytest.fixture(scope='module')
 def trained(trained_workdir):
-  return sample.load_trained(trained_workdir)
+  return inference.load_trained(trained_workdir)
 
 
 @pytest.fixture(scope='module')
@@ -43,18 +43,18 @@ def test_load_trained(trained, trained_workdir):
 
 def test_captions_equal_decoding_the_extracted_features(trained, examples,
                                                         tmp_path):
-  extractor = sample.make_extractor(trained)
-  images = [features_lib.load_image(p) for p in examples]
+  extractor = inference.make_extractor(trained)
+  images = [images_lib.load_image(p) for p in examples]
   features_NLD = extractor(images)
-  expected = decode.texts(decode.greedy_captions(
+  expected = decoding.texts(decoding.greedy_captions(
       trained.params, features_NLD, model=trained.model,
-      max_len=decode.max_caption_tokens(trained.config)).tokens_BT,
+      max_len=decoding.max_caption_tokens(trained.config)).tokens_BT,
                           trained.vocab)
   # The same features as .npy files, flat (L, D) and as a (4, 4, D) grid.
   flat, grid = tmp_path / 'flat.npy', tmp_path / 'grid.npy'
   np.save(flat, features_NLD[0])
   np.save(grid, features_NLD[1].reshape(4, 4, -1))
-  results = sample.caption_files(trained, examples + [str(flat), str(grid)])
+  results = inference.caption_files(trained, examples + [str(flat), str(grid)])
 
   assert [r.path for r in results] == examples + [str(flat), str(grid)]
   assert [r.caption for r in results] == expected + expected[:2]
@@ -65,7 +65,7 @@ def test_captions_equal_decoding_the_extracted_features(trained, examples,
   # Real shapes captions: known words that ended with <end>, not cut.
   for r in results:
     words = r.caption.split()
-    assert 3 <= len(words) < decode.max_caption_tokens(trained.config)
+    assert 3 <= len(words) < decoding.max_caption_tokens(trained.config)
     assert set(words) <= _words(trained)
     assert words[-1] in ('circle', 'square', 'triangle')
     np.testing.assert_allclose(r.attention_TL[:len(words)].sum(-1), 1.0,
@@ -73,9 +73,9 @@ def test_captions_equal_decoding_the_extracted_features(trained, examples,
 
 
 def test_beam_and_sampling_give_shapes_captions(trained, examples):
-  beams = sample.caption_files(trained, examples, beam_size=3, alpha=0.6)
-  sampled = sample.caption_files(trained, examples, temperature=0.7, seed=1)
-  again = sample.caption_files(trained, examples, temperature=0.7, seed=1)
+  beams = inference.caption_files(trained, examples, beam_size=3, alpha=0.6)
+  sampled = inference.caption_files(trained, examples, temperature=0.7, seed=1)
+  again = inference.caption_files(trained, examples, temperature=0.7, seed=1)
   assert [r.caption for r in sampled] == [r.caption for r in again]
   for r in beams + sampled:
     assert r.caption and set(r.caption.split()) <= _words(trained)
@@ -92,7 +92,7 @@ def test_unreadable_files_are_reported_and_the_others_captioned(
   missing = str(tmp_path / 'missing.png')
   paths = [str(corrupt), examples[0], missing, str(truncated),
            str(wrong_shape)]
-  results = sample.caption_files(trained, paths)
+  results = inference.caption_files(trained, paths)
 
   assert [r.path for r in results] == paths
   failed = [r for r in results if r.error is not None]
@@ -100,7 +100,7 @@ def test_unreadable_files_are_reported_and_the_others_captioned(
                                       str(wrong_shape)]
   assert 'FileNotFoundError' in failed[1].error
   assert 'this model needs (L, D) = (16, 784)' in failed[3].error
-  assert results[1].caption == sample.caption_files(
+  assert results[1].caption == inference.caption_files(
       trained, examples[:1])[0].caption
 
 
@@ -117,21 +117,21 @@ def test_missing_extractor_weights_fail_only_images(trained, examples,
   config.extractor, config.extractor_weights = 'inception_v3', 'imagenet'
   inception = dataclasses.replace(trained, config=config)
   with pytest.raises(ValueError, match='InceptionV3 ImageNet weights'):
-    sample.caption_files(inception, examples[:1])
+    inference.caption_files(inception, examples[:1])
   # Precomputed features need no extractor.
   features = tmp_path / 'features.npy'
   np.save(features, np.zeros(trained.feature_shape_LD, np.float32))
-  assert sample.caption_files(inception, [str(features)])[0].error is None
+  assert inference.caption_files(inception, [str(features)])[0].error is None
 
 
 def test_not_a_workdir_and_no_checkpoint(trained_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match='not a capjax workdir'):
-    sample.load_trained(tmp_path)
+    inference.load_trained(tmp_path)
   for name in (workdir_lib.CONFIG_FILE, workdir_lib.VOCAB_FILE,
                workdir_lib.FEATURES_FILE):
     shutil.copy(trained_workdir / name, tmp_path / name)
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    sample.load_trained(tmp_path)
+    inference.load_trained(tmp_path)
 
 
 def test_command_line(trained_workdir, examples, tmp_path):

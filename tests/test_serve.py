@@ -1,4 +1,4 @@
-"""capjax.serve: the HTTP service, against a real server on 127.0.0.1.
+"""capjax.serving and capjax.serve: the HTTP service, against a real server on 127.0.0.1.
 
 Most tests talk to one `python -m capjax.serve` process. The queue-full test
 runs the server in this process with a decoder it holds back, so that the
@@ -27,10 +27,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import decode
-from capjax import features as features_lib
-from capjax import sample
-from capjax import serve
+from capjax.model import decoding
+from capjax import inference
+from capjax.data import images as images_lib
+from capjax.serving import batcher as batcher_lib
+from capjax.serving import fetch as fetch_lib
+from capjax.serving import requests
+from capjax.serving import server as server_lib
+from capjax.serving import service as service_lib
+from capjax.testing import serving
 
 # Limits of the test server, small so that breaking them is cheap.
 _MAX_BODY_BYTES = 1_000_000
@@ -40,7 +45,7 @@ _MAX_BEAM_SIZE = 4
 
 @pytest.fixture(scope='module')
 def trained(trained_workdir):
-  return sample.load_trained(trained_workdir)
+  return inference.load_trained(trained_workdir)
 
 
 @pytest.fixture(scope='module')
@@ -51,7 +56,7 @@ def examples(trained_workdir):
 @pytest.fixture(scope='module')
 def expected(trained, examples):
   """capjax.sample's captions of the examples: {beam_size: [caption, ...]}."""
-  return {k: [r.caption for r in sample.caption_files(trained, examples,
+  return {k: [r.caption for r in inference.caption_files(trained, examples,
                                                       beam_size=k)]
           for k in (1, 3)}
 
@@ -60,7 +65,7 @@ def expected(trained, examples):
 def server(trained_workdir, tmp_path_factory):
   """The URL of a `python -m capjax.serve` process, and its log file."""
   log = tmp_path_factory.mktemp('serve') / 'serve.log'
-  process, url = serve.start_subprocess(
+  process, url = serving.start_subprocess(
       ['--workdir', str(trained_workdir), '--allow_url_fetch',
        '--max_batch_size=8', f'--max_body_bytes={_MAX_BODY_BYTES}',
        f'--max_pixels={_MAX_PIXELS}', f'--max_beam_size={_MAX_BEAM_SIZE}'],
@@ -125,9 +130,9 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 
 def test_batch_sizes():
-  assert serve.batch_sizes(1) == (1,)
-  assert serve.batch_sizes(8) == (1, 2, 4, 8)
-  assert serve.batch_sizes(24) == (1, 2, 4, 8, 16, 24)
+  assert service_lib.batch_sizes(1) == (1,)
+  assert service_lib.batch_sizes(8) == (1, 2, 4, 8)
+  assert service_lib.batch_sizes(24) == (1, 2, 4, 8, 16, 24)
 
 
 def test_batcher_batches_by_kind_up_to_the_batch_size():
@@ -140,14 +145,14 @@ def test_batcher_batches_by_kind_up_to_the_batch_size():
     batches.append((kind, items))
     return [f'{kind}{i}' for i in items]
 
-  batcher = serve.Batcher(batch_fn, max_batch_size=2, max_wait_s=0.01,
+  batcher = batcher_lib.Batcher(batch_fn, max_batch_size=2, max_wait_s=0.01,
                           max_queue=5)
   batcher.start()
   first = batcher.submit('a', 0)
   started.wait()
   # The worker is busy: these wait, in this order, and the queue fills.
   futures = [batcher.submit(k, i) for i, k in enumerate('abaab', 1)]
-  with pytest.raises(serve.RequestError) as error:
+  with pytest.raises(requests.RequestError) as error:
     batcher.submit('a', 6)
   assert error.value.status == 503
   assert error.value.headers == {'Retry-After': '1'}
@@ -159,7 +164,7 @@ def test_batcher_batches_by_kind_up_to_the_batch_size():
   assert (batcher.num_batches, batcher.num_decoded) == (4, 6)
   # A request on its way is waited for (max_wait_s allowing); then the
   # batch goes without waiting out max_wait_s.
-  batcher = serve.Batcher(lambda kind, items: [items] * len(items),
+  batcher = batcher_lib.Batcher(lambda kind, items: [items] * len(items),
                           max_batch_size=4, max_wait_s=60, max_queue=5)
   batcher.start()
   with batcher.expecting():
@@ -175,15 +180,15 @@ def test_batcher_batches_by_kind_up_to_the_batch_size():
 def test_multipart_and_parameters():
   body, content_type = multipart({'image': b'\r\n--x\r\n\x00\xff',
                                   'beam_size': b'3'})
-  _, params = serve.parse_header(content_type)
-  assert serve.parse_multipart(params['boundary'], body) == {
+  _, params = requests.parse_header(content_type)
+  assert requests.parse_multipart(params['boundary'], body) == {
       'image': b'\r\n--x\r\n\x00\xff', 'beam_size': b'3'}
-  kind, attention = serve.parse_params(
+  kind, attention = requests.parse_params(
       {'beam_size': '3', 'attention': 'true'}, max_beam_size=4, max_len=9)
-  assert kind == serve.DecodeKind(beam_size=3, max_len=9) and attention
-  assert serve.parse_params({'max_len': 2, 'attention': False},
+  assert kind == requests.DecodeKind(beam_size=3, max_len=9) and attention
+  assert requests.parse_params({'max_len': 2, 'attention': False},
                             max_beam_size=4, max_len=9) == (
-                                serve.DecodeKind(1, 2), False)
+                                requests.DecodeKind(1, 2), False)
 
 
 @pytest.mark.parametrize('address, reason', [
@@ -195,7 +200,7 @@ def test_multipart_and_parameters():
     ('8.8.8.8', None), ('2001:4860:4860::8888', None)])
 def test_refused_addresses(address, reason):
   # Only classified: nothing is sent anywhere.
-  assert serve.refused_reason(ipaddress.ip_address(address)) == reason
+  assert fetch_lib.refused_reason(ipaddress.ip_address(address)) == reason
 
 
 # --- The server ---------------------------------------------------------------
@@ -225,9 +230,9 @@ def test_captions_are_those_of_capjax_sample(server, trained, examples,
     assert attention.shape == (len(form['tokens']), 16)
     np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-3)
   # Log-probabilities and max_len as the decoder gives them.
-  extractor = sample.make_extractor(trained)
-  features = extractor([features_lib.load_image(p) for p in examples])
-  captions = decode.caption_features(trained.params, features,
+  extractor = inference.make_extractor(trained)
+  features = extractor([images_lib.load_image(p) for p in examples])
+  captions = decoding.caption_features(trained.params, features,
                                      model=trained.model, max_len=3)
   for i, path in enumerate(examples):
     _, _, short = post_image(url, read(path), '?max_len=3')
@@ -409,18 +414,18 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
 def held_back_server(trained):
   """A server whose decoder waits for `release`; one waiting request at most."""
   started, release = threading.Event(), threading.Event()
-  extractor = sample.make_extractor(trained)
-  options = serve.Options(max_batch_size=1, max_queue=1)
-  caption = serve.caption_batch_fn(trained, extractor, (1,))
+  extractor = inference.make_extractor(trained)
+  options = service_lib.Options(max_batch_size=1, max_queue=1)
+  caption = service_lib.caption_batch_fn(trained, extractor, (1,))
 
   def held_back(kind, images):
     started.set()
     release.wait(timeout=60)
     return caption(kind, images)
 
-  service = serve.Service(trained, extractor, options, batch_fn=held_back)
+  service = service_lib.Service(trained, extractor, options, batch_fn=held_back)
   service.start()
-  server = serve.make_server(service, '127.0.0.1', 0)
+  server = server_lib.make_server(service, '127.0.0.1', 0)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   url = f'http://127.0.0.1:{server.server_address[1]}'
@@ -502,26 +507,26 @@ def _loopback_only(address):
 
 
 def test_fetch_url_follows_redirects_but_checks_each(files_url, examples):
-  fetch = functools.partial(serve.fetch_url, max_bytes=1000,
+  fetch = functools.partial(fetch_lib.fetch_url, max_bytes=1000,
                             timeout_s=1.0, refuse=_loopback_only)
   image = read(examples[0])
   assert len(image) < 1000
   assert fetch(f'{files_url}/redirect?to=/image') == image
   for target in ('http://169.254.169.254/latest/meta-data/',
                  'http://10.0.0.1/'):
-    with pytest.raises(serve.RequestError) as error:
+    with pytest.raises(requests.RequestError) as error:
       fetch(f'{files_url}/redirect?to={target}')
     assert error.value.status == 403
     assert urllib.parse.urlsplit(target).hostname in str(error.value)
-  with pytest.raises(serve.RequestError) as error:
+  with pytest.raises(requests.RequestError) as error:
     fetch(f'{files_url}/big')
   assert error.value.status == 413
-  with pytest.raises(serve.RequestError) as error:
+  with pytest.raises(requests.RequestError) as error:
     fetch(f'{files_url}/slow')
   assert error.value.status == 504
   # The default policy refuses the local server itself.
-  with pytest.raises(serve.RequestError) as error:
-    serve.fetch_url(f'{files_url}/image', max_bytes=1000, timeout_s=1.0)
+  with pytest.raises(requests.RequestError) as error:
+    fetch_lib.fetch_url(f'{files_url}/image', max_bytes=1000, timeout_s=1.0)
   assert error.value.status == 403 and 'loopback' in str(error.value)
 
 

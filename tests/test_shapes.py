@@ -1,4 +1,4 @@
-"""Tests of capjax.shapes: determinism, and captions read back from pixels."""
+"""Tests of capjax.data.shapes: determinism, and captions read back from pixels."""
 
 import collections
 
@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax import datasets
-from capjax import shapes
+from capjax.data import datasets
+from capjax.data import shapes
 from capjax.configs import default
 
 _SIZE = 64

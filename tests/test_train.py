@@ -14,10 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from capjax import features
-from capjax import train
 from capjax import workdir as workdir_lib
 from capjax.configs import default
+from capjax import files
+from capjax.data import feature_store
+from capjax.model import captioner
+from capjax.training import checkpoints
+from capjax.training import loop
+from capjax.training import state as state_lib
+from capjax.training import step as step_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -83,7 +88,7 @@ def test_optimizer_schedule_and_clipping():
   config.warmup_steps = 10
   config.num_train_steps = 110
   config.grad_clip_norm = 1.0
-  tx = train.make_optimizer(config)
+  tx = state_lib.make_optimizer(config)
   params = {'w': jnp.zeros(3)}
   state = tx.init(params)
   # Warmup starts at 0: the first update is zero whatever the gradient.
@@ -91,7 +96,7 @@ def test_optimizer_schedule_and_clipping():
   np.testing.assert_array_equal(updates['w'], 0.0)
   config.schedule = 'linear'
   with pytest.raises(ValueError, match='config.schedule'):
-    train.make_optimizer(config)
+    state_lib.make_optimizer(config)
 
 
 def test_optimizer_state_layout_does_not_depend_on_schedule_or_clipping():
@@ -102,20 +107,20 @@ def test_optimizer_state_layout_does_not_depend_on_schedule_or_clipping():
                          ('warmup_cosine', 0.0), ('warmup_cosine', 1.0)]:
     config = default.get_config()
     config.schedule, config.grad_clip_norm = schedule, clip
-    state = train.make_optimizer(config).init(params)
+    state = state_lib.make_optimizer(config).init(params)
     structures.add(jax.tree_util.tree_structure(state))
   assert len(structures) == 1
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
   config = tiny_config(pathlib.Path('unused'), learning_rate=1e-2)
-  model = train.models.from_config(config, vocab_size=20)
-  tx = train.make_optimizer(config)
-  state = train.create_train_state(model, tx, (5, 7), seed=0)
+  model = captioner.from_config(config, vocab_size=20)
+  tx = state_lib.make_optimizer(config)
+  state = state_lib.create_train_state(model, tx, (5, 7), seed=0)
   rng = np.random.default_rng(0)
   batch = {'features': jnp.asarray(rng.normal(size=(4, 5, 7)), jnp.float32),
            'tokens': jnp.array([[1, 5, 6, 2, 0]] * 4, jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
                                    attention_penalty=0.1))
   state, first = step(state, batch)
   for _ in range(30):
@@ -129,29 +134,29 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
   workdir = tmp_path / 'run'
-  state = train.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+  state = loop.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
   assert int(state.step) == 12
   for name in ('config.json', 'vocab.json', 'features.json', 'metrics.jsonl',
                'loss.png'):
     assert (workdir / name).is_file(), name
   assert list((workdir / 'tensorboard').iterdir())
   assert len(list((workdir / 'examples').glob('*.png'))) == 4
-  manager = workdir_lib.checkpoint_manager(workdir, read_only=True)
+  manager = checkpoints.manager(workdir, read_only=True)
   assert manager.all_steps() == [4, 8, 12]
-  leaves_equal(workdir_lib.load_params(workdir), state.params)
+  leaves_equal(checkpoints.load_params(workdir), state.params)
   saved = workdir_lib.load_config(workdir)
   assert saved.units == 24 and saved.num_train_steps == 12
-  info = workdir_lib.load_json(workdir / 'features.json')
+  info = files.read_json(workdir / 'features.json')
   assert (info['num_locations'], info['feature_dim']) == (16, 16 * 16 * 3 + 16)
 
 
 def test_resume_is_exact(tmp_path, shapes_dir):
   config = tiny_config(shapes_dir)
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  straight = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
   stopped = tiny_config(shapes_dir, num_train_steps=5)
-  assert int(train.train_and_evaluate(stopped, str(tmp_path / 'resumed')).step) == 5
+  assert int(loop.train_and_evaluate(stopped, str(tmp_path / 'resumed')).step) == 5
   # Restarts from the checkpoint at step 5, mid-epoch (6 steps per epoch).
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == 12
   leaves_equal(resumed.params, straight.params)
   leaves_equal(resumed.opt_state, straight.opt_state)
@@ -159,7 +164,7 @@ def test_resume_is_exact(tmp_path, shapes_dir):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path, shapes_dir, monkeypatch):
-  original = train.train_step
+  original = step_lib.train_step
 
   def poisoned_after_step_6(state, batch, **kwargs):
     state, metrics = original(state, batch, **kwargs)
@@ -168,45 +173,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     metrics = dict(metrics, objective=metrics['objective'] * poison)
     return state.replace(params=params), metrics
 
-  monkeypatch.setattr(train, 'train_step', poisoned_after_step_6)
+  monkeypatch.setattr(step_lib, 'train_step', poisoned_after_step_6)
   workdir = tmp_path / 'nan'
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r'non-finite at step 7; the last good checkpoint is step 4'):
-    train.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
-  assert workdir_lib.checkpoint_manager(workdir, read_only=True).all_steps() == [4]
-  params = workdir_lib.load_params(workdir)
+    loop.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+  assert checkpoints.manager(workdir, read_only=True).all_steps() == [4]
+  params = checkpoints.load_params(workdir)
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
 
 
 def test_resuming_under_an_incompatible_config_is_refused(tmp_path, shapes_dir):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4), workdir)
+  loop.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4), workdir)
   with pytest.raises(ValueError, match=r'units: 24 -> 32'):
-    train.train_and_evaluate(tiny_config(shapes_dir, units=32), workdir)
+    loop.train_and_evaluate(tiny_config(shapes_dir, units=32), workdir)
 
 
 def test_features_that_do_not_match_the_model_are_refused(tmp_path, shapes_dir):
   workdir = tmp_path / 'run'
-  train.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4),
+  loop.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4),
                            str(workdir))
   # The same images, with features of another size from another extractor.
-  store = features.FeatureStore.open_split(str(workdir / 'features'), 'train')
+  store = feature_store.FeatureStore.open_split(str(workdir / 'features'), 'train')
   other = tmp_path / 'other'
   for split in ('train', 'val'):
-    ids = features.FeatureStore.open_split(str(workdir / 'features'), split).image_ids
-    features.write_feature_store(
-        features.store_dir(str(other), split),
+    ids = feature_store.FeatureStore.open_split(str(workdir / 'features'), split).image_ids
+    feature_store.write_feature_store(
+        feature_store.store_dir(str(other), split),
         np.zeros((len(ids), store.num_locations, 32), np.float16), ids,
         {'name': 'custom'})
   config = tiny_config(shapes_dir, num_train_steps=8, feature_dir=str(other))
   with pytest.raises(ValueError, match=r"do not match those of this workdir's model"):
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
 
 
 def test_features_of_another_extractor_setting_are_refused(tmp_path,
                                                            shapes_dir):
   feature_dir = str(tmp_path / 'features')
-  train.train_and_evaluate(
+  loop.train_and_evaluate(
       tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir),
       str(tmp_path / 'grid4'))
   # A new run pointed at the same store with another grid must not train on it.
@@ -214,14 +219,14 @@ def test_features_of_another_extractor_setting_are_refused(tmp_path,
                        patch_grid=2)
   with pytest.raises(ValueError, match=r"config asks for \{'name': 'patches', "
                      r"'patch_grid': 2\}"):
-    train.train_and_evaluate(config, str(tmp_path / 'grid2'))
+    loop.train_and_evaluate(config, str(tmp_path / 'grid2'))
 
 
 def test_missing_features_are_a_clear_error(tmp_path, shared_data):
   config = tiny_config(tmp_path, dataset='coco_json',
                        data_dir=str(shared_data / 'coco-mini'))
   with pytest.raises(ValueError, match=r'python -m capjax.features'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -233,7 +238,7 @@ def test_missing_features_are_a_clear_error(tmp_path, shared_data):
 def test_impossible_configs_are_refused_up_front(tmp_path, overrides, message):
   config = tiny_config(tmp_path / 'shapes', **overrides)
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'shapes').exists()  # before any data is made
 
 
@@ -260,12 +265,12 @@ def test_a_boolean_flag_given_a_separate_value_is_refused(tmp_path):
 @pytest.mark.slow
 def test_four_devices_match_one(tmp_path, shapes_dir):
   config = tiny_config(shapes_dir, num_train_steps=8)
-  one = train.train_and_evaluate(config, str(tmp_path / 'one'))
+  one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
   result = run_train(tmp_path / 'four', config, env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'on 4 device(s)' in result.stderr
-  leaves_equal(workdir_lib.load_params(tmp_path / 'four'), one.params,
+  leaves_equal(checkpoints.load_params(tmp_path / 'four'), one.params,
                atol=2e-5)
 
 
@@ -278,7 +283,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, shapes_dir):
   config = tiny_config(shapes_dir, num_train_steps=8)
-  one = train.train_and_evaluate(config, str(tmp_path / 'one'))
+  one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
   address = f'127.0.0.1:{_free_port()}'
   env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
              JAX_PLATFORMS='cpu')
@@ -294,7 +299,7 @@ def test_two_processes_match_one(tmp_path, shapes_dir):
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
   assert '4 local example(s) per process' in outputs[0]
-  leaves_equal(workdir_lib.load_params(tmp_path / 'two'), one.params, atol=2e-5)
+  leaves_equal(checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5)
 
 
 @pytest.mark.slow
@@ -319,7 +324,7 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
   assert match, output[-3000:]
   saved = int(match.group(1))
   assert saved >= 20
-  assert workdir_lib.checkpoint_manager(workdir, read_only=True).all_steps() == [saved]
+  assert checkpoints.manager(workdir, read_only=True).all_steps() == [saved]
 
   config.num_train_steps = saved + 2
   result = run_train(workdir, config)

@@ -1,12 +1,12 @@
-"""Tests of capjax.vocab."""
+"""Tests of capjax.data.vocab."""
 
 import json
 
 import numpy as np
 import pytest
 
-from capjax import datasets
-from capjax import vocab as vocab_lib
+from capjax.data import datasets
+from capjax.data import vocab as vocab_lib
 from capjax.configs import default
 
 

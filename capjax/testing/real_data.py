@@ -1,6 +1,6 @@
 """Where the real COCO/Flickr8k test data lives, if anywhere.
 
-Shared by the test fixtures and scripts/benchmark.py.
+Shared by the test fixtures and the benchmarks.
 """
 
 import os
@@ -14,7 +14,7 @@ def find() -> pathlib.Path | None:
   candidates = []
   if os.environ.get(ENV):
     candidates.append(pathlib.Path(os.environ[ENV]))
-  repo_root = pathlib.Path(__file__).resolve().parent.parent
+  repo_root = pathlib.Path(__file__).resolve().parents[2]
   candidates.append(repo_root.parent / 'shared' / 'data')
   for path in candidates:
     if (path / 'coco-mini').is_dir():

@@ -13,6 +13,7 @@ saves a model, its tokenizer and its outputs the way the tutorial does.
 
 import json
 import os
+import pathlib
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
@@ -214,6 +215,7 @@ def save_tutorial_run(directory, captions, top_k, embedding_dim, units,
 
   legacy_optimizer takes Keras 2's OptimizerV2 Adam, which TF <= 2.10 had.
   """
+  directory = pathlib.Path(directory)
   tokenizer = tutorial_tokenizer(captions, top_k)
   sequences = tokenizer.texts_to_sequences(captions)
   tokens = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
@@ -238,14 +240,11 @@ def save_tutorial_run(directory, captions, top_k, embedding_dim, units,
   ckpt = tf.train.Checkpoint(encoder=encoder, decoder=decoder,
                              optimizer=optimizer)
   tf.train.CheckpointManager(
-      ckpt, os.path.join(directory, 'checkpoints', 'train'),
-      max_to_keep=5).save()
-  with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
-    f.write(tokenizer.to_json())
+      ckpt, str(directory / 'checkpoints' / 'train'), max_to_keep=5).save()
+  (directory / 'tokenizer.json').write_text(tokenizer.to_json())
   logits, _ = teacher_forced(encoder, decoder, features, tokens)
-  np.savez(os.path.join(directory, 'reference.npz'), features=features,
+  np.savez(directory / 'reference.npz', features=features,
            tokens=tokens, logits=logits.numpy())
   greedy = [greedy_caption(encoder, decoder, tokenizer, f, tokens.shape[1])
             for f in features]
-  with open(os.path.join(directory, 'greedy.json'), 'w') as f:
-    json.dump(greedy, f)
+  (directory / 'greedy.json').write_text(json.dumps(greedy))

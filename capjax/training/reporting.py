@@ -4,7 +4,6 @@ Only process 0 writes files; every process may log to the console.
 """
 
 import json
-import logging as py_logging
 import os
 import pathlib
 import time
@@ -12,7 +11,6 @@ import time
 from absl import logging
 
 METRICS_FILE = 'metrics.jsonl'
-_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 PLOT_FILE = 'loss.png'
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -62,7 +60,7 @@ class Reporter:
       for name, value in metrics.items():
         self._tf.summary.scalar(f'{split}/{name}', value)
     self._writer.flush()
-    with open(self._workdir / METRICS_FILE, 'a') as f:
+    with (self._workdir / METRICS_FILE).open('a') as f:
       f.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
 
   def plot_losses(self) -> None:
@@ -87,7 +85,7 @@ class Reporter:
     tmp = self._workdir / (PLOT_FILE + '.tmp.png')
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, self._workdir / PLOT_FILE)
+    tmp.replace(self._workdir / PLOT_FILE)
 
   def close(self) -> None:
     if self._writer is not None:
@@ -115,20 +113,3 @@ def log_train(step: int, total: int, metrics: dict[str, float],
   logging.info('step %d/%d | loss %.4f | acc %.3f | %.2f steps/s | ETA %s',
                step, total, metrics['loss'], metrics['accuracy'], rate,
                format_duration(eta))
-
-
-class _OwnInfoOnly(py_logging.Filter):
-  """Passes capjax's own messages, and only warnings and errors of libraries."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or record.pathname.startswith(_PACKAGE_DIR))
-
-
-def concise_console_logging() -> None:
-  """Keeps the console to capjax's progress lines, for the command-line tools.
-
-  Orbax, JAX and TensorFlow log many INFO lines of their own through absl.
-  """
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_OwnInfoOnly())

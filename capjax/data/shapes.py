@@ -20,11 +20,14 @@ from collections.abc import Sequence
 import dataclasses
 import json
 import os
+import pathlib
 
 import numpy as np
 from PIL import Image
 
 from capjax import files
+
+PathLike = str | os.PathLike[str]
 
 SPLITS = ('train', 'val', 'test')
 COLOURS = {
@@ -189,8 +192,8 @@ def split_size(shapes_config, split: str) -> int:
   return shapes_config[f'num_{split}']
 
 
-def annotation_path(directory: str, split: str) -> str:
-  return os.path.join(directory, 'annotations', f'captions_{split}.json')
+def annotation_path(directory: PathLike, split: str) -> pathlib.Path:
+  return pathlib.Path(directory) / 'annotations' / f'captions_{split}.json'
 
 
 def _settings(shapes_config, split: str) -> dict[str, int]:
@@ -198,17 +201,18 @@ def _settings(shapes_config, split: str) -> dict[str, int]:
           'num_images': split_size(shapes_config, split)}
 
 
-def is_written(directory: str, split: str, shapes_config) -> bool:
+def is_written(directory: PathLike, split: str, shapes_config) -> bool:
   """Whether `write_split` already wrote this split with these settings."""
   try:
-    with open(annotation_path(directory, split), encoding='utf-8') as f:
-      info = json.load(f)['info']
-  except (OSError, ValueError, KeyError):
+    info = json.loads(annotation_path(directory, split).read_text(
+        encoding='utf-8'))['info']
+  except (OSError, ValueError, KeyError, TypeError):
     return False
   return info.get('capjax_shapes') == _settings(shapes_config, split)
 
 
-def write_split(directory: str, split: str, shapes_config) -> str:
+def write_split(directory: PathLike, split: str,
+                shapes_config) -> pathlib.Path:
   """Writes a split as `{split}/*.png` + `annotations/captions_{split}.json`.
 
   The caption file is COCO-format (images, annotations) and is written last,
@@ -223,15 +227,14 @@ def write_split(directory: str, split: str, shapes_config) -> str:
     The path of the caption file.
   """
   settings = _settings(shapes_config, split)
-  image_dir = os.path.join(directory, split)
-  os.makedirs(image_dir, exist_ok=True)
-  os.makedirs(os.path.dirname(annotation_path(directory, split)),
-              exist_ok=True)
+  image_dir = pathlib.Path(directory) / split
+  image_dir.mkdir(parents=True, exist_ok=True)
+  annotation_path(directory, split).parent.mkdir(parents=True, exist_ok=True)
   images, annotations = [], []
   for example in generate(settings['seed'], split, settings['num_images'],
                           settings['image_size']):
     file_name = f'{split}_{example.image_id % _ID_STRIDE:06d}.png'
-    Image.fromarray(example.image).save(os.path.join(image_dir, file_name))
+    Image.fromarray(example.image).save(image_dir / file_name)
     images.append({'id': example.image_id, 'file_name': file_name,
                    'height': settings['image_size'],
                    'width': settings['image_size']})

@@ -30,24 +30,26 @@ or the Flickr file name without extension.
 
 from collections.abc import Iterator
 import collections
-import glob
-import json
 import os
+import pathlib
 from typing import NamedTuple
 
 from absl import logging
 
-from capjax import shapes
+from capjax import errors
+from capjax import files
+from capjax.data import shapes
 
 DATASETS = ('shapes', 'coco_json', 'flickr', 'tfds_coco')
 TFDS_COCO_SPLITS = ('train', 'restval', 'val', 'test')
-DEFAULT_SHAPES_DIR = os.path.join('~', '.cache', 'capjax', 'shapes')
+DEFAULT_SHAPES_DIR = pathlib.Path('~/.cache/capjax/shapes')
 
 _COCO_YEARS = ('', '2017', '2014')
 _FLICKR_TOKEN_FILES = ('Flickr8k.token.txt', 'captions.txt',
                        'results_20130124.token')
 _FLICKR_IMAGE_DIRS = ('Flicker8k_Dataset', 'Flickr8k_Dataset',
                       'flickr30k-images', 'Images', 'images')
+PathLike = str | os.PathLike[str]
 _FLICKR_SPLIT_LISTS = {'train': 'train', 'val': 'dev', 'dev': 'dev',
                        'test': 'test'}
 
@@ -67,8 +69,8 @@ def split_parts(split: str) -> list[str]:
   """'train+restval' -> ['train', 'restval']."""
   parts = [p.strip() for p in split.split('+')]
   if not all(parts):
-    raise ValueError(f'bad split {split!r}: use names joined with "+", e.g. '
-                     '"train+restval"')
+    raise errors.UserError(f'bad split {split!r}: use names joined with "+", e.g. '
+                           '"train+restval"')
   return parts
 
 
@@ -92,8 +94,8 @@ def load_split(config, split: str) -> list[Record]:
   seen = set()
   for r in records:
     if r.image_id in seen:
-      raise ValueError(f'image {r.image_id!r} appears twice in split '
-                       f'{split!r}')
+      raise errors.UserError(f'image {r.image_id!r} appears twice in split '
+                             f'{split!r}')
     seen.add(r.image_id)
   return records
 
@@ -113,11 +115,11 @@ def iter_images(config, split: str) -> Iterator[tuple[str, str | bytes]]:
         yield image_id, image
       continue
     records = _load_part(config, part)
-    for image_dir in sorted({os.path.dirname(r.image) for r in records}):
-      if not os.path.isdir(image_dir):
-        raise ValueError(f'image directory {image_dir} of split {part!r} not '
-                         f'found; put the images of {config.dataset!r} '
-                         'there')
+    for image_dir in sorted({pathlib.Path(r.image).parent for r in records}):
+      if not image_dir.is_dir():
+        raise errors.UserError(f'image directory {image_dir} of split {part!r} not '
+                               f'found; put the images of {config.dataset!r} '
+                               'there')
     for r in records:
       yield r.image_id, r.image
 
@@ -132,14 +134,15 @@ def _load_part(config, split: str) -> list[Record]:
   if config.dataset == 'tfds_coco':
     return [Record(image_id, None, captions)
             for image_id, _, captions in _tfds_coco_examples(config, split)]
-  raise ValueError(f'unknown dataset {config.dataset!r}; set config.dataset to '
-                   f'one of {DATASETS}')
+  raise errors.UserError(f'unknown dataset {config.dataset!r}; set config.dataset to '
+                         f'one of {DATASETS}')
 
 
 # --- COCO-format JSON ---------------------------------------------------------
 
 
-def coco_json_records(annotation_file: str, image_dir: str) -> list[Record]:
+def coco_json_records(annotation_file: PathLike,
+                      image_dir: PathLike) -> list[Record]:
   """Records of a COCO-format caption file, images in `image_dir`.
 
   The file holds `images` ({id, file_name}) and `annotations` ({image_id,
@@ -147,8 +150,8 @@ def coco_json_records(annotation_file: str, image_dir: str) -> list[Record]:
   order, with surrounding whitespace stripped. Images without captions are
   left out.
   """
-  with open(annotation_file, encoding='utf-8') as f:
-    data = json.load(f)
+  data = files.read_json(annotation_file)
+  image_dir = pathlib.Path(image_dir)
   try:
     captions = collections.defaultdict(list)
     for ann in data['annotations']:
@@ -156,67 +159,68 @@ def coco_json_records(annotation_file: str, image_dir: str) -> list[Record]:
     records, seen = [], set()
     for image in data['images']:
       if image['id'] in seen:
-        raise ValueError(f'{annotation_file}: image id {image["id"]} is listed '
-                         'twice')
+        raise errors.UserError(f'{annotation_file}: image id {image["id"]} is listed '
+                               'twice')
       seen.add(image['id'])
       if captions.get(image['id']):
         records.append(Record(str(image['id']),
-                              os.path.join(image_dir, image['file_name']),
+                              str(image_dir / image['file_name']),
                               tuple(captions[image['id']])))
   except (KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f'{annotation_file} is not a COCO caption file: needs '
-                     '"images" with id and file_name and "annotations" with '
-                     f'image_id and caption ({e!r})') from None
+    raise errors.UserError(f'{annotation_file} is not a COCO caption file: needs '
+                           '"images" with id and file_name and "annotations" with '
+                           f'image_id and caption ({e!r})') from None
   return records
 
 
-def _coco_json_files(data_dir: str, split: str) -> tuple[str, str]:
+def _coco_json_files(data_dir: str,
+                     split: str) -> tuple[pathlib.Path, pathlib.Path]:
   """(annotation file, image directory) of a split, see the module docstring."""
   if ':' in split:
-    annotation_file, image_dir = (os.path.join(data_dir, p)
+    annotation_file, image_dir = (pathlib.Path(data_dir) / p
                                   for p in split.split(':', 1))
-    if not os.path.isfile(annotation_file):
-      raise ValueError(f'annotation file {annotation_file} not found')
+    if not annotation_file.is_file():
+      raise errors.UserError(f'annotation file {annotation_file} not found')
     return annotation_file, image_dir
   if not data_dir:
-    raise ValueError("dataset 'coco_json' needs config.data_dir, the directory "
-                     'holding annotations/ and the image directories')
+    raise errors.UserError("dataset 'coco_json' needs config.data_dir, the directory "
+                           'holding annotations/ and the image directories')
   tried = []
   for year in _COCO_YEARS:
-    annotation_file = os.path.join(data_dir, 'annotations',
-                                   f'captions_{split}{year}.json')
-    if os.path.isfile(annotation_file):
-      return annotation_file, os.path.join(data_dir, f'{split}{year}')
-    tried.append(annotation_file)
-  raise ValueError(f'no caption file for split {split!r}: tried '
-                   f'{", ".join(tried)}. Name the files explicitly with a '
-                   'split "ANNOTATIONS.json:IMAGE_DIR".')
+    annotation_file = (pathlib.Path(data_dir) / 'annotations'
+                       / f'captions_{split}{year}.json')
+    if annotation_file.is_file():
+      return annotation_file, pathlib.Path(data_dir) / f'{split}{year}'
+    tried.append(str(annotation_file))
+  raise errors.UserError(f'no caption file for split {split!r}: tried '
+                         f'{", ".join(tried)}. Name the files explicitly with a '
+                         'split "ANNOTATIONS.json:IMAGE_DIR".')
 
 
 # --- Flickr8k / Flickr30k -----------------------------------------------------
 
 
-def read_flickr_tokens(token_file: str) -> dict[str, list[str]]:
+def read_flickr_tokens(token_file: PathLike) -> dict[str, list[str]]:
   """Captions per image file name from `name.jpg#n<TAB>caption` lines.
 
   Images keep the file's order and captions their order within it.
   """
   captions = collections.defaultdict(list)
-  with open(token_file, encoding='utf-8') as f:
+  with pathlib.Path(token_file).open(encoding='utf-8') as f:
     for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
       key, sep, caption = line.rstrip('\n').partition('\t')
       name, hash_sign, _ = key.rpartition('#')
       if not sep or not hash_sign:
-        raise ValueError(f'{token_file}:{line_number}: expected '
-                         f'"name.jpg#n<TAB>caption", got {line.strip()!r}')
+        raise errors.UserError(f'{token_file}:{line_number}: expected '
+                               f'"name.jpg#n<TAB>caption", got {line.strip()!r}')
       captions[name].append(caption.strip())
   return dict(captions)
 
 
-def flickr_records(token_file: str, image_names: list[str] | None,
-                   image_dir: str) -> list[Record]:
+def flickr_records(token_file: PathLike, image_names: list[str] | None,
+                   image_dir: PathLike) -> list[Record]:
   """Records of the images `image_names` (all if None) of a token file."""
   captions = read_flickr_tokens(token_file)
   if image_names is None:
@@ -225,65 +229,65 @@ def flickr_records(token_file: str, image_names: list[str] | None,
   if missing:
     logging.warning('%d images have no captions in %s and are left out, e.g. '
                     '%s', len(missing), token_file, missing[0])
-  return [Record(os.path.splitext(n)[0], os.path.join(image_dir, n),
+  return [Record(pathlib.Path(n).stem, str(pathlib.Path(image_dir) / n),
                  tuple(captions[n]))
           for n in image_names if n in captions]
 
 
-def _first_existing(directory: str, names: tuple[str, ...]) -> str | None:
+def _first_existing(directory: pathlib.Path,
+                    names: tuple[str, ...]) -> pathlib.Path | None:
   for name in names:
-    if os.path.exists(os.path.join(directory, name)):
-      return os.path.join(directory, name)
+    if (directory / name).exists():
+      return directory / name
   return None
 
 
 def _flickr_split(data_dir: str, split: str) -> list[Record]:
-  if not data_dir or not os.path.isdir(data_dir):
-    raise ValueError("dataset 'flickr' needs config.data_dir, the directory "
-                     f'of the Flickr token file (got {data_dir!r})')
+  if not data_dir or not pathlib.Path(data_dir).is_dir():
+    raise errors.UserError("dataset 'flickr' needs config.data_dir, the directory "
+                           f'of the Flickr token file (got {data_dir!r})')
+  data_dir = pathlib.Path(data_dir)
   token_file = _first_existing(data_dir, _FLICKR_TOKEN_FILES)
   if token_file is None:
-    raise ValueError(f'no Flickr caption file in {data_dir}: expected one of '
-                     f'{", ".join(_FLICKR_TOKEN_FILES)}')
+    raise errors.UserError(f'no Flickr caption file in {data_dir}: expected one of '
+                           f'{", ".join(_FLICKR_TOKEN_FILES)}')
   image_dir = (_first_existing(data_dir, _FLICKR_IMAGE_DIRS)
-               or os.path.join(data_dir, _FLICKR_IMAGE_DIRS[0]))
+               or data_dir / _FLICKR_IMAGE_DIRS[0])
   if split == 'all':
     return flickr_records(token_file, None, image_dir)
   if split not in _FLICKR_SPLIT_LISTS:
-    raise ValueError(f'unknown Flickr split {split!r}; use one of '
-                     f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"')
-  pattern = os.path.join(data_dir,
-                         f'Flickr_*.{_FLICKR_SPLIT_LISTS[split]}Images.txt')
-  lists = sorted(glob.glob(pattern))
+    raise errors.UserError(f'unknown Flickr split {split!r}; use one of '
+                           f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"')
+  pattern = f'Flickr_*.{_FLICKR_SPLIT_LISTS[split]}Images.txt'
+  lists = sorted(data_dir.glob(pattern))
   if len(lists) != 1:
-    raise ValueError(f'expected one split list {pattern} for split {split!r}, '
-                     f'found {len(lists)}; use split "all" for every image of '
-                     f'{token_file}')
-  with open(lists[0], encoding='utf-8') as f:
-    names = [line.strip() for line in f if line.strip()]
+    raise errors.UserError(
+        f'expected one split list {data_dir / pattern} for split {split!r}, '
+        f'found {len(lists)}; use split "all" for every image of {token_file}')
+  names = [line.strip() for line in
+           lists[0].read_text(encoding='utf-8').splitlines() if line.strip()]
   return flickr_records(token_file, names, image_dir)
 
 
 # --- Synthetic shapes ---------------------------------------------------------
 
 
-def shapes_dir(config) -> str:
+def shapes_dir(config) -> pathlib.Path:
   """Where the shapes data of this config's seed and image size live."""
-  root = os.path.expanduser(config.data_dir or DEFAULT_SHAPES_DIR)
-  return os.path.join(root, f'seed{config.shapes.seed}'
-                      f'_size{config.shapes.image_size}')
+  root = pathlib.Path(config.data_dir or DEFAULT_SHAPES_DIR).expanduser()
+  return root / f'seed{config.shapes.seed}_size{config.shapes.image_size}'
 
 
 def _shapes_records(config, split: str) -> list[Record]:
   if split not in shapes.SPLITS:
-    raise ValueError(f'unknown shapes split {split!r}; use one of '
-                     f'{shapes.SPLITS}')
+    raise errors.UserError(f'unknown shapes split {split!r}; use one of '
+                           f'{shapes.SPLITS}')
   directory = shapes_dir(config)
   if not shapes.is_written(directory, split, config.shapes):
     logging.info('Generating shapes split %r in %s', split, directory)
     shapes.write_split(directory, split, config.shapes)
   return coco_json_records(shapes.annotation_path(directory, split),
-                           os.path.join(directory, split))
+                           directory / split)
 
 
 # --- TFDS coco_captions -------------------------------------------------------
@@ -293,8 +297,8 @@ def _tfds_coco_examples(
     config, split: str) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
   """(image id, encoded image, captions) of a TFDS coco_captions split."""
   if split not in TFDS_COCO_SPLITS:
-    raise ValueError(f'unknown coco_captions split {split!r}; use one of '
-                     f'{TFDS_COCO_SPLITS} (joined with "+")')
+    raise errors.UserError(f'unknown coco_captions split {split!r}; use one of '
+                           f'{TFDS_COCO_SPLITS} (joined with "+")')
   # Imported here: TFDS is slow to import and only this source needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -305,7 +309,7 @@ def _tfds_coco_examples(
         decoders={'image': tfds.decode.SkipDecoding()})
   except AssertionError:  # TFDS's way of saying "not prepared"
     data_dir = config.data_dir or '~/tensorflow_datasets'
-    raise ValueError(
+    raise errors.UserError(
         f'TFDS coco_captions is not prepared in {builder.data_dir}: run '
         f'`tfds build coco_captions --data_dir={data_dir}` first (it downloads '
         'COCO 2014, about 20 GB of images), or set config.data_dir to the '

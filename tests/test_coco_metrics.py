@@ -1,4 +1,4 @@
-"""capjax.metrics against pycocoevalcap called directly, on real captions."""
+"""capjax.metrics.coco against pycocoevalcap called directly, on real captions."""
 
 import contextlib
 import io
@@ -10,9 +10,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 import pytest
 
-from capjax import datasets
-from capjax import metrics
-from capjax import vocab as vocab_lib
+from capjax.data import datasets
+from capjax.metrics import coco as metrics
+from capjax.data import vocab as vocab_lib
 
 needs_java = pytest.mark.skipif(not metrics.java_available(),
                                 reason='Java is needed for PTB and METEOR')

@@ -16,11 +16,11 @@ table, so no encoded caption can index outside it.
 
 import collections
 from collections.abc import Iterable, Sequence
-import json
 import os
 
 import numpy as np
 
+from capjax import errors
 from capjax import files
 
 # The tutorial's `Tokenizer(filters=...)`, less the space, which separates
@@ -142,10 +142,9 @@ class Vocab:
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> 'Vocab':
     """Reads a vocabulary written by `save`."""
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+    data = files.read_json(path)
     if (not isinstance(data, dict) or data.get('format') != _FORMAT
         or tuple(data.get('tokens', ())[:len(SPECIAL_TOKENS)])
         != SPECIAL_TOKENS):
-      raise ValueError(f'{path} is not a capjax vocabulary file')
+      raise errors.UserError(f'{path} is not a capjax vocabulary file')
     return cls(data['tokens'][len(SPECIAL_TOKENS):])

@@ -3,9 +3,9 @@
 Names carry their shapes: B batch, L feature positions, D feature size,
 E embedding size, U units, T time steps, V vocabulary size.
 
-The model follows the TensorFlow tutorial's equations exactly (see DESIGN.md)
-and is organised so that one recurrent step serves both teacher-forced
-training (under `nn.scan`) and decoding (called once per token):
+The model follows the TensorFlow tutorial's equations exactly (see
+docs/design.md) and is organised so that one recurrent step serves both
+teacher-forced training (under `nn.scan`) and decoding (once per token):
 
   encode(features_BLD)            -> Encoded(values_BLE, keys_BLU)  once per image
   token_inputs(tokens_BT)         -> GRU input projection of the embeddings
@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from capjax import errors
 
 Array = jax.Array
 Dtype = Any
@@ -272,8 +274,8 @@ def from_config(config: ml_collections.ConfigDict, vocab_size: int) -> Captioner
   """The Captioner a config describes."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if config.dtype not in dtypes:
-    raise ValueError(f'config.dtype must be one of {sorted(dtypes)}, '
-                     f'got {config.dtype!r}')
+    raise errors.UserError(f'config.dtype must be one of {sorted(dtypes)}, '
+                           f'got {config.dtype!r}')
   return Captioner(vocab_size=vocab_size,
                    embedding_dim=config.embedding_dim,
                    units=config.units,

@@ -9,11 +9,15 @@ slice of the global batch.
 
 import importlib.util
 import os
+import pathlib
 
 from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from capjax import errors
+from capjax.data import schedule
 
 DATA_AXIS = 'data'
 
@@ -27,10 +31,10 @@ def _cluster_detected() -> bool:
   TPU chips show up as /dev/accel* (/dev/vfio/* on newer generations, which
   other VFIO hosts have too, hence the libtpu check).
   """
-  tpu_vfio = (os.path.exists('/dev/vfio/0')
+  tpu_vfio = (pathlib.Path('/dev/vfio/0').exists()
               and importlib.util.find_spec('libtpu') is not None)
   return (int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1
-          or os.path.exists('/dev/accel0') or tpu_vfio)
+          or pathlib.Path('/dev/accel0').exists() or tpu_vfio)
 
 
 def maybe_initialize_distributed(coordinator_address: str = '',
@@ -44,8 +48,8 @@ def maybe_initialize_distributed(coordinator_address: str = '',
   """
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 0 and process_id >= 0):
-      raise ValueError('a multi-process job needs all of --coordinator_address, '
-                       '--num_processes and --process_id')
+      raise errors.UserError('a multi-process job needs all of --coordinator_address, '
+                             '--num_processes and --process_id')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
@@ -78,12 +82,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 def per_process_batch_size(global_batch_size: int) -> int:
   """This process's share of the global batch, checking that it divides."""
-  devices, processes = jax.device_count(), jax.process_count()
+  devices = jax.device_count()
   if global_batch_size % devices:
-    raise ValueError(
+    raise errors.UserError(
         f'batch size {global_batch_size} does not divide over {devices} '
         f'devices; use a multiple of {devices}')
-  return global_batch_size // processes
+  return schedule.local_batch_size(global_batch_size, jax.process_count())
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

@@ -1,4 +1,4 @@
-"""Caption decoding: greedy search, temperature sampling and beam search.
+"""Search over a step function: greedy search, temperature sampling and beam search.
 
 Each decoder is one `lax.while_loop` around a step closure
 
@@ -6,7 +6,7 @@ Each decoder is one `lax.while_loop` around a step closure
 
 where x counts the sequences decoded together (B, or B * K in beam search)
 and `encoded` holds the per-image inputs (a pytree with leading axis x), passed
-unchanged to every step. `model_step_fn` makes the closure from the
+unchanged to every step. `decoding.model_step_fn` makes the closure from the
 Captioner's own `decode_step`, the step that training scans, so training and
 decoding cannot drift apart; the encoder and W1 run once per image, before
 the loop. Tests pass fake closures whose answers are known.
@@ -21,18 +21,15 @@ Names carry shapes: B batch, K beams, T = max_len, L positions, V vocabulary.
 """
 
 from collections.abc import Callable
-import functools
 from typing import Any
 
 import flax
 import jax
 from jax import lax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from capjax import models
-from capjax import vocab as vocab_lib
+from capjax import errors
+from capjax.data import vocab as vocab_lib
 
 Array = jax.Array
 StepFn = Callable[[Any, Array, Any], tuple[Array, Any, Array]]
@@ -98,7 +95,7 @@ def length_penalty(length: Array, alpha: float | Array) -> Array:
 
 def _check_max_len(max_len: int) -> None:
   if max_len < 1:
-    raise ValueError(f'max_len must be >= 1, got {max_len}')
+    raise errors.UserError(f'max_len must be >= 1, got {max_len}')
 
 
 def _batch_size(state: Any) -> int:
@@ -192,8 +189,8 @@ def temperature_sampling(step_fn: StepFn, encoded: Any, state: Any,
   given rng gives the same captions every time.
   """
   if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}; greedy '
-                     'search is the limit of temperature 0')
+    raise errors.UserError(f'temperature must be > 0, got {temperature}; greedy '
+                           'search is the limit of temperature 0')
 
   def choose_fn(log_probs_BV, t):
     return jax.random.categorical(jax.random.fold_in(rng, t),
@@ -264,9 +261,9 @@ def beam_search(step_fn: StepFn, encoded: Any, state: Any, *, max_len: int,
   """
   _check_max_len(max_len)
   if beam_size < 1:
-    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
+    raise errors.UserError(f'beam_size must be >= 1, got {beam_size}')
   if isinstance(alpha, (int, float)) and alpha < 0:
-    raise ValueError(f'alpha must be >= 0, got {alpha}')
+    raise errors.UserError(f'alpha must be >= 0, got {alpha}')
   k = beam_size
   b = _batch_size(state)
   repeat = lambda x: jnp.repeat(x, k, axis=0)
@@ -368,107 +365,3 @@ def beam_search(step_fn: StepFn, encoded: Any, state: Any, *, max_len: int,
                                    dtype=jnp.int32),
                attention_BKTL=attention_BKTL, log_prob_BK=log_prob_BK,
                score_BK=score_BK)
-
-
-# --- The model ----------------------------------------------------------------
-
-
-def max_caption_tokens(config: ml_collections.ConfigDict) -> int:
-  """The default max_len: the longest caption trained on, less <start>."""
-  return config.max_caption_len - 1
-
-
-def model_step_fn(model: models.Captioner, params: Any) -> StepFn:
-  """The step closure of a Captioner: its `decode_step`."""
-
-  def step_fn(h_xU, token_x, encoded):
-    return model.apply({'params': params}, h_xU, token_x, encoded,
-                       method=models.Captioner.decode_step)
-
-  return step_fn
-
-
-def _encode(model: models.Captioner, params: Any,
-            features_BLD: Array) -> tuple[models.Encoded, Array]:
-  """Encoder outputs and W1 keys (once per image) and the initial state."""
-  if features_BLD.ndim != 3:
-    raise ValueError(f'expected features (B, L, D), got shape '
-                     f'{features_BLD.shape}')
-  variables = {'params': params}
-  encoded = model.apply(variables, features_BLD,
-                        method=models.Captioner.encode)
-  h_BU = model.apply(variables, features_BLD.shape[0],
-                     method=models.Captioner.initial_state)
-  return encoded, h_BU
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'max_len'))
-def greedy_captions(params: Any, features_BLD: Array, *,
-                    model: models.Captioner, max_len: int) -> Captions:
-  """Greedy search, compiled once per (model, max_len, features shape)."""
-  encoded, h_BU = _encode(model, params, features_BLD)
-  return greedy_search(model_step_fn(model, params), encoded, h_BU,
-                       max_len=max_len)
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'max_len'))
-def sampled_captions(params: Any, features_BLD: Array, rng: Array,
-                     temperature: float | Array, *, model: models.Captioner,
-                     max_len: int) -> Captions:
-  """Temperature sampling; any temperature runs the same compiled loop."""
-  encoded, h_BU = _encode(model, params, features_BLD)
-  return temperature_sampling(model_step_fn(model, params), encoded, h_BU,
-                              rng, max_len=max_len, temperature=temperature)
-
-
-@functools.partial(jax.jit, static_argnames=('model', 'max_len', 'beam_size'))
-def beam_captions(params: Any, features_BLD: Array, *,
-                  model: models.Captioner, max_len: int, beam_size: int,
-                  alpha: float | Array = 0.0) -> Beams:
-  """Beam search; any alpha runs the same compiled loop."""
-  encoded, h_BU = _encode(model, params, features_BLD)
-  return beam_search(model_step_fn(model, params), encoded, h_BU,
-                     max_len=max_len, beam_size=beam_size, alpha=alpha)
-
-
-def caption_features(params: Any, features_BLD: Array, *,
-                     model: models.Captioner, max_len: int,
-                     beam_size: int = 1, alpha: float = 0.0,
-                     temperature: float = 0.0,
-                     rng: Array | None = None) -> Captions:
-  """One caption per image: greedy, beam search (beam_size > 1) or sampled.
-
-  Args:
-    params: the Captioner's parameters.
-    features_BLD: image feature grids.
-    model: the Captioner.
-    max_len: the most tokens per caption, <end> included.
-    beam_size: > 1 for beam search.
-    alpha: beam search's length normalisation.
-    temperature: > 0 samples (needs rng); 0 decodes deterministically.
-    rng: the sampling key.
-  """
-  if temperature < 0:
-    raise ValueError(f'temperature must be >= 0, got {temperature}')
-  if alpha < 0:
-    # Checked here: under jit, beam_search's own check cannot see the value.
-    raise ValueError(f'alpha must be >= 0, got {alpha}')
-  if temperature > 0:
-    if beam_size != 1:
-      raise ValueError('sample (temperature > 0) or search (beam_size > 1), '
-                       'not both')
-    if rng is None:
-      raise ValueError('sampling (temperature > 0) needs an rng')
-    return sampled_captions(params, features_BLD, rng, temperature,
-                            model=model, max_len=max_len)
-  if beam_size > 1:
-    return beam_captions(params, features_BLD, model=model, max_len=max_len,
-                         beam_size=beam_size, alpha=alpha).best()
-  if beam_size < 1:
-    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
-  return greedy_captions(params, features_BLD, model=model, max_len=max_len)
-
-
-def texts(tokens_BT: Array | np.ndarray, vocab: vocab_lib.Vocab) -> list[str]:
-  """The words of each decoded row."""
-  return [vocab.decode(row) for row in np.asarray(tokens_BT)]

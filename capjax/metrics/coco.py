@@ -24,7 +24,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from capjax import vocab as vocab_lib
+from capjax.data import vocab as vocab_lib
 
 BLEU = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
 # pycocoevalcap's names, the COCO leaderboard's columns.

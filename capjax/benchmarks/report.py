@@ -1,0 +1,96 @@
+"""The benchmark report as a markdown table."""
+
+from capjax.benchmarks import flops
+from capjax.benchmarks import training
+
+
+def _row(name, capjax, baseline, ratio, target):
+  met = '' if target is None else ('yes' if ratio >= target else 'NO')
+  return [name, capjax, baseline, f'{ratio:.1f}x',
+          '' if target is None else f'>= {target:g}x', met]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+  """[benchmark, capjax, baseline, ratio, target, met] rows of the table."""
+  rows = []
+  for t, r in report['training']['fixed_length'].items():
+    rows.append(_row(
+        f'training, T={t} (captions/s)',
+        f"{r['capjax_captions_per_s']:.1f}",
+        f"{r['tutorial_captions_per_s']:.1f}",
+        r['capjax_captions_per_s'] / r['tutorial_captions_per_s'], 2.5))
+  for name, batching in (('flickr8k_lengths', 'random batches'),
+                         ('flickr8k_lengths_grouped', 'group_by_length')):
+    real = report['training'].get(name)
+    if not real:
+      continue
+    buckets = ', '.join(f'{t}: {f:.0%}' for t, f in
+                        real['capjax_bucket_frequencies'].items())
+    rows.append(_row(
+        f'training, Flickr8k lengths, {batching} (captions/s; capjax '
+        f"buckets {buckets}; tutorial T={real['tutorial_length']})",
+        f"{real['capjax_captions_per_s']:.1f}",
+        f"{real['tutorial_captions_per_s']:.1f}",
+        real['capjax_captions_per_s'] / real['tutorial_captions_per_s'], 5))
+  d = report['decoding']
+  rows.append(_row(f"greedy decoding, batch 64, {d['max_len']} tokens "
+                   '(captions/s)', f"{d['capjax_captions_per_s']:.1f}",
+                   f"{d['tutorial_captions_per_s']:.2f}",
+                   d['capjax_captions_per_s'] / d['tutorial_captions_per_s'],
+                   100))
+  rows.append(_row('greedy decoding, batch 1 (latency ms, lower is better)',
+                   f"{d['capjax_latency_ms']:.1f}",
+                   f"{d['tutorial_latency_ms']:.0f}",
+                   d['tutorial_latency_ms'] / d['capjax_latency_ms'], 20))
+  rows.append(_row('greedy decoding, batch 1, vs the per-token loop around '
+                   "capjax's jitted step (latency ms)",
+                   f"{d['capjax_latency_ms']:.1f}",
+                   f"{d['step_loop_latency_ms']:.0f}",
+                   d['step_loop_latency_ms'] / d['capjax_latency_ms'], None))
+  p = report['pipeline_examples_per_s']
+  for cache in (False, True):
+    rows.append(_row(f'input pipeline, cache_features={cache} (examples/s)',
+                     f"{p[f'capjax_cache_{cache}']:.0f}",
+                     f"{p['tutorial_npy_per_image']:.0f}",
+                     p[f'capjax_cache_{cache}'] / p['tutorial_npy_per_image'],
+                     5))
+  e = report['efficiency']
+  rows.append([f"train step efficiency, T={e['length']} (model GFLOP/s "
+               'vs measured float32 matmul peak)',
+               f"{e['achieved_flops'] / 1e9:.1f}",
+               f"{e['peak_flops'] / 1e9:.1f}",
+               f"{e['achieved_flops'] / e['peak_flops']:.0%}", '>= 50%',
+               'yes' if e['achieved_flops'] >= 0.5 * e['peak_flops']
+               else 'NO'])
+  rows.append([f"tutorial train step efficiency, T={e['length']} (its model "
+               'GFLOP/s, W1 applied at every step, vs the same peak)', '',
+               f"{e['tutorial_achieved_flops'] / 1e9:.1f}",
+               f"{e['tutorial_achieved_flops'] / e['peak_flops']:.0%}", '',
+               ''])
+  return rows
+
+
+def markdown(report: dict) -> str:
+  """The table, with the settings it was measured with."""
+  s = report['settings']
+  lines = [
+      '| benchmark | capjax | tutorial (TF) | ratio | target | met |',
+      '|---|---|---|---|---|---|']
+  lines += ['| ' + ' | '.join(row) + ' |' for row in table_rows(report)]
+  extraction = report.get('extraction_images_per_s')
+  if extraction:
+    lines.append('')
+    lines.append('Feature extraction (images/s): ' + ', '.join(
+        f'{k} {v:.1f}' for k, v in extraction.items()) + '.')
+  lines += [
+      '',
+      f"capjax on {s['jax_device']} (JAX {s['jax']}); the tutorial on the "
+      f"CPU (TensorFlow {s['tensorflow']}); {s['cpus']} CPU cores "
+      f"({s['processor']}). Medians of {s['repeats']} interleaved runs; "
+      'V=5001, E=256, U=512, L=64, D=2048, batch 64. Model FLOPs count the '
+      'matmuls only, x3 for forward and backward (x2 for the encoder). '
+      'The tutorial does more FLOPs per step than capjax by '
+      + ', '.join(f'{flops.tutorial_train_flops(t) / flops.train_flops(t):.2f}x'
+                  f' at T={t}' for t in training.LENGTHS)
+      + ': the training speed-up if both ran at the same FLOP/s.']
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,177 @@
+"""Feature extractors: an image -> a grid of L feature vectors of size D.
+
+- 'inception_v3': Keras InceptionV3 without its classifier, as in the
+  tutorial: the image resized to 299x299 (bilinear), scaled to [-1, 1], and the
+  last 8x8x2048 activations flattened to (64, 2048).
+- 'patches': no weights; the image resized to (patch_grid * PATCH_SIZE) pixels
+  square and cut into patch_grid**2 cells, each a flattened RGB patch scaled
+  to [-1, 1] followed by a one-hot code of the cell's position, so
+  D = 3 * PATCH_SIZE**2 + patch_grid**2. Made for the `shapes` data.
+"""
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from capjax import errors
+from capjax.data import images
+
+EXTRACTORS = ('inception_v3', 'patches')
+# Side in pixels of each 'patches' cell.
+PATCH_SIZE = 16
+
+_INCEPTION_SIZE = 299
+_INCEPTION_FILE = 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5'
+_INCEPTION_URL = ('https://storage.googleapis.com/tensorflow/'
+                  f'keras-applications/inception_v3/{_INCEPTION_FILE}')
+_INCEPTION_MD5 = 'bcbd6486424b2319ff4ef7d526e38f63'
+
+
+@dataclasses.dataclass(frozen=True)
+class Extractor:
+  """An image -> (L, D) feature grid function and its stored description.
+
+  Attributes:
+    info: JSON-serialisable name and settings, kept in the feature store and
+      the workdir so features for new images are made the same way.
+    image_size: images are resized to (image_size, image_size) first.
+    num_locations: L, the number of grid cells.
+    feature_dim: D, the size of each cell's feature vector.
+    features_fn: images_NSS3 float32 in [0, 255] -> features_NLD float32.
+  """
+  info: dict[str, Any]
+  image_size: int
+  num_locations: int
+  feature_dim: int
+  features_fn: Callable[[np.ndarray], np.ndarray]
+
+  def prepare(self, image_HW3: np.ndarray) -> np.ndarray:
+    """A decoded image -> the extractor's input, (S, S, 3) float32."""
+    return images.resize(image_HW3, self.image_size)
+
+  def __call__(self, images_HW3: Sequence[np.ndarray]) -> np.ndarray:
+    """Decoded uint8 images of any sizes -> features_NLD float32."""
+    return self.features_fn(np.stack([self.prepare(i) for i in images_HW3]))
+
+  def describe(self) -> dict[str, Any]:
+    """What a model trained on this extractor's features depends on."""
+    return {'extractor': self.info, 'num_locations': self.num_locations,
+            'feature_dim': self.feature_dim}
+
+
+def make_extractor(config) -> Extractor:
+  """The extractor named by config.extractor."""
+  if config.extractor == 'inception_v3':
+    return inception_v3_extractor(config.extractor_weights)
+  if config.extractor == 'patches':
+    return patches_extractor(config.patch_grid)
+  raise errors.UserError(f'unknown extractor {config.extractor!r}; set '
+                         f'config.extractor to one of {EXTRACTORS}')
+
+
+def config_extractor_info(config) -> dict[str, Any]:
+  """The settings of config.extractor that decide its features' meaning.
+
+  InceptionV3's weights are left out: 'imagenet' and the path of the same
+  file make the same features.
+  """
+  info = {'name': config.extractor}
+  if config.extractor == 'patches':
+    info['patch_grid'] = config.patch_grid
+  return info
+
+
+def patches_extractor(patch_grid: int) -> Extractor:
+  """patch_grid**2 flattened pixel patches per image, scaled to [-1, 1].
+
+  Each cell ends with a one-hot code of its position: attention pools cells
+  into one context vector, so without it the decoder could not tell where an
+  object is ("left of", "above"). CNN grids carry position in their
+  receptive fields; raw patches do not.
+  """
+  if patch_grid < 1:
+    raise errors.UserError(f'patch_grid must be >= 1, got {patch_grid}')
+  p, cells = PATCH_SIZE, patch_grid**2
+
+  def features_fn(images_NSS3):
+    n = images_NSS3.shape[0]
+    grid = images_NSS3.reshape(n, patch_grid, p, patch_grid, p, 3)
+    grid = grid.transpose(0, 1, 3, 2, 4, 5)  # cells in row-major order
+    pixels = grid.reshape(n, cells, p * p * 3) / 127.5 - 1.0
+    positions = np.broadcast_to(np.eye(cells, dtype=pixels.dtype),
+                                (n, cells, cells))
+    return np.concatenate([pixels, positions], axis=-1)
+
+  return Extractor(
+      info={'name': 'patches', 'patch_grid': patch_grid, 'patch_size': p,
+            'positions': 'one_hot'},
+      image_size=patch_grid * p, num_locations=cells,
+      feature_dim=p * p * 3 + cells, features_fn=features_fn)
+
+
+def inception_weights_path() -> str:
+  """The Keras InceptionV3 (no top) ImageNet weights file, downloading it once.
+
+  Raises:
+    UserError: the file is neither cached nor downloadable; the message says
+      which file to put where.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  cache_dir = pathlib.Path(
+      os.environ.get('KERAS_HOME', '~/.keras')).expanduser()
+  path = cache_dir / 'models' / _INCEPTION_FILE
+  if path.is_file():
+    return str(path)
+  try:
+    return keras.utils.get_file(_INCEPTION_FILE, _INCEPTION_URL,
+                                cache_subdir='models', cache_dir=str(cache_dir),
+                                file_hash=_INCEPTION_MD5)
+  # Keras reports download failures as a bare Exception.
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(
+        f'the InceptionV3 ImageNet weights are not in {path} and could not '
+        f'be downloaded ({e}). Download {_INCEPTION_URL} and put it at '
+        f'{path}, or set config.extractor_weights to the path of that file.'
+    ) from None
+
+
+def inception_v3_extractor(weights: str = 'imagenet') -> Extractor:
+  """Keras InceptionV3 features, 8x8x2048 -> (64, 2048).
+
+  Args:
+    weights: 'imagenet' (cached in ~/.keras/models or downloaded), 'none'
+      (random weights, for tests and benchmarks) or the path of an .h5 file.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if weights == 'imagenet':
+    weights_file = inception_weights_path()
+  elif weights == 'none':
+    weights_file = None
+  elif pathlib.Path(weights).is_file():
+    weights_file = weights
+  else:
+    raise errors.UserError(
+        "extractor_weights must be 'imagenet', 'none' or an existing weights "
+        f'file, got {weights!r}')
+  model = tf.keras.applications.InceptionV3(
+      include_top=False, weights=weights_file,
+      input_shape=(_INCEPTION_SIZE, _INCEPTION_SIZE, 3))
+  _, height, width, dim = model.output_shape
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, _INCEPTION_SIZE, _INCEPTION_SIZE, 3], tf.float32)])
+  def grid_fn(images_NSS3):
+    x = tf.keras.applications.inception_v3.preprocess_input(images_NSS3)
+    return model(x, training=False)
+
+  def features_fn(images_NSS3):
+    grid = grid_fn(tf.constant(images_NSS3, tf.float32)).numpy()
+    return grid.reshape(grid.shape[0], height * width, dim)
+
+  return Extractor(info={'name': 'inception_v3', 'weights': weights},
+                   image_size=_INCEPTION_SIZE, num_locations=height * width,
+                   feature_dim=dim, features_fn=features_fn)

@@ -1,0 +1,1 @@
+"""Caption metrics: the COCO evaluation, and CIDEr-D in JAX."""

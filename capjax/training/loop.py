@@ -1,0 +1,273 @@
+"""The training loop: data, compiled steps, checkpoints, evaluation, reports.
+
+`train_and_evaluate(config, workdir)` is what `python -m capjax.train` runs.
+Rerunning it resumes from the latest checkpoint in the workdir.
+"""
+
+import dataclasses
+import functools
+import pathlib
+import shutil
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from capjax import config_checks
+from capjax import errors
+from capjax import evaluation
+from capjax import files
+from capjax import workdir as workdir_lib
+from capjax.data import datasets
+from capjax.data import extraction
+from capjax.data import feature_store
+from capjax.data import input_pipeline
+from capjax.data import vocab as vocab_lib
+from capjax.model import captioner
+from capjax.model import losses
+from capjax.training import checkpoints
+from capjax.training import parallel
+from capjax.training import preemption
+from capjax.training import reporting
+from capjax.training import state as state_lib
+from capjax.training import step as step_lib
+
+
+class NonFiniteLossError(errors.UserError):
+  """Training produced a NaN or infinite loss."""
+
+
+# Held-out `shapes` images copied into the workdir for `capjax.sample` to try.
+_NUM_EXAMPLE_IMAGES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+  """What training reads: the vocabulary and both splits' features and captions."""
+  vocab: vocab_lib.Vocab
+  train_store: feature_store.FeatureStore
+  train_records: list[datasets.Record]
+  eval_store: feature_store.FeatureStore
+  eval_records: list[datasets.Record]
+
+  @property
+  def feature_shape_LD(self) -> tuple[int, int]:
+    return self.train_store.num_locations, self.train_store.feature_dim
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 write_files: bool) -> TrainingData:
+  """Loads captions and features, builds or reloads the vocabulary.
+
+  Everything is checked here, before anything is compiled. With `write_files`
+  (process 0) the vocabulary, the features' description and, for `shapes`,
+  a few held-out example images are written into the workdir.
+  """
+  feature_dir = feature_store.resolve_feature_dir(config, workdir)
+  train_records = datasets.load_split(config, config.train_split)
+  eval_records = datasets.load_split(config, config.eval_split)
+  train_store = extraction.open_or_extract(config, config.train_split,
+                                           feature_dir)
+  eval_store = extraction.open_or_extract(config, config.eval_split,
+                                          feature_dir)
+  extraction.check_made_by_config(train_store, config)
+  info = train_store.describe()
+  feature_store.require_same_features(
+      eval_store.describe(), info, expected_what='the evaluation split',
+      got_what='the training features')
+  features_path = workdir / workdir_lib.FEATURES_FILE
+  if features_path.exists():
+    feature_store.require_same_features(
+        files.read_json(features_path), info,
+        expected_what="this workdir's model", got_what='the training features')
+
+  vocab_path = workdir / workdir_lib.VOCAB_FILE
+  if vocab_path.exists():
+    vocab = vocab_lib.Vocab.load(vocab_path)
+  else:
+    vocab = vocab_lib.Vocab.build(
+        (c for r in train_records for c in r.captions), config.top_k)
+  if write_files:
+    workdir_lib.save_json(features_path, info)
+    if not vocab_path.exists():
+      vocab.save(vocab_path)
+    if config.dataset == 'shapes':
+      _copy_example_images(config, workdir)
+  return TrainingData(vocab, train_store, train_records, eval_store,
+                      eval_records)
+
+
+def _copy_example_images(config: ml_collections.ConfigDict,
+                         workdir: pathlib.Path) -> None:
+  """Copies a few `shapes` test images, never seen in training, to examples/."""
+  examples = workdir / 'examples'
+  if examples.exists():
+    return
+  examples.mkdir()
+  for record in datasets.load_split(config, 'test')[:_NUM_EXAMPLE_IMAGES]:
+    shutil.copy(record.image, examples / pathlib.Path(record.image).name)
+
+
+def _raise_if_non_finite(step_metrics: list[tuple[int, dict]],
+                         last_saved: int | None, workdir: pathlib.Path) -> None:
+  for step, metrics in step_metrics:
+    if not np.isfinite(float(metrics['objective'])):
+      where = (f'the last good checkpoint is step {last_saved} in '
+               f'{workdir / workdir_lib.CHECKPOINT_DIR}'
+               if last_saved is not None else 'no checkpoint was saved')
+      raise NonFiniteLossError(
+          f'the loss became non-finite at step {step}; {where}. Lower the '
+          'learning rate or set --config.grad_clip_norm.')
+
+
+def _sum_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
+  keys = step_metrics[0][1].keys()
+  return {k: sum(float(m[k]) for _, m in step_metrics) for k in keys}
+
+
+def evaluate_loss(params: Any, batches: Iterator[dict], p_eval_step: Callable,
+                  mesh) -> dict[str, float]:
+  """Loss and token accuracy over a fixed evaluation set."""
+  totals = None
+  for batch in batches:
+    batch = {k: batch[k] for k in ('features', 'tokens')}
+    sums = jax.device_get(p_eval_step(params,
+                                      parallel.global_batch(batch, mesh)))
+    totals = sums if totals is None else jax.tree_util.tree_map(
+        np.add, totals, sums)
+  if totals is None:
+    raise errors.UserError('the evaluation split is empty')
+  return losses.normalize(totals)
+
+
+def _caption_metrics(params: Any, model: captioner.Captioner,
+                     data: TrainingData,
+                     config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Greedy BLEU-4 and CIDEr on the first validation images, on this host.
+
+  The replicated parameters are whole on every process, so process 0 decodes
+  alone, on its own device, while the others wait at the next step.
+  """
+  return evaluation.caption_metrics(
+      jax.device_get(params), model, data.eval_store, data.eval_records,
+      data.vocab, config, config.num_caption_eval_images)
+
+
+def _restore_or_init(manager: ocp.CheckpointManager, init_fn: Callable,
+                     sharding) -> state_lib.TrainState:
+  """The latest checkpoint's state, or a fresh one."""
+  latest = manager.latest_step()
+  if latest is None:
+    return init_fn()
+  logging.info('resuming from the checkpoint of step %d', latest)
+  return checkpoints.restore(
+      manager, latest,
+      checkpoints.abstract_tree(jax.eval_shape(init_fn), sharding))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> state_lib.TrainState:
+  """Trains (resuming from the latest checkpoint) and evaluates periodically.
+
+  Returns the final train state. Stops early, after saving a checkpoint, on
+  SIGTERM or SIGINT; raises NonFiniteLossError, without saving, on a NaN or
+  infinite loss, leaving the last good checkpoint as it was.
+  """
+  config_checks.check_config(config)
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  if (workdir_path / workdir_lib.CONFIG_FILE).exists():
+    workdir_lib.check_compatible(workdir_lib.load_config(workdir_path), config)
+  local_batch_size = parallel.per_process_batch_size(config.batch_size)
+  mesh = parallel.make_mesh()
+
+  if is_chief:  # process 0 writes shared files first, the others then reuse them
+    data = prepare_data(config, workdir_path, write_files=True)
+    workdir_lib.save_config(workdir_path, config)
+  parallel.sync_processes('capjax.train.prepare_data')
+  if not is_chief:
+    data = prepare_data(config, workdir_path, write_files=False)
+
+  model = captioner.from_config(config, data.vocab.size)
+  tx = state_lib.make_optimizer(config)
+  replicated = parallel.replicated(mesh)
+  batch_sharded = parallel.batch_sharded(mesh)
+  init_fn = functools.partial(state_lib.create_train_state, model, tx,
+                              data.feature_shape_LD, config.seed)
+  manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
+  state = _restore_or_init(manager, jax.jit(init_fn, out_shardings=replicated),
+                           replicated)
+  p_train_step = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx,
+                        attention_penalty=config.attention_penalty),
+      in_shardings=(replicated, batch_sharded),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  p_eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                        in_shardings=(replicated, batch_sharded),
+                        out_shardings=replicated)
+  process = dict(process_index=jax.process_index(),
+                 process_count=jax.process_count())
+
+  def eval_batches():
+    return input_pipeline.eval_iterator(
+        config, data.eval_store, data.eval_records, data.vocab,
+        num_examples=config.num_eval_examples, **process)
+
+  step = int(state.step)
+  train_batches = input_pipeline.train_iterator(
+      config, data.train_store, data.train_records, data.vocab,
+      start_step=step, **process)
+  reporter = reporting.Reporter(workdir_path, write_files=is_chief)
+  timer = reporting.StepTimer(step, config.num_train_steps)
+  pending: list[tuple[int, dict]] = []  # per-step metrics not yet looked at
+  last_saved = manager.latest_step()
+  logging.info('training steps %d to %d: global batch %d on %d device(s), '
+               '%d local example(s) per process', step, config.num_train_steps,
+               config.batch_size, jax.device_count(), local_batch_size)
+
+  with preemption.StopRequest() as stop:
+    try:
+      while step < config.num_train_steps:
+        batch = parallel.global_batch(next(train_batches), mesh)
+        state, metrics = p_train_step(state, batch)
+        step += 1
+        pending.append((step, metrics))
+        last = step == config.num_train_steps
+        stopping = preemption.agreed_stop(stop, step, config.log_every_steps)
+        # Reading metrics back waits for the step: do it only at intervals,
+        # and always before a checkpoint, so that no NaN is ever saved.
+        save = (step % config.checkpoint_every_steps == 0 or last
+                or stopping)
+        if step % config.log_every_steps == 0 or save:
+          host_metrics = jax.device_get(pending)
+          pending = []
+          _raise_if_non_finite(host_metrics, last_saved, workdir_path)
+          train = losses.normalize(_sum_metrics(host_metrics))
+          reporting.log_train(step, config.num_train_steps, train,
+                              *timer.rate_and_eta(step))
+          reporter.write(step, 'train', train)
+        if step % config.eval_every_steps == 0 or last:
+          val = evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
+          if is_chief and config.num_caption_eval_images:
+            val.update(_caption_metrics(state.params, model, data, config))
+          logging.info('step %d | eval %s', step, ' | '.join(
+              f'{k} {v:.4f}' for k, v in val.items()))
+          reporter.write(step, 'eval', val)
+          reporter.plot_losses()
+        if save:
+          manager.save(step, args=ocp.args.StandardSave(state))
+          last_saved = step
+        if stopping:
+          logging.warning('%s: saved the checkpoint of step %d, stopping',
+                          stop.signal_name or 'another process was signalled',
+                          step)
+          break
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      reporter.close()
+  return state

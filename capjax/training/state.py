@@ -1,0 +1,60 @@
+"""The train state and the optimizer that updates it."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from capjax import errors
+from capjax.model import captioner
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  # Raw key data: checkpoints store it as a plain uint32 array.
+  rng: jax.Array
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with the configured schedule and optional global-norm clipping.
+
+  The optimizer state has one layout whatever the schedule and clipping (a
+  schedule even when constant, a clip even when off), so a run can resume
+  with either changed, e.g. clipping switched on after a NaN.
+  """
+  if config.schedule == 'constant':
+    learning_rate = optax.constant_schedule(config.learning_rate)
+  elif config.schedule == 'warmup_cosine':
+    learning_rate = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_train_steps, config.warmup_steps + 1))
+  else:
+    raise errors.UserError(
+        "config.schedule must be 'constant' or 'warmup_cosine', got "
+        f'{config.schedule!r}')
+  clip_norm = config.grad_clip_norm or float('inf')
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                 eps=config.adam_eps))
+
+
+def create_train_state(model: captioner.Captioner,
+                       tx: optax.GradientTransformation,
+                       feature_shape_LD: tuple[int, int],
+                       seed: int) -> TrainState:
+  """Fresh parameters and optimizer state."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  features = jnp.zeros((1, *feature_shape_LD), jnp.float32)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  params = model.init(init_rng, features, tokens)['params']
+  return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                    opt_state=tx.init(params), rng=train_rng)
