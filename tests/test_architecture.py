@@ -16,6 +16,8 @@ CORE = ('capjax.errors', 'capjax.files', 'capjax.workdir',
         'capjax.config_checks', 'capjax.data.vocab', 'capjax.data.schedule',
         'capjax.data.feature_store', 'capjax.model.captioner',
         'capjax.model.losses', 'capjax.model.search', 'capjax.model.decoding',
+        'capjax.model.inception', 'capjax.metrics.cider',
+        'capjax.porting.keras_inception',
         'capjax.training.state', 'capjax.training.step',
         'capjax.training.checkpoints', 'capjax.training.parallel',
         'capjax.training.preemption', 'capjax.inference')
@@ -56,13 +58,14 @@ def test_no_module_imports_a_program():
 
 def test_core_modules_import_without_tensorflow():
   # One interpreter: imports accumulate, so the first module after which
-  # TensorFlow is loaded is the one that loaded it.
+  # TensorFlow (or Keras, or h5py) is loaded is the one that loaded it.
   code = '\n'.join([
       'import importlib, sys',
       f'for name in {CORE!r}:',
       '  importlib.import_module(name)',
-      '  if "tensorflow" in sys.modules:',
-      '    sys.exit(f"{name} imports TensorFlow")',
+      '  loaded = {"tensorflow", "keras", "h5py"} & set(sys.modules)',
+      '  if loaded:',
+      '    sys.exit(f"{name} imports {sorted(loaded)}")',
   ])
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, check=False)
