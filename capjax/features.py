@@ -52,10 +52,13 @@ def store_numpy(features_path: str, ids_path: str, split: str,
   """Stores the grids of a .npy file under the ids of a text file."""
   if not ids_path or not split or '+' in split:
     raise errors.UserError('--from_numpy needs --ids and a single --split')
-  features = np.load(features_path, mmap_mode='r')
+  try:
+    features = np.load(features_path, mmap_mode='r')
+    lines = pathlib.Path(ids_path).read_text(encoding='utf-8').splitlines()
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f'cannot read --from_numpy or --ids: {e}') from None
   if features.ndim == 4:  # (N, H, W, D) grid
     features = features.reshape(features.shape[0], -1, features.shape[-1])
-  lines = pathlib.Path(ids_path).read_text(encoding='utf-8').splitlines()
   ids = [line.strip() for line in lines if line.strip()]
   return feature_store.write_feature_store(
       feature_store.store_dir(feature_dir, split), features, ids,

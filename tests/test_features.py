@@ -220,7 +220,7 @@ def test_corrupt_and_non_image_files_are_reported_and_skipped(
     store = extraction.extract_split(config, 'c.json:pics', str(tmp_path / 'f'))
   assert store.image_ids == ('1', '5', '7')
   assert [image_id for image_id, _ in store.failed] == ['2', '3', '4', '6']
-  assert 'No such file' in dict(store.failed)['4']
+  assert 'MissingFileError: no such file' in dict(store.failed)['4']
   summary = [r.getMessage() for r in caplog.records
              if 'could not be read' in r.getMessage()]
   assert len(summary) == 1

@@ -98,7 +98,7 @@ def test_unreadable_files_are_reported_and_the_others_captioned(
   failed = [r for r in results if r.error is not None]
   assert [r.path for r in failed] == [str(corrupt), missing, str(truncated),
                                       str(wrong_shape)]
-  assert 'FileNotFoundError' in failed[1].error
+  assert 'MissingFileError: no such file' in failed[1].error
   assert 'this model needs (L, D) = (16, 784)' in failed[3].error
   assert results[1].caption == inference.caption_files(
       trained, examples[:1])[0].caption
@@ -145,7 +145,7 @@ def test_command_line(trained_workdir, examples, tmp_path):
        *examples[2:]], capture_output=True, text=True, timeout=300)
   # The corrupt image fails; the others are captioned, in order.
   assert run.returncode == 1
-  assert f'{corrupt}: UnidentifiedImageError' in run.stderr
+  assert f'{corrupt}: UnsupportedImage: not an image' in run.stderr
   assert '1 of 5 files could not be captioned' in run.stderr
   assert 'Traceback' not in run.stderr
   lines = run.stdout.splitlines()

@@ -1,29 +1,129 @@
-"""Decoding image files into RGB pixels, and resizing them as the tutorial did."""
+"""Opening untrusted image files: one function, one set of limits and errors.
+
+Every entry point that reads an image (feature extraction, `capjax.sample`,
+`capjax.serve`) calls `load_image`, so all of them refuse the same files the
+same way:
+
+- only the formats of `FORMATS`, whose decoders are common and well
+  exercised (others that PIL can read, EPS for one, run external programs);
+- at most `max_pixels` pixels, read from the header before anything is
+  decoded: a 100 KB PNG can declare 30000 x 30000 pixels (a decompression
+  bomb) and would need gigabytes decoded;
+- truncated, empty and corrupt files raise `UnreadableImage`, never whatever
+  a decoder happens to raise.
+
+What is decoded is what a viewer shows: the EXIF orientation is applied,
+the first frame of an animation is taken, transparent pixels are composited
+onto white, and grayscale, palette, CMYK and 16-bit images become 8-bit RGB.
+"""
 
 import io
+import os
+import pathlib
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
+
+from capjax import errors
+
+# Formats that are decoded; PIL's names.
+FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
+# The default largest image, width * height: a 50-megapixel photo.
+MAX_PIXELS = 50_000_000
+
+_HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 
 
-def load_image(source: str | bytes) -> np.ndarray:
+class ImageError(errors.UserError):
+  """An image that cannot be used. `http_status` is the answer a server gives."""
+  http_status = 400
+
+
+class UnreadableImage(ImageError):
+  """Empty, truncated or corrupt image data."""
+
+
+class ImageTooLarge(ImageError):
+  """More pixels than the limit allows."""
+  http_status = 413
+
+
+class UnsupportedImage(ImageError):
+  """Not an image, or not in one of `FORMATS`."""
+  http_status = 415
+
+
+def _open(source: str | os.PathLike[str] | bytes) -> Image.Image:
+  if isinstance(source, bytes):
+    if not source:
+      raise UnreadableImage('empty image data')
+    return Image.open(io.BytesIO(source), formats=FORMATS)
+  return Image.open(pathlib.Path(source), formats=FORMATS)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+  """A decoded image as viewers show it, 8-bit RGB (H, W, 3)."""
+  image = ImageOps.exif_transpose(image)
+  if image.mode in _HIGH_BIT_DEPTH_MODES:
+    # 16-bit grayscale: keep the high byte (convert('L') would clip).
+    pixels = np.asarray(image, np.uint32) >> 8
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), 'L')
+  if 'A' in image.getbands() or 'transparency' in image.info:
+    image = image.convert('RGBA')
+    image = Image.alpha_composite(
+        Image.new('RGBA', image.size, (255, 255, 255, 255)), image)
+  return np.asarray(image.convert('RGB'))
+
+
+def load_image(source: str | os.PathLike[str] | bytes, *,
+               max_pixels: int = MAX_PIXELS,
+               draft_size: int | None = None) -> np.ndarray:
   """Decodes an image file or its encoded bytes to RGB uint8 (H, W, 3).
 
-  Grayscale, palette and CMYK images are converted to RGB; transparent ones
-  are composited onto white (how viewers show them).
+  Args:
+    source: a file path, or the file's bytes.
+    max_pixels: the largest image, width * height, checked from the header.
+    draft_size: for JPEG, let the decoder scale down by 2, 4 or 8 while
+      both sides stay at least this size: far less memory and time for an
+      image that is resized to draft_size anyway, at slightly different
+      pixels than a full decode.
+
+  Messages do not name the file: the caller knows which it was.
 
   Raises:
-    OSError, ValueError: unreadable, truncated or non-image data
-      (PIL.UnidentifiedImageError is an OSError).
+    UnsupportedImage: not an image, or not of FORMATS.
+    ImageTooLarge: over max_pixels.
+    UnreadableImage: empty, truncated or corrupt data.
+    MissingFileError: no such file.
   """
-  with Image.open(io.BytesIO(source) if isinstance(source, bytes)
-                  else source) as image:
-    image.load()  # decode now, so that a truncated file fails here
-    if 'A' in image.getbands() or 'transparency' in image.info:
-      image = image.convert('RGBA')
-      image = Image.alpha_composite(
-          Image.new('RGBA', image.size, (255, 255, 255, 255)), image)
-    return np.asarray(image.convert('RGB'))
+  try:
+    with _open(source) as image:
+      width, height = image.size
+      if width * height > max_pixels:
+        raise ImageTooLarge(f'image of {width}x{height} pixels is over '
+                            f'the limit of {max_pixels:,} pixels')
+      if draft_size and image.format == 'JPEG':
+        image.draft('RGB', (draft_size, draft_size))
+      image.load()  # decode now, so that a truncated file fails here
+      return _to_rgb(image)
+  except ImageError:
+    raise
+  except FileNotFoundError:
+    raise errors.MissingFileError('no such file') from None
+  except IsADirectoryError:
+    raise UnsupportedImage('a directory, not an image') from None
+  except Image.UnidentifiedImageError:
+    raise UnsupportedImage(
+        'not an image, or not in a supported format '
+        f'({", ".join(FORMATS)})') from None
+  except Image.DecompressionBombError as e:
+    raise ImageTooLarge(str(e)) from None
+  # PIL's decoders raise many types on malformed data: OSError for a
+  # truncated file, but also SyntaxError, EOFError, struct.error, ValueError.
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnreadableImage(f'unreadable image ({type(e).__name__}: '
+                          f'{e})') from None
 
 
 def resize(image_HW3: np.ndarray, size: int) -> np.ndarray:

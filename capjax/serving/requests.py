@@ -12,13 +12,9 @@ import re
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from capjax.data import images
 
-# Formats whose decoders are common and well exercised; others that PIL can
-# read (EPS runs Ghostscript, for one) are refused.
-IMAGE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
 # Raw bodies of these types (and any image/*) are images.
 RAW_IMAGE_TYPES = ('application/octet-stream',)
 PARAMETERS = ('beam_size', 'max_len', 'attention')
@@ -50,38 +46,20 @@ class DecodeKind:
   max_len: int
 
 
-def read_image(data: bytes, max_pixels: int) -> np.ndarray:
-  """Untrusted image bytes -> RGB uint8 (H, W, 3).
-
-  The size comes from the header: an image over max_pixels is refused
-  before it is decoded (a small file can hold a huge image).
+def read_image(data: bytes, max_pixels: int, draft_size: int) -> np.ndarray:
+  """Untrusted image bytes -> RGB uint8 (H, W, 3), by `images.load_image`.
 
   Raises:
     RequestError: 400 empty or unreadable, 413 too many pixels, 415 not an
-      image of IMAGE_FORMATS.
+      image of images.FORMATS.
   """
   if not data:
     raise RequestError(400, 'empty body: send an image (JPEG, PNG, ...)')
   try:
-    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-      width, height = image.size
-  except Image.UnidentifiedImageError:
-    raise RequestError(415, 'not an image, or not in a supported format '
-                       f'({", ".join(IMAGE_FORMATS)})') from None
-  except Image.DecompressionBombError as e:
-    raise RequestError(413, str(e)) from None
-  # PIL's parsers raise many types on malformed headers.
-  except Exception as e:  # pylint: disable=broad-except
-    raise RequestError(400, f'unreadable image: {e}') from None
-  if width * height > max_pixels:
-    raise RequestError(413, f'image of {width}x{height} pixels is over the '
-                       f'limit of {max_pixels:,} pixels')
-  try:
-    return images.load_image(data)
-  # PIL's decoders raise many types on malformed data (OSError for a
-  # truncated file, but also SyntaxError, EOFError, struct.error, ...).
-  except Exception as e:  # pylint: disable=broad-except
-    raise RequestError(400, f'unreadable image: {e}') from None
+    return images.load_image(data, max_pixels=max_pixels,
+                             draft_size=draft_size)
+  except images.ImageError as e:
+    raise RequestError(e.http_status, str(e)) from None
 
 
 def _int_param(params: Mapping[str, Any], name: str, default: int,

@@ -16,6 +16,7 @@ import numpy as np
 from capjax import inference
 from capjax import plots
 from capjax.data import extractors
+from capjax.data import images
 from capjax.model import decoding
 from capjax.serving import batcher as batcher_lib
 from capjax.serving import fetch as fetch_lib
@@ -144,14 +145,16 @@ class Service:
 
   def parse_params(
       self, params: Mapping[str, Any]) -> tuple[requests.DecodeKind, bool]:
-    return requests.parse_params(params, max_beam_size=self.options.max_beam_size,
-                        max_len=self.max_len)
+    return requests.parse_params(
+        params, max_beam_size=self.options.max_beam_size,
+        max_len=self.max_len)
 
   def caption(self, image: bytes, kind: requests.DecodeKind) -> dict[str, Any]:
-    """The caption of untrusted image bytes; requests.RequestError for bad ones."""
+    """The caption of untrusted image bytes; RequestError for bad ones."""
     with self.batcher.expecting():
       prepared = self.extractor.prepare(
-          requests.read_image(image, self.options.max_pixels))
+          requests.read_image(image, self.options.max_pixels,
+                              self.extractor.image_size))
       future = self.batcher.submit(kind, prepared)
     try:
       return future.result(timeout=self.options.request_timeout_s)
@@ -200,7 +203,7 @@ class Service:
         'limits': {
             'max_body_bytes': o.max_body_bytes,
             'max_pixels': o.max_pixels,
-            'image_formats': list(requests.IMAGE_FORMATS),
+            'image_formats': list(images.FORMATS),
             'max_queue': o.max_queue,
             'url_fetch': o.allow_url_fetch,
         },
