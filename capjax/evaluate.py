@@ -21,6 +21,8 @@ from capjax import programs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
                                required=True)
+_STEP = flags.DEFINE_integer(
+    'step', None, "The checkpoint's step; default: the newest.", lower_bound=0)
 _SPLIT = flags.DEFINE_string('split', 'test', 'The split to caption.')
 _BEAM_SIZE = flags.DEFINE_integer('beam_size', 1,
                                   'Beam search width; 1 is greedy search.')
@@ -39,7 +41,8 @@ def main(argv: Sequence[str]) -> None:
   report = evaluation.evaluate_split(
       _WORKDIR.value, _SPLIT.value, beam_size=_BEAM_SIZE.value,
       alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value,
-      max_len=_MAX_LEN.value or None, num_images=_NUM_IMAGES.value)
+      max_len=_MAX_LEN.value or None, num_images=_NUM_IMAGES.value,
+      step=_STEP.value)
   print(evaluation.format_report(report), flush=True)
 
 

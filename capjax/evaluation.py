@@ -118,8 +118,8 @@ def _split_features(trained: inference.TrainedModel, split: str,
 
 def evaluate_split(workdir: str, split: str, *, beam_size: int = 1,
                    alpha: float = 0.0, batch_size: int = 64,
-                   max_len: int | None = None,
-                   num_images: int = 0) -> dict[str, Any]:
+                   max_len: int | None = None, num_images: int = 0,
+                   step: int | None = None) -> dict[str, Any]:
   """Decodes and scores a split; writes the captions and the report.
 
   Args:
@@ -130,11 +130,12 @@ def evaluate_split(workdir: str, split: str, *, beam_size: int = 1,
     batch_size: images decoded at once.
     max_len: the most tokens per caption; default: the config's.
     num_images: caption only the split's first images (0: all).
+    step: the checkpoint's step; None for the newest.
 
   Returns:
     The report written to metrics_{split}_{decoder}.json.
   """
-  trained = inference.load_trained(workdir)
+  trained = inference.load_trained(workdir, step)
   records = datasets.load_split(trained.config, split)
   store = _split_features(trained, split, str(workdir))
   kept = store.with_features(records, split)

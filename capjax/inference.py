@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -29,6 +30,7 @@ from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import decoding
 from capjax.training import checkpoints
+from capjax.training import state as state_lib
 
 FEATURES_SUFFIX = '.npy'
 
@@ -60,22 +62,26 @@ class TrainedModel:
 
 def load_trained(workdir: str | os.PathLike[str],
                  step: int | None = None) -> TrainedModel:
-  """The model of a workdir's checkpoint (the latest by default).
+  """The model of a workdir's checkpoint (the newest by default).
 
   Raises:
-    MissingFileError: not a workdir, or no checkpoint yet.
+    MissingFileError: not a workdir, no checkpoint yet, or no such step.
+    DamagedCheckpointError: the step cannot be read or does not fit the
+      config and vocabulary.
   """
   config = workdir_lib.load_config(workdir)
   vocab = vocab_lib.Vocab.load(
       workdir_lib.require_file(workdir, workdir_lib.VOCAB_FILE))
   feature_info = files.read_json(
       workdir_lib.require_file(workdir, workdir_lib.FEATURES_FILE))
-  step = checkpoints.latest_step(workdir) if step is None else step
-  return TrainedModel(
-      config=config, vocab=vocab,
-      model=captioner.from_config(config, vocab.size),
-      params=checkpoints.load_params(workdir, step), step=step,
-      feature_info=feature_info)
+  model = captioner.from_config(config, vocab.size)
+  shape_LD = (feature_info['num_locations'], feature_info['feature_dim'])
+  step, params = checkpoints.restore_params(
+      workdir, step, expected=state_lib.abstract_params(model, shape_LD))
+  logging.info('loaded the checkpoint of step %d from %s', step,
+               checkpoints.directory(workdir))
+  return TrainedModel(config=config, vocab=vocab, model=model, params=params,
+                      step=step, feature_info=feature_info)
 
 
 def make_extractor(trained: TrainedModel) -> extractors.Extractor:

@@ -26,6 +26,8 @@ from capjax import programs
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
                                required=True)
+_STEP = flags.DEFINE_integer(
+    'step', None, "The checkpoint's step; default: the newest.", lower_bound=0)
 _BEAM_SIZE = flags.DEFINE_integer('beam_size', 1,
                                   'Beam search width; 1 is greedy search.')
 _ALPHA = flags.DEFINE_float('alpha', 0.0, "Beam search's length "
@@ -45,7 +47,7 @@ def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
     raise app.UsageError('name one or more images (or .npy feature files)')
-  trained = inference.load_trained(_WORKDIR.value)
+  trained = inference.load_trained(_WORKDIR.value, _STEP.value)
   results = inference.caption_files(
       trained, paths, beam_size=_BEAM_SIZE.value, alpha=_ALPHA.value,
       temperature=_TEMPERATURE.value, seed=_SEED.value,

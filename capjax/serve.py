@@ -22,6 +22,8 @@ from capjax.serving import service as service_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
                                required=True)
+_STEP = flags.DEFINE_integer(
+    'step', None, "The checkpoint's step; default: the newest.", lower_bound=0)
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on '
                             '(0.0.0.0: every interface; there is no '
                             'authentication).')
@@ -68,7 +70,7 @@ def main(argv: Sequence[str]) -> None:
       max_beam_size=_MAX_BEAM_SIZE.value, max_len=_MAX_LEN.value or None,
       allow_url_fetch=_ALLOW_URL_FETCH.value,
       url_timeout_s=_URL_TIMEOUT_S.value)
-  trained = inference.load_trained(_WORKDIR.value)
+  trained = inference.load_trained(_WORKDIR.value, _STEP.value)
   service = service_lib.Service(trained, inference.make_extractor(trained),
                                 options)
   try:

@@ -23,59 +23,7 @@ from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def tiny_config(shapes_dir: pathlib.Path, **overrides):
-  """A config that trains a tiny model on a small `shapes` set in seconds."""
-  config = default.get_config()
-  config.data_dir = str(shapes_dir)
-  config.shapes.num_train = 48
-  config.shapes.num_val = 8
-  config.shapes.num_test = 8
-  config.embedding_dim = 16
-  config.units = 24
-  config.schedule = 'constant'
-  config.learning_rate = 1e-3
-  config.batch_size = 8
-  config.num_train_steps = 12
-  config.log_every_steps = 4
-  config.eval_every_steps = 6
-  config.checkpoint_every_steps = 4
-  config.num_eval_examples = 16
-  config.bucket_lengths = (24, 48)
-  for key, value in overrides.items():
-    config[key] = value
-  return config
-
-
-def config_flags(config) -> list[str]:
-  """The command-line overrides that reproduce `tiny_config`'s fields."""
-  flags = []
-  for key in ('data_dir', 'embedding_dim', 'units', 'schedule',
-              'learning_rate', 'batch_size',
-              'num_train_steps', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'num_eval_examples'):
-    flags.append(f'--config.{key}={config[key]}')
-  for key in ('num_train', 'num_val', 'num_test'):
-    flags.append(f'--config.shapes.{key}={config.shapes[key]}')
-  flags.append('--config.bucket_lengths=(24,48)')
-  return flags
-
-
-def run_train(workdir, config, *, env=None, extra=(), **kwargs):
-  return subprocess.run(
-      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
-       *config_flags(config), *extra],
-      env=dict(os.environ, **(env or {})), capture_output=True, text=True,
-      cwd=REPO_ROOT, **kwargs)
-
-
-def leaves_equal(a, b, atol=0.0):
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
-
+from capjax.testing import training as testing_lib
 
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
@@ -113,7 +61,7 @@ def test_optimizer_state_layout_does_not_depend_on_schedule_or_clipping():
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
-  config = tiny_config(pathlib.Path('unused'), learning_rate=1e-2)
+  config = testing_lib.tiny_config(pathlib.Path('unused'), learning_rate=1e-2)
   model = captioner.from_config(config, vocab_size=20)
   tx = state_lib.make_optimizer(config)
   state = state_lib.create_train_state(model, tx, (5, 7), seed=0)
@@ -134,7 +82,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
   workdir = tmp_path / 'run'
-  state = loop.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+  state = loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir), str(workdir))
   assert int(state.step) == 12
   for name in ('config.json', 'vocab.json', 'features.json', 'metrics.jsonl',
                'loss.png'):
@@ -143,7 +91,7 @@ def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
   assert len(list((workdir / 'examples').glob('*.png'))) == 4
   manager = checkpoints.manager(workdir, read_only=True)
   assert manager.all_steps() == [4, 8, 12]
-  leaves_equal(checkpoints.load_params(workdir), state.params)
+  testing_lib.leaves_equal(checkpoints.load_params(workdir), state.params)
   saved = workdir_lib.load_config(workdir)
   assert saved.units == 24 and saved.num_train_steps == 12
   info = files.read_json(workdir / 'features.json')
@@ -151,15 +99,15 @@ def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
 
 
 def test_resume_is_exact(tmp_path, shapes_dir):
-  config = tiny_config(shapes_dir)
+  config = testing_lib.tiny_config(shapes_dir)
   straight = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
-  stopped = tiny_config(shapes_dir, num_train_steps=5)
+  stopped = testing_lib.tiny_config(shapes_dir, num_train_steps=5)
   assert int(loop.train_and_evaluate(stopped, str(tmp_path / 'resumed')).step) == 5
   # Restarts from the checkpoint at step 5, mid-epoch (6 steps per epoch).
   resumed = loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == 12
-  leaves_equal(resumed.params, straight.params)
-  leaves_equal(resumed.opt_state, straight.opt_state)
+  testing_lib.leaves_equal(resumed.params, straight.params)
+  testing_lib.leaves_equal(resumed.opt_state, straight.opt_state)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -177,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   workdir = tmp_path / 'nan'
   with pytest.raises(loop.NonFiniteLossError,
                      match=r'non-finite at step 7; the last good checkpoint is step 4'):
-    loop.train_and_evaluate(tiny_config(shapes_dir), str(workdir))
+    loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir), str(workdir))
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [4]
   params = checkpoints.load_params(workdir)
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
@@ -185,14 +133,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 
 def test_resuming_under_an_incompatible_config_is_refused(tmp_path, shapes_dir):
   workdir = str(tmp_path / 'run')
-  loop.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4), workdir)
+  loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir, num_train_steps=4), workdir)
   with pytest.raises(ValueError, match=r'units: 24 -> 32'):
-    loop.train_and_evaluate(tiny_config(shapes_dir, units=32), workdir)
+    loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir, units=32), workdir)
 
 
 def test_features_that_do_not_match_the_model_are_refused(tmp_path, shapes_dir):
   workdir = tmp_path / 'run'
-  loop.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=4),
+  loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir, num_train_steps=4),
                            str(workdir))
   # The same images, with features of another size from another extractor.
   store = feature_store.FeatureStore.open_split(str(workdir / 'features'), 'train')
@@ -203,7 +151,7 @@ def test_features_that_do_not_match_the_model_are_refused(tmp_path, shapes_dir):
         feature_store.store_dir(str(other), split),
         np.zeros((len(ids), store.num_locations, 32), np.float16), ids,
         {'name': 'custom'})
-  config = tiny_config(shapes_dir, num_train_steps=8, feature_dir=str(other))
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=8, feature_dir=str(other))
   with pytest.raises(ValueError, match=r"do not match those of this workdir's model"):
     loop.train_and_evaluate(config, str(workdir))
 
@@ -212,10 +160,10 @@ def test_features_of_another_extractor_setting_are_refused(tmp_path,
                                                            shapes_dir):
   feature_dir = str(tmp_path / 'features')
   loop.train_and_evaluate(
-      tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir),
+      testing_lib.tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir),
       str(tmp_path / 'grid4'))
   # A new run pointed at the same store with another grid must not train on it.
-  config = tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir,
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=2, feature_dir=feature_dir,
                        patch_grid=2)
   with pytest.raises(ValueError, match=r"config asks for \{'name': 'patches', "
                      r"'patch_grid': 2\}"):
@@ -223,7 +171,7 @@ def test_features_of_another_extractor_setting_are_refused(tmp_path,
 
 
 def test_missing_features_are_a_clear_error(tmp_path, shared_data):
-  config = tiny_config(tmp_path, dataset='coco_json',
+  config = testing_lib.tiny_config(tmp_path, dataset='coco_json',
                        data_dir=str(shared_data / 'coco-mini'))
   with pytest.raises(ValueError, match=r'python -m capjax.features'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -236,15 +184,15 @@ def test_missing_features_are_a_clear_error(tmp_path, shared_data):
     (dict(dropout_rate=1.0), 'config.dropout_rate'),
 ])
 def test_impossible_configs_are_refused_up_front(tmp_path, overrides, message):
-  config = tiny_config(tmp_path / 'shapes', **overrides)
+  config = testing_lib.tiny_config(tmp_path / 'shapes', **overrides)
   with pytest.raises(ValueError, match=message):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'shapes').exists()  # before any data is made
 
 
 def test_batch_that_does_not_divide_over_devices_is_refused(tmp_path, shapes_dir):
-  config = tiny_config(shapes_dir, batch_size=6)
-  result = run_train(tmp_path / 'run', config, env={
+  config = testing_lib.tiny_config(shapes_dir, batch_size=6)
+  result = testing_lib.run_train(tmp_path / 'run', config, env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert result.returncode == 1
   assert 'batch size 6 does not divide over 4 devices' in result.stderr
@@ -255,7 +203,7 @@ def test_a_boolean_flag_given_a_separate_value_is_refused(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'capjax.train', f'--workdir={tmp_path / "run"}',
        '--config.group_by_length', 'false'],
-      capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+      capture_output=True, text=True, cwd=testing_lib.REPO_ROOT, timeout=120)
   assert result.returncode == 1
   assert 'unexpected arguments: false' in result.stderr
   assert '--config.group_by_length=false' in result.stderr
@@ -264,13 +212,13 @@ def test_a_boolean_flag_given_a_separate_value_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_four_devices_match_one(tmp_path, shapes_dir):
-  config = tiny_config(shapes_dir, num_train_steps=8)
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=8)
   one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
-  result = run_train(tmp_path / 'four', config, env={
+  result = testing_lib.run_train(tmp_path / 'four', config, env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'on 4 device(s)' in result.stderr
-  leaves_equal(checkpoints.load_params(tmp_path / 'four'), one.params,
+  testing_lib.leaves_equal(checkpoints.load_params(tmp_path / 'four'), one.params,
                atol=2e-5)
 
 
@@ -282,7 +230,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, shapes_dir):
-  config = tiny_config(shapes_dir, num_train_steps=8)
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=8)
   one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
   address = f'127.0.0.1:{_free_port()}'
   env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
@@ -290,28 +238,28 @@ def test_two_processes_match_one(tmp_path, shapes_dir):
   processes = [
       subprocess.Popen(
           [sys.executable, '-m', 'capjax.train', f'--workdir={tmp_path / "two"}',
-           *config_flags(config), f'--coordinator_address={address}',
+           *testing_lib.config_flags(config), f'--coordinator_address={address}',
            '--num_processes=2', f'--process_id={i}'],
-          env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+          env=env, cwd=testing_lib.REPO_ROOT, stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
   assert '4 local example(s) per process' in outputs[0]
-  leaves_equal(checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5)
+  testing_lib.leaves_equal(checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
-  config = tiny_config(shapes_dir, num_train_steps=100_000,
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=100_000,
                        checkpoint_every_steps=100_000, log_every_steps=1,
                        eval_every_steps=100_000)
   workdir = tmp_path / 'run'
   process = subprocess.Popen(
       [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
-       *config_flags(config)],
-      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       *testing_lib.config_flags(config)],
+      cwd=testing_lib.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in process.stdout:
     lines.append(line)
@@ -327,7 +275,7 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [saved]
 
   config.num_train_steps = saved + 2
-  result = run_train(workdir, config)
+  result = testing_lib.run_train(workdir, config)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from the checkpoint of step {saved}' in result.stderr
   assert f'step {saved + 2}/{saved + 2}' in result.stderr

@@ -156,16 +156,27 @@ def _caption_metrics(params: Any, model: captioner.Captioner,
       data.vocab, config, config.num_caption_eval_images)
 
 
-def _restore_or_init(manager: ocp.CheckpointManager, init_fn: Callable,
+def _restore_or_init(workdir: pathlib.Path, init_fn: Callable,
                      sharding) -> state_lib.TrainState:
-  """The latest checkpoint's state, or a fresh one."""
-  latest = manager.latest_step()
-  if latest is None:
+  """The newest checkpoint that restores completely, or a fresh state.
+
+  Newer steps that cannot be restored are moved aside, by process 0 once
+  every process has chosen the same step (the choice is deterministic).
+  """
+  restored = checkpoints.restore_newest(
+      workdir, checkpoints.abstract_tree(jax.eval_shape(init_fn), sharding))
+  if restored is None:
     return init_fn()
-  logging.info('resuming from the checkpoint of step %d', latest)
-  return checkpoints.restore(
-      manager, latest,
-      checkpoints.abstract_tree(jax.eval_shape(init_fn), sharding))
+  step, state, skipped = restored
+  parallel.sync_processes('capjax.train.restored')
+  for damaged, reason in skipped:
+    if jax.process_index() == 0:
+      moved = checkpoints.move_aside(workdir, damaged)
+      logging.warning('checkpoint step %d cannot be restored (%s); moved to '
+                      '%s', damaged, reason, moved)
+  parallel.sync_processes('capjax.train.moved_aside')
+  logging.info('resuming from the checkpoint of step %d', step)
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -198,9 +209,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharded = parallel.batch_sharded(mesh)
   init_fn = functools.partial(state_lib.create_train_state, model, tx,
                               data.feature_shape_LD, config.seed)
-  manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
-  state = _restore_or_init(manager, jax.jit(init_fn, out_shardings=replicated),
+  state = _restore_or_init(workdir_path,
+                           jax.jit(init_fn, out_shardings=replicated),
                            replicated)
+  manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
   p_train_step = jax.jit(
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         attention_penalty=config.attention_penalty),

@@ -1,5 +1,6 @@
 """The train state and the optimizer that updates it."""
 
+import functools
 from typing import Any
 
 import flax
@@ -47,14 +48,28 @@ def make_optimizer(
                  eps=config.adam_eps))
 
 
+def init_params(model: captioner.Captioner, rng: jax.Array,
+                feature_shape_LD: tuple[int, int]) -> Any:
+  """Fresh parameters of a model for features of shape (L, D)."""
+  features = jnp.zeros((1, *feature_shape_LD), jnp.float32)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  return model.init(rng, features, tokens)['params']
+
+
+def abstract_params(model: captioner.Captioner,
+                    feature_shape_LD: tuple[int, int]) -> Any:
+  """The shapes and dtypes of a model's parameters, computing nothing."""
+  return jax.eval_shape(
+      functools.partial(init_params, model, feature_shape_LD=feature_shape_LD),
+      jax.random.PRNGKey(0))
+
+
 def create_train_state(model: captioner.Captioner,
                        tx: optax.GradientTransformation,
                        feature_shape_LD: tuple[int, int],
                        seed: int) -> TrainState:
   """Fresh parameters and optimizer state."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
-  features = jnp.zeros((1, *feature_shape_LD), jnp.float32)
-  tokens = jnp.zeros((1, 2), jnp.int32)
-  params = model.init(init_rng, features, tokens)['params']
+  params = init_params(model, init_rng, feature_shape_LD)
   return TrainState(step=jnp.array(0, jnp.int32), params=params,
                     opt_state=tx.init(params), rng=train_rng)

@@ -1,0 +1,166 @@
+"""Checkpoints: parameters-only restores, damaged steps, resuming past them."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from capjax import errors
+from capjax import inference
+from capjax.data import vocab as vocab_lib
+from capjax.testing import training as testing_lib
+from capjax.training import checkpoints
+from capjax.training import loop
+
+# Checkpoints at steps 4 and 8.
+_STEPS = 8
+
+
+@pytest.fixture(scope='module')
+def shapes_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('shapes')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, shapes_dir):
+  """A workdir with two checkpoints; tests copy it before damaging it."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  loop.train_and_evaluate(
+      testing_lib.tiny_config(shapes_dir, num_train_steps=_STEPS),
+      str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+  target = tmp_path / 'run'
+  shutil.copytree(trained, target)
+  return target
+
+
+def _data_files(workdir: pathlib.Path, step: int) -> list[pathlib.Path]:
+  return sorted(p for p in (workdir / 'checkpoints' / str(step)).rglob('*')
+                if p.is_file())
+
+
+def _largest_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  return max(_data_files(workdir, step), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: pathlib.Path) -> None:
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _truncate_arrays(workdir: pathlib.Path, step: int) -> None:
+  """Truncates every array data file of a step (which holds what varies)."""
+  for path in _data_files(workdir, step):
+    if path.parent.name == 'd':
+      _truncate(path)
+
+
+def test_the_parameters_alone_equal_the_full_restore(trained):
+  manager = checkpoints.manager(trained, read_only=True)
+  full = manager.restore(_STEPS, args=ocp.args.StandardRestore())
+  manager.close()
+  step, params = checkpoints.restore_params(trained)
+  assert step == _STEPS
+  testing_lib.leaves_equal(params, full['params'])
+  assert (jax.tree_util.tree_structure(params)
+          == jax.tree_util.tree_structure(full['params']))
+
+
+def test_a_damaged_step_is_named_with_the_good_one(copy):
+  _truncate_arrays(copy, _STEPS)
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match=rf'checkpoint step {_STEPS} in .* cannot be read '
+                     r'.*step 4 can be read: pass --step 4'):
+    inference.load_trained(copy)
+  assert inference.load_trained(copy, step=4).step == 4
+
+
+def test_sample_reports_a_damaged_step_in_one_line(copy):
+  _truncate_arrays(copy, _STEPS)
+  image = next((copy / 'examples').glob('*.png'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'capjax.sample', f'--workdir={copy}', str(image)],
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert f'error: checkpoint step {_STEPS}' in result.stderr
+  assert 'pass --step 4' in result.stderr
+
+
+def test_a_vocabulary_that_does_not_fit_is_named(copy):
+  words = vocab_lib.Vocab.load(copy / 'vocab.json').words[4:]
+  vocab_lib.Vocab(words + ['extra']).save(copy / 'vocab.json')
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match=r"does not fit .*\['embedding'\]\['embedding'\] "
+                     r'is \(\d+, 16\) float32, expected'):
+    inference.load_trained(copy)
+
+
+def test_no_step_at_all_and_an_unknown_step(copy):
+  with pytest.raises(errors.MissingFileError, match='holds steps 4, 8'):
+    inference.load_trained(copy, step=5)
+  shutil.rmtree(copy / 'checkpoints')
+  with pytest.raises(errors.MissingFileError, match='no checkpoint in'):
+    inference.load_trained(copy)
+
+
+def test_training_resumes_from_the_newest_good_step(copy, trained,
+                                                    shapes_dir, caplog):
+  damaged = _largest_file(copy, _STEPS)
+  _truncate(damaged)
+  in_step = damaged.relative_to(copy / 'checkpoints' / str(_STEPS))
+  damaged_size = damaged.stat().st_size
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=_STEPS)
+  with caplog.at_level('WARNING'):
+    state = loop.train_and_evaluate(config, str(copy))
+  assert f'checkpoint step {_STEPS} cannot be restored' in caplog.text
+  # The damaged step is kept, moved aside; training redid steps 5 to 8
+  # exactly as the first time.
+  moved = copy / checkpoints.DAMAGED_DIR / str(_STEPS)
+  assert (moved / in_step).stat().st_size == damaged_size
+  testing_lib.leaves_equal(state.params, checkpoints.load_params(trained))
+
+
+def _damage_each_file(workdir: pathlib.Path, tmp_path: pathlib.Path,
+                      damage) -> list[str]:
+  """Damages each file of the newest step in turn; what loading then did."""
+  outcomes = []
+  for k, path in enumerate(_data_files(workdir, _STEPS)):
+    copy = tmp_path / f'copy{k}'
+    shutil.copytree(workdir, copy)
+    damage(copy / path.relative_to(workdir))
+    try:
+      outcomes.append(f'loaded step {inference.load_trained(copy).step}')
+    except errors.UserError as e:
+      assert '\n' not in str(e), str(e)
+      outcomes.append(type(e).__name__)
+    shutil.rmtree(copy)
+  return outcomes
+
+
+def _flip_bits(path: pathlib.Path) -> None:
+  data = bytearray(path.read_bytes())
+  rng = np.random.default_rng(len(data))
+  for i in rng.integers(0, len(data), size=max(1, len(data) // 64)):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', [_truncate, _flip_bits],
+                         ids=['truncated', 'bit flips'])
+def test_every_damaged_file_loads_or_gives_one_line(trained, tmp_path,
+                                                     damage):
+  outcomes = _damage_each_file(trained, tmp_path, damage)
+  assert len(outcomes) >= 5
+  assert set(outcomes) <= {f'loaded step {_STEPS}', 'DamagedCheckpointError'}
+  assert 'DamagedCheckpointError' in outcomes
