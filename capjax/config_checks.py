@@ -1,12 +1,81 @@
-"""Refusing configs that cannot work, before any data is read or compiled."""
+"""Refusing configs that cannot work, before any data is read or compiled.
+
+Every config is checked against the default config's fields
+(capjax/configs/default.py): a field it does not have is refused by name, and
+a value of another type by field and expected type. A workdir's saved
+config is read the same way, onto the defaults, so a field added to capjax
+after the workdir was written takes its default value.
+"""
+
+from typing import Any
 
 import ml_collections
 
 from capjax import errors
+from capjax.configs import default
+
+
+def _type_name(value: Any) -> str:
+  return {bool: 'true or false', int: 'an integer', float: 'a number',
+          str: 'a string', tuple: 'a list'}.get(type(value),
+                                                 type(value).__name__)
+
+
+def _converted(expected: Any, value: Any) -> Any:
+  """`value` as the type of `expected`, or raises TypeError."""
+  if isinstance(expected, bool) or isinstance(value, bool):
+    if isinstance(expected, bool) and isinstance(value, bool):
+      return value
+  elif isinstance(expected, float) and isinstance(value, (int, float)):
+    return float(value)
+  elif isinstance(expected, tuple) and isinstance(value, (list, tuple)):
+    return tuple(value)
+  elif type(value) is type(expected):  # pylint: disable=unidiomatic-typecheck
+    return value
+  raise TypeError
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict[str, Any],
+           prefix: str, source: str) -> None:
+  for name, value in values.items():
+    field = f'{prefix}{name}'
+    if name not in config:
+      raise errors.UserError(f'{source}: unknown config field {field!r}')
+    expected = config[name]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise errors.UserError(f'{source}: config.{field} must be a group of '
+                               f'fields, got {value!r}')
+      _merge(expected, dict(value), f'{field}.', source)
+      continue
+    try:
+      config[name] = _converted(expected, value)
+    except TypeError:
+      raise errors.UserError(
+          f'{source}: config.{field} must be {_type_name(expected)}, got '
+          f'{value!r}') from None
+
+
+def from_values(values: dict[str, Any],
+                source: str) -> ml_collections.ConfigDict:
+  """The default config with `values` set, each checked.
+
+  Args:
+    values: field values, nested as the config's groups.
+    source: where they come from, named in errors (a file, 'the config').
+
+  Raises:
+    UserError: a field the default config lacks, or a value of another
+      type; the message names the field (and the expected type).
+  """
+  config = default.get_config()
+  _merge(config, values, '', source)
+  return config
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a UserError naming the first config field that cannot work."""
+  from_values(config.to_dict(), 'the config')
   positive = ('batch_size', 'max_caption_len', 'log_every_steps',
               'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
               'embedding_dim', 'units', 'top_k')

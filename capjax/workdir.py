@@ -15,6 +15,7 @@ import pathlib
 
 import ml_collections
 
+from capjax import config_checks
 from capjax import errors
 from capjax import files
 
@@ -46,12 +47,16 @@ def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
 
   Raises:
     MissingFileError: not a workdir.
+    UserError: unreadable, or a field unknown or of the wrong type.
   """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise errors.MissingFileError(
         f'{workdir} is not a capjax workdir: no {CONFIG_FILE}')
-  return ml_collections.ConfigDict(files.read_json(path))
+  values = files.read_json(path)
+  if not isinstance(values, dict):
+    raise errors.UserError(f'{path} is not a capjax config: not a JSON object')
+  return config_checks.from_values(values, str(path))
 
 
 def require_file(workdir: PathLike, name: str) -> pathlib.Path:
