@@ -279,3 +279,51 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from the checkpoint of step {saved}' in result.stderr
   assert f'step {saved + 2}/{saved + 2}' in result.stderr
+
+
+# Runs capjax.train with one library function replaced by one that fails on
+# process 0 only.
+_FAIL_ON_PROCESS_0 = '''
+import importlib, runpy, sys, jax
+from capjax import errors
+target = importlib.import_module('capjax.{module}')
+original = target.{function}
+def fail_on_process_0(*args, **kwargs):
+  if jax.process_index() == 0:
+    raise errors.UserError('injected failure')
+  return original(*args, **kwargs)
+target.{function} = fail_on_process_0
+sys.argv = ['capjax.train'] + sys.argv[1:]
+runpy.run_module('capjax.train', run_name='__main__', alter_sys=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('module, function, activity', [
+    ('training.loop', 'prepare_data', 'preparing the data'),
+    ('evaluation', 'caption_metrics', 'computing the caption metrics'),
+])
+def test_a_failure_on_process_0_stops_every_process(tmp_path, shapes_dir,
+                                                     module, function,
+                                                     activity):
+  config = testing_lib.tiny_config(shapes_dir, num_train_steps=8,
+                                   num_caption_eval_images=4)
+  address = f'127.0.0.1:{_free_port()}'
+  env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
+             JAX_PLATFORMS='cpu')
+  code = _FAIL_ON_PROCESS_0.format(module=module, function=function)
+  processes = [
+      subprocess.Popen(
+          [sys.executable, '-c', code, f'--workdir={tmp_path / "run"}',
+           *testing_lib.config_flags(config),
+           '--config.num_caption_eval_images=4',
+           f'--coordinator_address={address}', '--num_processes=2',
+           f'--process_id={i}'],
+          env=env, cwd=testing_lib.REPO_ROOT, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  assert [p.returncode for p in processes] == [1, 1], outputs
+  assert 'error: injected failure' in outputs[0]
+  assert f'error: process 0 failed while {activity}' in outputs[1]
+  assert not any('Traceback' in out for out in outputs)

@@ -196,12 +196,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   local_batch_size = parallel.per_process_batch_size(config.batch_size)
   mesh = parallel.make_mesh()
 
-  if is_chief:  # process 0 writes shared files first, the others then reuse them
-    data = prepare_data(config, workdir_path, write_files=True)
-    workdir_lib.save_config(workdir_path, config)
-  parallel.sync_processes('capjax.train.prepare_data')
-  if not is_chief:
-    data = prepare_data(config, workdir_path, write_files=False)
+  def prepare(first: bool) -> TrainingData | None:
+    # Process 0 writes the shared files first, the others then reuse them.
+    if first != is_chief:
+      return None
+    prepared = prepare_data(config, workdir_path, write_files=is_chief)
+    if is_chief:
+      workdir_lib.save_config(workdir_path, config)
+    return prepared
+
+  # Every process takes part in both rounds.
+  written = parallel.agreed('preparing the data', lambda: prepare(True))
+  data = parallel.agreed('preparing the data',
+                         lambda: prepare(False)) or written
 
   model = captioner.from_config(config, data.vocab.size)
   tx = state_lib.make_optimizer(config)
@@ -264,8 +271,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           reporter.write(step, 'train', train)
         if step % config.eval_every_steps == 0 or last:
           val = evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
-          if is_chief and config.num_caption_eval_images:
-            val.update(_caption_metrics(state.params, model, data, config))
+          if config.num_caption_eval_images:
+            val.update(parallel.agreed(
+                'computing the caption metrics',
+                lambda: _caption_metrics(state.params, model, data, config)
+                if is_chief else {}))
           logging.info('step %d | eval %s', step, ' | '.join(
               f'{k} {v:.4f}' for k, v in val.items()))
           reporter.write(step, 'eval', val)

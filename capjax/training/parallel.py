@@ -7,9 +7,11 @@ CPU, a GPU host or a multi-host cluster, where each process feeds only its own
 slice of the global batch.
 """
 
+from collections.abc import Callable
 import importlib.util
 import os
 import pathlib
+from typing import TypeVar
 
 from absl import logging
 import jax
@@ -20,6 +22,7 @@ from capjax import errors
 from capjax.data import schedule
 
 DATA_AXIS = 'data'
+T = TypeVar('T')
 
 
 def _cluster_detected() -> bool:
@@ -96,6 +99,38 @@ def global_batch(local_batch: dict[str, np.ndarray],
   sharding = batch_sharded(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, value)
           for name, value in local_batch.items()}
+
+
+class ProcessFailedError(errors.UserError):
+  """Another process of the job failed; this one stops with it."""
+
+
+def agreed(activity: str, fn: Callable[[], T]) -> T | None:
+  """fn() on this process; if it raises on any process, every process stops.
+
+  Without it, a process that fails alone (process 0 preparing the data, or
+  computing the metrics only it computes) leaves the others waiting in the
+  next collective until the distributed runtime gives up. Every process
+  must call `agreed` at the same point: one small all-gather tells each
+  whether any failed. The failing process raises its own error, the others
+  a ProcessFailedError naming it.
+  """
+  error = None
+  try:
+    result = fn()
+  except Exception as e:  # pylint: disable=broad-except
+    error, result = e, None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = np.asarray(multihost_utils.process_allgather(
+        np.array(error is not None)))
+    if error is None and failed.any():
+      raise ProcessFailedError(
+          f'process {int(np.argmax(failed))} failed while {activity}; '
+          'stopping with it')
+  if error is not None:
+    raise error
+  return result
 
 
 def sync_processes(name: str) -> None:
