@@ -4,6 +4,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -164,3 +165,41 @@ def test_every_damaged_file_loads_or_gives_one_line(trained, tmp_path,
   assert len(outcomes) >= 5
   assert set(outcomes) <= {f'loaded step {_STEPS}', 'DamagedCheckpointError'}
   assert 'DamagedCheckpointError' in outcomes
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path,
+                                                           shapes_dir):
+  # A checkpoint every 5 steps (a save takes about as long as 5 steps
+  # here), so that a kill lands while one is written, or just before or
+  # after.
+  steps = 1200
+  config = testing_lib.tiny_config(
+      shapes_dir, num_train_steps=steps, checkpoint_every_steps=5,
+      log_every_steps=5, eval_every_steps=steps, keep_checkpoints=2,
+      num_caption_eval_images=0)
+  uninterrupted = loop.train_and_evaluate(
+      testing_lib.tiny_config(shapes_dir, num_train_steps=steps,
+                              checkpoint_every_steps=steps,
+                              eval_every_steps=steps, log_every_steps=100,
+                              num_caption_eval_images=0),
+      str(tmp_path / 'uninterrupted'))
+  workdir = tmp_path / 'killed'
+  rng = np.random.default_rng(0)
+  kills = 0
+  for _ in range(20):
+    process = testing_lib.start_train(workdir, config)
+    # Once steps run (and save), a random moment within the next 3 s.
+    if testing_lib.wait_for_line(process, f'/{steps} | loss') is None:
+      break  # it finished
+    time.sleep(rng.uniform(0.0, 3.0))
+    process.kill()
+    process.wait()
+    kills += 1
+  assert kills == 20
+  steps_done = checkpoints.restore_params(workdir)[0]
+  assert 0 < steps_done < steps
+  result = testing_lib.run_train(workdir, config)
+  assert result.returncode == 0, result.stderr[-3000:]
+  testing_lib.leaves_equal(checkpoints.load_params(workdir),
+                           uninterrupted.params)

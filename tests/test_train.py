@@ -316,7 +316,6 @@ def test_a_failure_on_process_0_stops_every_process(tmp_path, shapes_dir,
       subprocess.Popen(
           [sys.executable, '-c', code, f'--workdir={tmp_path / "run"}',
            *testing_lib.config_flags(config),
-           '--config.num_caption_eval_images=4',
            f'--coordinator_address={address}', '--num_processes=2',
            f'--process_id={i}'],
           env=env, cwd=testing_lib.REPO_ROOT, stdout=subprocess.PIPE,

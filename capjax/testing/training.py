@@ -42,12 +42,29 @@ def config_flags(config) -> list[str]:
   for key in ('data_dir', 'embedding_dim', 'units', 'schedule',
               'learning_rate', 'batch_size',
               'num_train_steps', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'num_eval_examples'):
+              'checkpoint_every_steps', 'num_eval_examples',
+              'keep_checkpoints', 'num_caption_eval_images'):
     flags.append(f'--config.{key}={config[key]}')
   for key in ('num_train', 'num_val', 'num_test'):
     flags.append(f'--config.shapes.{key}={config.shapes[key]}')
   flags.append('--config.bucket_lengths=(24,48)')
   return flags
+
+
+def start_train(workdir, config) -> subprocess.Popen:
+  """`python -m capjax.train` running in the background, its output piped."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
+       *config_flags(config)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> str | None:
+  """The first line of the process's stderr holding `text`; None at its end."""
+  for line in process.stderr:
+    if text in line:
+      return line
+  return None
 
 
 def run_train(workdir, config, *, env=None, extra=(), **kwargs):
