@@ -7,6 +7,7 @@ file. Reads name the file in every error.
 import json
 import os
 import pathlib
+import uuid
 from typing import Any
 
 from capjax import errors
@@ -15,10 +16,19 @@ PathLike = str | os.PathLike[str]
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it."""
+  """Writes `text` to a temporary file beside `path`, then renames it.
+
+  The temporary name is unique, so that processes writing the same file at
+  once (every host of a job caching the same captions) never mix their
+  bytes: the last rename wins, whole.
+  """
   path = pathlib.Path(path)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text, encoding='utf-8')
+  tmp = path.with_name(f'{path.name}.{uuid.uuid4().hex}.tmp')
+  try:
+    tmp.write_text(text, encoding='utf-8')
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
   tmp.replace(path)
 
 

@@ -1,8 +1,12 @@
 """Tests of capjax.data.datasets on the real COCO/Flickr8k slices and mocked TFDS."""
 
+import functools
 import io
 import json
 import os
+import pathlib
+import shutil
+import time
 
 import numpy as np
 from PIL import Image
@@ -186,10 +190,23 @@ def _mock_as_dataset(self, split, decoders=None, read_config=None,
   })
 
 
-def test_tfds_coco_with_mock_data(tmp_path):
+@pytest.fixture(name='mock_tfds')
+def mock_tfds_fixture(tmp_path):
+  """tfds.testing.mock_data with the mock's metadata in the test's directory.
+
+  capjax caches captions beside TFDS's metadata: a copy keeps the cache out
+  of the installed package.
+  """
   tfds = pytest.importorskip('tensorflow_datasets')
+  metadata = tmp_path / 'metadata'
+  shutil.copytree(pathlib.Path(tfds.__file__).parent / 'testing' / 'metadata'
+                  / 'coco_captions', metadata / 'coco_captions')
+  return functools.partial(tfds.testing.mock_data, data_dir=str(metadata))
+
+
+def test_tfds_coco_with_mock_data(tmp_path, mock_tfds):
   config = _config('tfds_coco', tmp_path)
-  with tfds.testing.mock_data(as_dataset_fn=_mock_as_dataset):
+  with mock_tfds(as_dataset_fn=_mock_as_dataset):
     records = datasets.load_split(config, 'train+restval')
     images = list(datasets.iter_images(config, 'train+restval'))
   assert records == [
@@ -199,6 +216,31 @@ def test_tfds_coco_with_mock_data(tmp_path):
   assert [i for i, _ in images] == ['11', '12', '13']
   decoded = np.asarray(Image.open(io.BytesIO(images[2][1])))
   np.testing.assert_array_equal(decoded, np.full((4, 6, 3), 13, np.uint8))
+
+
+def _refuse_as_dataset(*args, **kwargs):
+  raise AssertionError('TFDS was read, not the cache')
+
+
+def test_tfds_coco_captions_are_cached_after_the_first_read(tmp_path,
+                                                            mock_tfds):
+  config = _config('tfds_coco', tmp_path)
+  with mock_tfds(as_dataset_fn=_mock_as_dataset):
+    first = datasets.load_split(config, 'train')
+  cache = list(tmp_path.rglob('capjax_captions_train.json'))
+  assert len(cache) == 1 and not list(tmp_path.rglob('*.tmp'))
+  # TFDS is not read again: a read would fail.
+  with mock_tfds(as_dataset_fn=_refuse_as_dataset):
+    start = time.perf_counter()
+    again = datasets.load_split(config, 'train')
+    seconds = time.perf_counter() - start
+  assert again == first and seconds < 1.0
+  # A cache of another TFDS version is read anew.
+  data = json.loads(cache[0].read_text())
+  cache[0].write_text(json.dumps(dict(data, version='0.0.1')))
+  with mock_tfds(as_dataset_fn=_mock_as_dataset):
+    assert datasets.load_split(config, 'train') == first
+  assert json.loads(cache[0].read_text())['version'] == data['version']
 
 
 def test_tfds_coco_errors(tmp_path):

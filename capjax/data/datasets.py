@@ -42,6 +42,7 @@ from capjax.data import shapes
 
 DATASETS = ('shapes', 'coco_json', 'flickr', 'tfds_coco')
 TFDS_COCO_SPLITS = ('train', 'restval', 'val', 'test')
+_TFDS_CACHE_FORMAT = 'capjax.tfds_captions/1'
 DEFAULT_SHAPES_DIR = pathlib.Path('~/.cache/capjax/shapes')
 
 _COCO_YEARS = ('', '2017', '2014')
@@ -132,8 +133,7 @@ def _load_part(config, split: str) -> list[Record]:
   if config.dataset == 'flickr':
     return _flickr_split(config.data_dir, split)
   if config.dataset == 'tfds_coco':
-    return [Record(image_id, None, captions)
-            for image_id, _, captions in _tfds_coco_examples(config, split)]
+    return _tfds_coco_records(config, split)
   raise errors.UserError(f'unknown dataset {config.dataset!r}; set config.dataset to '
                          f'one of {DATASETS}')
 
@@ -293,16 +293,50 @@ def _shapes_records(config, split: str) -> list[Record]:
 # --- TFDS coco_captions -------------------------------------------------------
 
 
-def _tfds_coco_examples(
-    config, split: str) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
-  """(image id, encoded image, captions) of a TFDS coco_captions split."""
+def _tfds_coco_builder(config, split: str):
   if split not in TFDS_COCO_SPLITS:
     raise errors.UserError(f'unknown coco_captions split {split!r}; use one of '
                            f'{TFDS_COCO_SPLITS} (joined with "+")')
   # Imported here: TFDS is slow to import and only this source needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.builder('coco_captions', data_dir=config.data_dir or None)
 
-  builder = tfds.builder('coco_captions', data_dir=config.data_dir or None)
+
+def _tfds_coco_records(config, split: str) -> list[Record]:
+  """The records of a TFDS coco_captions split, cached after the first read.
+
+  Reading a split's captions from TFDS reads every image's bytes too
+  (minutes for COCO's train split, on every process); the image ids and
+  captions alone are kept in `capjax_captions_{split}.json` beside the
+  prepared data, written atomically, and read from there afterwards.
+  """
+  builder = _tfds_coco_builder(config, split)
+  cache = pathlib.Path(builder.data_dir) / f'capjax_captions_{split}.json'
+  stamp = {'format': _TFDS_CACHE_FORMAT, 'version': str(builder.version),
+           'split': split}
+  if cache.is_file():
+    data = files.read_json(cache)
+    if {k: data.get(k) for k in stamp} == stamp:
+      return [Record(image_id, None, tuple(captions))
+              for image_id, captions in data['records']]
+  records = [Record(image_id, None, captions) for image_id, _, captions
+             in _tfds_coco_examples(config, split, builder)]
+  try:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json_atomic(cache, dict(stamp, records=[
+        [r.image_id, list(r.captions)] for r in records]))
+  except OSError as e:
+    logging.warning('could not cache the captions of %r in %s (%s); they '
+                    'are read from TFDS at every start', split, cache, e)
+  return records
+
+
+def _tfds_coco_examples(
+    config, split: str,
+    builder=None) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+  """(image id, encoded image, captions) of a TFDS coco_captions split."""
+  builder = builder or _tfds_coco_builder(config, split)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     ds = builder.as_dataset(
         split=split, shuffle_files=False,
