@@ -132,9 +132,19 @@ def test_training_resumes_from_the_newest_good_step(copy, trained,
 
 
 def _damage_each_file(workdir: pathlib.Path, tmp_path: pathlib.Path,
-                      damage) -> list[str]:
-  """Damages each file of the newest step in turn; what loading then did."""
-  outcomes = []
+                      damage) -> tuple[list[str], list[int]]:
+  """Damages each file of the newest step in turn.
+
+  Returns:
+    What inference then did with each copy, and the step training would
+    resume from.
+  """
+  manager = checkpoints.manager(workdir, read_only=True)
+  target = checkpoints.abstract_tree(
+      manager.item_metadata(_STEPS),
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  manager.close()
+  outcomes, resumed = [], []
   for k, path in enumerate(_data_files(workdir, _STEPS)):
     copy = tmp_path / f'copy{k}'
     shutil.copytree(workdir, copy)
@@ -144,8 +154,9 @@ def _damage_each_file(workdir: pathlib.Path, tmp_path: pathlib.Path,
     except errors.UserError as e:
       assert '\n' not in str(e), str(e)
       outcomes.append(type(e).__name__)
+    resumed.append(checkpoints.restore_newest(copy, target)[0])
     shutil.rmtree(copy)
-  return outcomes
+  return outcomes, resumed
 
 
 def _flip_bits(path: pathlib.Path) -> None:
@@ -159,10 +170,11 @@ def _flip_bits(path: pathlib.Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize('damage', [_truncate, _flip_bits],
                          ids=['truncated', 'bit flips'])
-def test_every_damaged_file_loads_or_gives_one_line(trained, tmp_path,
-                                                     damage):
-  outcomes = _damage_each_file(trained, tmp_path, damage)
+def test_every_damaged_file_loads_or_gives_one_line_and_training_resumes(
+    trained, tmp_path, damage):
+  outcomes, resumed = _damage_each_file(trained, tmp_path, damage)
   assert len(outcomes) >= 5
+  assert set(resumed) <= {4, _STEPS} and 4 in resumed
   assert set(outcomes) <= {f'loaded step {_STEPS}', 'DamagedCheckpointError'}
   assert 'DamagedCheckpointError' in outcomes
 
