@@ -24,6 +24,7 @@ from absl import flags
 import jax
 import tensorflow as tf
 
+from capjax.benchmarks import cider
 from capjax.benchmarks import decoding
 from capjax.benchmarks import extraction
 from capjax.benchmarks import flops
@@ -62,6 +63,7 @@ def main(argv):
       'peak_flops': harness.matmul_peak_flops(repeats)}
   report['decoding'] = decoding.bench_decoding(
       repeats, _DECODE_LEN.value, tutorial_images=1 if quick else 2)
+  report['cider'] = cider.bench_cider(repeats)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     report['pipeline_examples_per_s'] = pipeline.bench_pipeline(

@@ -54,6 +54,13 @@ def table_rows(report: dict) -> list[list[str]]:
                      f"{p['tutorial_npy_per_image']:.0f}",
                      p[f'capjax_cache_{cache}'] / p['tutorial_npy_per_image'],
                      5))
+  c = report.get('cider')
+  if c:
+    rows.append(_row(
+        f"CIDEr-D of {c['candidates']} candidates, capjax's JAX scorer vs "
+        'pycocoevalcap (ms, lower is better)', f"{1e3 * c['capjax_s']:.1f}",
+        f"{1e3 * c['pycocoevalcap_s']:.0f}",
+        c['pycocoevalcap_s'] / c['capjax_s'], 20))
   e = report['efficiency']
   rows.append([f"train step efficiency, T={e['length']} (model GFLOP/s "
                'vs measured float32 matmul peak)',
