@@ -155,7 +155,8 @@ def test_inception_v3_coco_through_store_and_pipeline(tmp_path, shared_data,
   assert store.image_ids == tuple(r.image_id for r in records)
   assert (len(store), store.num_locations, store.feature_dim) == (4, 64, 2048)
   assert store.dtype == np.float16
-  assert store.extractor == {'name': 'inception_v3', 'weights': 'none'}
+  assert store.extractor == {'name': 'inception_v3', 'weights': 'none',
+                             'backend': 'keras'}  # 'auto' on a CPU
   grids = store.read_all()
   assert np.isfinite(grids).all() and grids.std() > 0
   direct = inception([images_lib.load_image(records[3].image)])

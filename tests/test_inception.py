@@ -23,6 +23,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from capjax.data import extractors
+from capjax.data import feature_store
+from capjax.data import images
 from capjax.model import inception
 from capjax.porting import keras_inception
 
@@ -121,6 +124,24 @@ def test_features_match_keras_on_real_images(keras_weights, shared_data):
   # wrongly ordered or wrongly padded layer could not pass.
   assert np.abs(keras_NLD[1:] - keras_NLD[:-1]).max() > 0.1 * scale
   assert np.abs(features_NLD - keras_NLD).max() / scale < TOLERANCE
+
+
+def test_both_extractor_backends_make_the_same_features(keras_weights,
+                                                        shared_data, tmp_path):
+  paths = sorted((shared_data / 'coco-mini' / 'val2017').glob('*.jpg'))[:3]
+  weights = str(tmp_path / 'weights.h5')
+  shutil.copy(keras_weights.h5_path, weights)
+  made = {backend: extractors.inception_v3_extractor(weights, backend)
+          for backend in ('jax', 'keras')}
+  grids = {backend: extractor([images.load_image(p) for p in paths])
+           for backend, extractor in made.items()}
+  scale = np.abs(grids['keras']).max()
+  assert np.abs(grids['jax'] - grids['keras']).max() / scale < TOLERANCE
+  # Their stores are interchangeable: the backend is recorded, not compared.
+  descriptions = [extractor.describe() for extractor in made.values()]
+  assert [d['extractor']['backend'] for d in descriptions] == ['jax', 'keras']
+  feature_store.require_same_features(*descriptions, expected_what='jax',
+                                      got_what='keras')
 
 
 def test_in_memory_models_convert_like_the_h5_file(keras_weights):

@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.extractor = 'patches'
   # 'imagenet' or 'none' (random weights, for tests) for inception_v3.
   config.extractor_weights = 'imagenet'
+  # What computes inception_v3: 'jax' (capjax.model.inception on Keras'
+  # weights), 'keras' (TensorFlow), or 'auto': JAX on a GPU or TPU, Keras on
+  # a CPU, where it measured faster. Their features are interchangeable.
+  config.extractor_backend = 'auto'
   # Grid cells per side for 'patches' (L = patch_grid**2).
   config.patch_grid = 4
   # Where extracted features are stored; empty means `<workdir>/features`.

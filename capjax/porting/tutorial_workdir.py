@@ -116,7 +116,8 @@ def convert(tf_checkpoint: str, tokenizer: str | os.PathLike[str],
   workdir_lib.save_config(workdir, config)
   vocab.save(workdir / workdir_lib.VOCAB_FILE)
   # As capjax.train describes its features; the extractor's description is
-  # capjax.data.extractors.inception_v3_extractor(weights).info, written without
+  # capjax.data.extractors.inception_v3_extractor(weights).info less its
+  # backend (which does not change the features), written without
   # building the network.
   workdir_lib.save_json(workdir / workdir_lib.FEATURES_FILE, {
       'extractor': {'name': 'inception_v3',
