@@ -1,10 +1,11 @@
 """capjax.serving and capjax.serve: the HTTP service, against a real server on 127.0.0.1.
 
 Most tests talk to one `python -m capjax.serve` process. The queue-full test
-runs the server in this process with a decoder it holds back, so that the
+runs the app in this process with a decoder it holds back, so that the
 queue fills deterministically. Only loopback addresses are ever contacted:
 URL-fetch tests use addresses the server must refuse before connecting, or a
-local server with a policy that admits loopback only.
+local server with a policy that admits loopback only. Hostile clients are
+in test_serve_attacks.py.
 """
 
 import concurrent.futures
@@ -21,26 +22,31 @@ import socket
 import threading
 import time
 import urllib.parse
-import zlib
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from capjax.model import decoding
 from capjax import inference
 from capjax.data import images as images_lib
+from capjax.model import decoding
+from capjax.serving import app as app_lib
 from capjax.serving import batcher as batcher_lib
+from capjax.serving import bodies
+from capjax.serving import continuous
 from capjax.serving import fetch as fetch_lib
+from capjax.serving import imaging
+from capjax.serving import protocol
 from capjax.serving import requests
 from capjax.serving import server as server_lib
 from capjax.serving import service as service_lib
+from capjax.testing import hostile_images
 from capjax.testing import serving
 
 # Limits of the test server, small so that breaking them is cheap.
 _MAX_BODY_BYTES = 1_000_000
 _MAX_PIXELS = 4_000_000
-_MAX_BEAM_SIZE = 4
+_MAX_BEAM_SIZE = 3
 
 
 @pytest.fixture(scope='module')
@@ -69,10 +75,11 @@ def server(trained_workdir, tmp_path_factory):
       ['--workdir', str(trained_workdir), '--allow_url_fetch',
        '--max_batch_size=8', f'--max_body_bytes={_MAX_BODY_BYTES}',
        f'--max_pixels={_MAX_PIXELS}', f'--max_beam_size={_MAX_BEAM_SIZE}'],
-      str(log))
+      str(log), env=serving.compilation_cache_env(
+          tmp_path_factory.getbasetemp() / 'jax-cache'))
   yield url, log
   process.terminate()
-  process.wait(timeout=30)
+  assert process.wait(timeout=30) == 0
 
 
 def request(url, method, path, body=None, headers=None):
@@ -92,12 +99,13 @@ def request(url, method, path, body=None, headers=None):
 
 
 def multipart(fields, boundary='capjax-test-boundary'):
-  """(body, Content-Type) of a multipart/form-data form of {name: bytes}."""
+  """(body, Content-Type) of a multipart/form-data form of [(name, bytes)]."""
+  fields = fields.items() if isinstance(fields, dict) else fields
   body = b''.join(
       b'--%s\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\n%s\r\n'
       % (boundary.encode(), name.encode(),
          b'; filename="x.png"' if name == 'image' else b'', value)
-      for name, value in fields.items()) + b'--%s--\r\n' % boundary.encode()
+      for name, value in fields) + b'--%s--\r\n' % boundary.encode()
   return body, f'multipart/form-data; boundary={boundary}'
 
 
@@ -116,79 +124,188 @@ def encoded(image: Image.Image, image_format: str) -> bytes:
   return buffer.getvalue()
 
 
-def png_claiming_size(width: int, height: int) -> bytes:
-  """A 1x1 PNG whose header claims width x height (a decompression bomb)."""
-  data = bytearray(encoded(Image.new('RGB', (1, 1)), 'PNG'))
-  ihdr = 8 + 8  # signature, then length and type of the IHDR chunk
-  data[ihdr:ihdr + 8] = width.to_bytes(4, 'big') + height.to_bytes(4, 'big')
-  crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13]))
-  data[ihdr + 13:ihdr + 17] = crc.to_bytes(4, 'big')
-  return bytes(data)
-
-
 # --- Library functions --------------------------------------------------------
 
 
-def test_batch_sizes():
+def test_batch_sizes_and_max_len_buckets():
   assert service_lib.batch_sizes(1) == (1,)
   assert service_lib.batch_sizes(8) == (1, 2, 4, 8)
   assert service_lib.batch_sizes(24) == (1, 2, 4, 8, 16, 24)
+  assert requests.max_len_buckets(47) == (16, 32, 47)
+  assert requests.max_len_buckets(16) == (16,)
+  assert requests.max_len_buckets(5) == (5,)
 
 
-def test_batcher_batches_by_kind_up_to_the_batch_size():
+class _FakeRows:
+  """A Continuous decoder whose row `(key, n)` ends after n steps."""
+
+  def __init__(self, capacity):
+    self.capacity, self.rows, self.admitted = capacity, {}, []
+
+  room = property(lambda self: self.capacity - len(self.rows))
+  active = property(lambda self: len(self.rows))
+
+  def admit(self, keys, kinds, items):
+    self.admitted.append(list(items))
+    self.rows.update({k: [item, 0] for k, item in zip(keys, items)})
+
+  def step(self):
+    for row in self.rows.values():
+      row[1] += 1
+    ended = [k for k, (item, t) in self.rows.items() if t >= item]
+    return [(k, f'{self.rows.pop(k)[0]}:greedy') for k in ended]
+
+  def abandon(self):
+    keys, self.rows = list(self.rows), {}
+    return keys
+
+  def warm_up(self, stop):
+    del stop
+
+
+def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
   started, release = threading.Event(), threading.Event()
   batches = []
 
   def batch_fn(kind, items):
     started.set()
-    release.wait()
+    release.wait(timeout=30)
     batches.append((kind, items))
     return [f'{kind}{i}' for i in items]
 
-  batcher = batcher_lib.Batcher(batch_fn, max_batch_size=2, max_wait_s=0.01,
-                          max_queue=5)
+  rows = _FakeRows(capacity=2)
+  batcher = batcher_lib.Batcher(
+      rows, batch_fn, is_continuous=lambda kind: kind == 'g',
+      max_batch_size=2, max_wait_s=0.01, max_queue=7)
+  with pytest.raises(requests.RequestError) as error:
+    batcher.submit('a', 0)
+  assert error.value.status == 503 and 'warming up' in str(error.value)
   batcher.start()
+  deadline = time.monotonic() + 10
+  while not batcher.ready and time.monotonic() < deadline:
+    time.sleep(0.01)
   first = batcher.submit('a', 0)
-  started.wait()
+  assert started.wait(timeout=10)
   # The worker is busy: these wait, in this order, and the queue fills.
   futures = [batcher.submit(k, i) for i, k in enumerate('abaab', 1)]
+  greedy = [batcher.submit('g', n) for n in (3, 1)]
   with pytest.raises(requests.RequestError) as error:
-    batcher.submit('a', 6)
+    batcher.submit('g', 6)
   assert error.value.status == 503
   assert error.value.headers == {'Retry-After': '1'}
   release.set()
-  assert first.result() == 'a0'
-  assert [f.result() for f in futures] == ['a1', 'b2', 'a3', 'a4', 'b5']
-  batcher.stop()
+  assert first.result(timeout=10) == 'a0'
+  assert [f.result(timeout=10) for f in futures] == ['a1', 'b2', 'a3', 'a4',
+                                                      'b5']
+  assert [f.result(timeout=10) for f in greedy] == ['3:greedy', '1:greedy']
+  # Whole batches by kind, oldest first, up to max_batch_size; the greedy
+  # rows joined the continuous decoder together.
   assert batches == [('a', [0]), ('a', [1, 3]), ('b', [2, 5]), ('a', [4])]
-  assert (batcher.num_batches, batcher.num_decoded) == (4, 6)
-  # A request on its way is waited for (max_wait_s allowing); then the
-  # batch goes without waiting out max_wait_s.
-  batcher = batcher_lib.Batcher(lambda kind, items: [items] * len(items),
-                          max_batch_size=4, max_wait_s=60, max_queue=5)
-  batcher.start()
-  with batcher.expecting():
-    first = batcher.submit('a', 0)
-    time.sleep(0.05)
-    second = batcher.submit('a', 1)
-  assert (first.result(timeout=10), second.result(timeout=10)) == ([0, 1],
-                                                                   [0, 1])
-  assert (batcher.num_batches, batcher.num_decoded) == (1, 2)
+  assert rows.admitted == [[3, 1]]
+  # Rows join as others leave; the room is never exceeded.
+  more = [batcher.submit('g', n) for n in (4, 1, 1, 2)]
+  assert [f.result(timeout=10) for f in more] == [
+      '4:greedy', '1:greedy', '1:greedy', '2:greedy']
+  assert all(len(a) <= 2 for a in rows.admitted)
+  assert batcher.num_decoded == 12
+  # Draining: what is still waiting at the deadline is refused.
+  release.clear()
+  started.clear()
+  blocker = batcher.submit('a', 7)
+  assert started.wait(timeout=10)
+  late = batcher.submit('b', 8)
+  batcher.drain(0.1)
+  time.sleep(0.2)
+  release.set()
+  assert blocker.result(timeout=10) == 'a7'
+  with pytest.raises(requests.RequestError) as error:
+    late.result(timeout=10)
+  assert error.value.status == 503 and 'shutting down' in str(error.value)
+  with pytest.raises(requests.RequestError):
+    batcher.submit('g', 1)
   batcher.stop()
+  assert not batcher.alive
 
 
-def test_multipart_and_parameters():
-  body, content_type = multipart({'image': b'\r\n--x\r\n\x00\xff',
-                                  'beam_size': b'3'})
-  _, params = requests.parse_header(content_type)
-  assert requests.parse_multipart(params['boundary'], body) == {
-      'image': b'\r\n--x\r\n\x00\xff', 'beam_size': b'3'}
+def test_continuous_rows_are_greedy_search(trained):
+  """Rows joining and leaving at random give decoding.caption_features' answers."""
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(12,) + tuple(trained.feature_shape_LD)).astype(
+      np.float32)
+  max_len = decoding.max_caption_tokens(trained.config)
+  rows = continuous.GreedyRows(trained.model, trained.params,
+                               trained.feature_shape_LD, max_len, (1, 2, 4))
+  rows.warm_up()
+  lens = [max_len if i % 3 else 1 + i % 5 for i in range(12)]
+  results, waiting = {}, list(range(12))
+  while waiting or rows.active:
+    take = min(int(rng.integers(0, 4)), rows.room, len(waiting))
+    if take:
+      rows.admit(waiting[:take], features[waiting[:take]],
+                 [lens[i] for i in waiting[:take]])
+      waiting = waiting[take:]
+    results.update(rows.step())
+  for i in range(12):
+    want = decoding.caption_features(trained.params, features[i:i + 1],
+                                     model=trained.model, max_len=lens[i])
+    length = int(want.lengths_B[0])
+    assert results[i].token_ids == np.asarray(
+        want.tokens_BT[0, :length]).tolist()
+    assert results[i].log_prob == pytest.approx(float(want.log_prob_B[0]),
+                                                rel=1e-5, abs=1e-5)
+    np.testing.assert_allclose(results[i].attention_TL,
+                               want.attention_BTL[0, :length], atol=1e-6)
+
+
+def test_forms_and_parameters():
+  body, content_type = multipart([('image', b'\r\n--x\r\n\x00\xff'),
+                                  ('beam_size', b'3'), ('image', b'2')])
+  media_type = content_type.split(';')[0]
+  params = {'boundary': content_type.split('=')[1]}
+  assert media_type == 'multipart/form-data'
+  assert bodies.parse_multipart(params, body, max_fields=4) == {
+      'image': [b'\r\n--x\r\n\x00\xff', b'2'], 'beam_size': [b'3']}
+  for bad in (body[:-5], b'--nope\r\n', b''):
+    with pytest.raises(requests.RequestError) as error:
+      bodies.parse_multipart(params, bad, max_fields=4)
+    assert error.value.status == 400
+  with pytest.raises(requests.RequestError):
+    bodies.parse_multipart(params, body, max_fields=2)
   kind, attention = requests.parse_params(
-      {'beam_size': '3', 'attention': 'true'}, max_beam_size=4, max_len=9)
-  assert kind == requests.DecodeKind(beam_size=3, max_len=9) and attention
+      {'beam_size': '3', 'attention': 'true'}, max_beam_size=4, max_len=47)
+  assert kind == requests.DecodeKind(beam_size=3, max_len=47) and attention
+  # Greedy decoding keeps max_len; beam search rounds it up to a bucket.
   assert requests.parse_params({'max_len': 2, 'attention': False},
-                            max_beam_size=4, max_len=9) == (
-                                requests.DecodeKind(1, 2), False)
+                               max_beam_size=4, max_len=47) == (
+                                   requests.DecodeKind(1, 2), False)
+  assert requests.parse_params({'max_len': '20', 'beam_size': 2},
+                               max_beam_size=4, max_len=47)[0] == (
+                                   requests.DecodeKind(2, 32))
+  for depth in (10, 5000):
+    with pytest.raises(requests.RequestError) as error:
+      bodies.parse_json_object(b'[' * depth + b']' * depth)
+    assert error.value.status == 400
+
+
+def test_image_pool_checks_memory_before_decoding():
+  big = encoded(Image.new('RGB', (3000, 2000)), 'PNG')  # 6M pixels
+  jpeg = encoded(Image.new('RGB', (3000, 2000)), 'JPEG')
+  assert imaging.decode_bytes(big, 64) == 6_000_000 * 20
+  # A JPEG decodes at the largest draft scale that keeps 64 pixels.
+  assert imaging.decode_bytes(jpeg, 64) == 375 * 250 * 20
+  assert imaging.decode_bytes(b'not an image', 64) is None
+  pool = imaging.ImagePool(lambda image: image, image_size=64,
+                           max_pixels=10**8, max_decode_bytes=100 * 2**20)
+  import asyncio  # pylint: disable=g-import-not-at-top
+  with pytest.raises(requests.RequestError) as error:
+    asyncio.run(pool.prepare(big))
+  assert error.value.status == 413 and 'MB' in str(error.value)
+  # Large images are box-reduced while both sides stay >= the size.
+  image = asyncio.run(pool.prepare(jpeg))
+  assert image.shape == (83, 75, 3)
+  assert imaging.box_reduce(np.full((130, 70, 3), 7, np.uint8), 64).shape == (
+      65, 70, 3)
+  pool.close()
 
 
 @pytest.mark.parametrize('address, reason', [
@@ -233,18 +350,21 @@ def test_captions_are_those_of_capjax_sample(server, trained, examples,
   extractor = inference.make_extractor(trained)
   features = extractor([images_lib.load_image(p) for p in examples])
   captions = decoding.caption_features(trained.params, features,
-                                     model=trained.model, max_len=3)
+                                       model=trained.model, max_len=3)
   for i, path in enumerate(examples):
     _, _, short = post_image(url, read(path), '?max_len=3')
     assert short['token_ids'] == np.trim_zeros(
         np.asarray(captions.tokens_BT[i]), 'b').tolist()
     assert short['log_prob'] == pytest.approx(
         float(captions.log_prob_B[i]), rel=1e-4)
+  # A beam search's max_len is rounded up to a compiled bucket.
+  _, _, beam = post_image(url, read(examples[0]), '?max_len=3&beam_size=2')
+  assert (beam['max_len'], beam['beam_size']) == (16, 2)
 
 
-def test_model_health_and_page(server, trained):
+def test_model_health_readiness_metrics_and_page(server, trained):
   url, _ = server
-  status, _, model = request(url, 'GET', '/v1/model')
+  status, headers, model = request(url, 'GET', '/v1/model')
   assert status == 200
   assert model['model']['step'] == trained.step == 200
   assert model['model']['units'] == 32
@@ -253,13 +373,31 @@ def test_model_health_and_page(server, trained):
   assert (model['extractor']['num_locations'],
           model['extractor']['feature_dim']) == (16, 784)
   assert model['decoding']['batch_sizes'] == [1, 2, 4, 8]
+  assert model['decoding']['beam_max_len_buckets'] == [16, 32, 47]
   assert model['limits']['url_fetch'] is True
+  assert headers['Cache-Control'] == 'no-store'
+  assert 'Server' not in headers
   status, _, health = request(url, 'GET', '/healthz')
-  assert status == 200 and health['status'] == 'ok'
+  assert status == 200 and health['status'] == 'ok' and health['ready']
+  assert request(url, 'GET', '/readyz')[:3:2] == (200, {'status': 'ready'})
+  status, headers, metrics = request(url, 'GET', '/metrics')
+  assert status == 200 and headers['Content-Type'].startswith('text/plain')
+  for name in (b'capjax_http_requests_total{route="/v1/model",status="200"}',
+               b'capjax_http_request_duration_seconds_bucket',
+               b'capjax_decoder_batch_size_bucket',
+               b'capjax_decoder_queue_length', b'capjax_xla_compiles',
+               b'capjax_ready 1.0'):
+    assert name in metrics, name
   status, headers, page = request(url, 'GET', '/')
   assert status == 200 and b'/v1/captions' in page
-  assert "default-src 'none'" in headers['Content-Security-Policy']
+  policy = headers['Content-Security-Policy']
+  assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+  assert headers['X-Frame-Options'] == 'DENY'
   assert b'http://' not in page and b'https://' not in page
+  # HEAD: the headers of GET, no body.
+  status, headers, body = request(url, 'HEAD', '/')
+  assert (status, body) == (200, b'')
+  assert int(headers['Content-Length']) == len(page)
 
 
 def test_parallel_clients_get_their_own_captions(server, examples, expected):
@@ -279,8 +417,7 @@ def test_parallel_clients_get_their_own_captions(server, examples, expected):
   assert captions == [expected[k][i] for i, k in jobs]
   _, _, after = request(url, 'GET', '/healthz')
   assert after['decoded'] - before['decoded'] == len(jobs)
-  # Concurrent requests shared batches.
-  assert after['batches'] - before['batches'] < len(jobs)
+  assert after['queue'] == 0
 
 
 def _raw_exchange(url, data: bytes) -> bytes:
@@ -320,6 +457,7 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
   assert len(big_png) < _MAX_BODY_BYTES
   too_long = os.urandom(_MAX_BODY_BYTES + 1)
   no_image_form = multipart({'beam_size': b'2'})
+  two_images_form = multipart([('image', png), ('image', png)])
   chunks = lambda: (b'x' * 100_000 for _ in range(12))
   cases = [
       ('empty body', ('POST', '/v1/captions', b'',
@@ -330,11 +468,11 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
                           {'Content-Type': 'image/jpeg'}), 400, 'unreadable'),
       ('truncated PNG', ('POST', '/v1/captions', png[:200],
                          {'Content-Type': 'image/png'}), 400, 'unreadable'),
-      ('forged size', ('POST', '/v1/captions', png_claiming_size(5000, 5000),
+      ('forged size', ('POST', '/v1/captions', hostile_images.png_claiming_size(5000, 5000),
                        {'Content-Type': 'image/png'}), 413,
        'image of 5000x5000 pixels is over the limit of 4,000,000 pixels'),
       ('decompression bomb', ('POST', '/v1/captions',
-                              png_claiming_size(100_000, 100_000),
+                              hostile_images.png_claiming_size(100_000, 100_000),
                               {'Content-Type': 'image/png'}), 413,
        'decompression bomb'),
       ('too many pixels', ('POST', '/v1/captions', big_png,
@@ -350,7 +488,10 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
        'Content-Type'),
       ('form without image', ('POST', '/v1/captions', no_image_form[0],
                               {'Content-Type': no_image_form[1]}), 400,
-       "'image' field"),
+       "one 'image' field, got 0"),
+      ('form with two images', ('POST', '/v1/captions', two_images_form[0],
+                                {'Content-Type': two_images_form[1]}), 400,
+       "one 'image' field, got 2"),
       ('malformed form', ('POST', '/v1/captions', b'--b\r\nnope',
                           {'Content-Type': 'multipart/form-data; boundary=b'}),
        400, 'malformed'),
@@ -360,16 +501,15 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
                     {'Content-Type': 'application/json'}), 400, 'http'),
       ('unknown path', ('GET', '/v2/nothing', None, {}), 404, 'no endpoint'),
       ('wrong method', ('GET', '/v1/captions', None, {}), 405, 'POST'),
-      ('unsupported method', ('PUT', '/v1/captions', png, {}), 501,
-       'Unsupported method'),
+      ('other method', ('PUT', '/v1/captions', png, {}), 405, 'POST'),
   ]
   for query, message in [
-      ('beam_size=0', 'beam_size must be an integer from 1 to 4'),
+      ('beam_size=0', 'beam_size must be an integer from 1 to 3'),
       ('beam_size=abc', 'beam_size'), ('beam_size=99', 'beam_size'),
       ('beam_size=1.5', 'beam_size'), ('max_len=0', 'max_len'),
       ('max_len=' + '9' * 5000, 'max_len'), ('attention=maybe', 'attention'),
       ('colour=red', 'unknown parameter'),
-      ('a=1&b=2&c=3&d=4', 'too many query parameters'),
+      ('a=1&b=2&c=3&d=4', 'too many parameters'),
       ('beam_size=1&beam_size=2', 'given twice')]:
     cases.append((query, ('POST', f'/v1/captions?{query}', png,
                           {'Content-Type': 'image/png'}), 400, message))
@@ -384,9 +524,10 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
                   403, f'a {reason} address'))
 
   for name, args, status, message in cases:
-    got, _, answer = request(url, *args)
+    got, headers, answer = request(url, *args)
     assert (got, message in answer.get('error', '')) == (status, True), (
         name, answer)
+    assert headers['Connection'] == 'close', name
   # Requests cut short or malformed below HTTP's usual clients.
   assert _headers_only(url, {'Content-Type': 'image/png',
                              'Content-Length': '10000000000'})[0] == 413
@@ -397,8 +538,9 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
   answer = _raw_exchange(url, b'GET /healthz HTTP/1.1\r\nX: %s\r\n\r\n'
                          % (b'a' * 70_000))
   assert answer.startswith(b'HTTP/1.1 431') and b'"error"' in answer
-  answer = _raw_exchange(url, b'POST /v1/captions HTTP/1.1\r\nContent-Type: '
-                         b'image/png\r\nContent-Length: 500\r\n\r\nshort')
+  answer = _raw_exchange(url, b'POST /v1/captions HTTP/1.1\r\nHost: '
+                         b'127.0.0.1\r\nContent-Type: image/png\r\n'
+                         b'Content-Length: 500\r\n\r\nshort')
   assert answer.startswith(b'HTTP/1.1 400') and b'body ended' in answer
 
   status, _, health = request(url, 'GET', '/healthz')
@@ -407,42 +549,94 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
   assert 'Traceback' not in log.read_text()
 
 
+def test_hostile_image_files_get_the_openers_answers(server):
+  """Each file of capjax.testing.hostile_images, posted as a request body.
+
+  A file the opener refuses gets its error's status and message; the others
+  are captioned, except the huge one: the server's pixel limit is lower. An
+  empty body is the request's fault (400), before any image is looked at.
+  """
+  url, log = server
+  for name, (make, want) in sorted(hostile_images.CASES.items()):
+    status, _, answer = post_image(url, make(), content_type='image/*')
+    if name.startswith('huge'):
+      want = images_lib.ImageTooLarge
+    if isinstance(want, type):
+      expected_status = 400 if name == 'empty.png' else want.http_status
+      assert status == expected_status, (name, status, answer)
+      assert answer['error'] and '\n' not in answer['error'], name
+    else:
+      assert status == 200 and answer['caption'], (name, answer)
+  assert 'Traceback' not in log.read_text()
+
+
 # --- Queue limit and URL fetching, in this process -------------------------
+
+
+class _HeldBack:
+  """A GreedyDecoder whose steps wait for `release`."""
+
+  def __init__(self, decoder):
+    self._decoder = decoder
+    self.started, self.release = threading.Event(), threading.Event()
+
+  room = property(lambda self: self._decoder.room)
+  active = property(lambda self: self._decoder.active)
+
+  def admit(self, *args):
+    self._decoder.admit(*args)
+
+  def step(self):
+    self.started.set()
+    self.release.wait(timeout=60)
+    return self._decoder.step()
+
+  def abandon(self):
+    return self._decoder.abandon()
+
+  def warm_up(self, stop):
+    self._decoder.warm_up(stop)
 
 
 @pytest.fixture
 def held_back_server(trained):
-  """A server whose decoder waits for `release`; one waiting request at most."""
-  started, release = threading.Event(), threading.Event()
+  """An app in this process whose decoder waits; one waiting request at most."""
   extractor = inference.make_extractor(trained)
-  options = service_lib.Options(max_batch_size=1, max_queue=1)
-  caption = service_lib.caption_batch_fn(trained, extractor, (1,))
-
-  def held_back(kind, images):
-    started.set()
-    release.wait(timeout=60)
-    return caption(kind, images)
-
-  service = service_lib.Service(trained, extractor, options, batch_fn=held_back)
-  service.start()
-  server = server_lib.make_server(service, '127.0.0.1', 0)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  options = service_lib.Options(max_batch_size=2, max_queue=1,
+                                max_beam_size=1)
+  held = _HeldBack(service_lib.GreedyDecoder(
+      trained, extractor, decoding.max_caption_tokens(trained.config),
+      service_lib.batch_sizes(options.max_batch_size)))
+  service = service_lib.Service(trained, extractor, options, greedy=held)
+  app = app_lib.create_app(service=service)
+  sock = server_lib.bind('127.0.0.1', 0)
+  server = server_lib.make_server(app, protocol.Limits(),
+                                  shutdown_timeout_s=2)
+  thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]},
+                            daemon=True)
   thread.start()
-  url = f'http://127.0.0.1:{server.server_address[1]}'
-  yield url, service, started, release
-  release.set()
-  server.shutdown()
-  server.server_close()
-  service.stop()
+  url = f'http://127.0.0.1:{sock.getsockname()[1]}'
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline:
+    try:
+      if request(url, 'GET', '/readyz')[0] == 200:
+        break
+    except OSError:
+      pass
+    time.sleep(0.1)
+  yield url, service, held
+  held.release.set()
+  server.should_exit = True
+  thread.join(timeout=30)
 
 
-def test_full_queue_answers_503_with_retry_after(held_back_server, examples,
-                                                 expected):
-  url, service, started, release = held_back_server
+def test_full_queue_answers_503_and_rows_join_a_running_decoder(
+    held_back_server, examples, expected):
+  url, service, held = held_back_server
   png = read(examples[0])
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    decoding = pool.submit(post_image, url, png)
-    assert started.wait(timeout=60)
+    decoding_now = pool.submit(post_image, url, png)
+    assert held.started.wait(timeout=60)
     waiting = pool.submit(post_image, url, png)
     deadline = time.monotonic() + 30
     while service.batcher.queue_size < 1 and time.monotonic() < deadline:
@@ -451,10 +645,17 @@ def test_full_queue_answers_503_with_retry_after(held_back_server, examples,
     assert status == 503
     assert headers['Retry-After'] == '1'
     assert 'busy' in answer['error']
-    release.set()
-    for future in (decoding, waiting):
+    held.release.set()
+    for future in (decoding_now, waiting):
       status, _, answer = future.result()
       assert (status, answer['caption']) == (200, expected[1][0])
+  # The waiting request joined the first one's decoder between two steps.
+  metrics = request(url, 'GET', '/metrics')[2].decode()
+  rows = [line for line in metrics.splitlines()
+          if line.startswith('capjax_decoder_rows_per_step_bucket{le="1.0"}')
+          or line.startswith('capjax_decoder_rows_per_step_count')]
+  at_most_one, calls = (float(line.split()[-1]) for line in rows)
+  assert calls > at_most_one
 
 
 def test_url_fetch_is_off_by_default(held_back_server):

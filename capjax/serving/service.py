@@ -1,13 +1,23 @@
-"""The captioning service: the model, its extractor, the batcher and the limits.
+"""The captioning service: the model, its extractor, the image pool, the batcher.
 
-The HTTP layer (capjax.serving.server) parses requests and calls
-`Service.caption`, which decodes and resizes the image in the calling
-thread, hands it to the batcher and waits for the batch's result.
+The HTTP layer (capjax.serving.app) reads and checks a request, then awaits
+`Service.caption`, which is where an asyncio request meets the batch worker
+thread:
+
+  image = await pool.prepare(data)        # decode + resize in a pool thread
+  future = batcher.submit(kind, image)    # hand it to the batch worker
+  finished = await asyncio.wrap_future(future)
+
+The worker extracts the features of all the images it admits at once and
+decodes them together (capjax.serving.batcher); `Service.answer` turns the
+result into the API's JSON fields.
 """
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Hashable, Mapping, Sequence
 import concurrent.futures
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -19,8 +29,20 @@ from capjax.data import extractors
 from capjax.data import images
 from capjax.model import decoding
 from capjax.serving import batcher as batcher_lib
+from capjax.serving import continuous
 from capjax.serving import fetch as fetch_lib
+from capjax.serving import imaging
+from capjax.serving import metrics as metrics_lib
 from capjax.serving import requests
+
+# Beam search batches are padded to these sizes (capped by max_batch_size):
+# beam requests are rarer, and each size is compiled for every beam size
+# and max_len bucket.
+_BEAM_BATCH_SIZES = (1, 4)
+_FETCH_THREADS = 4
+# URL fetches running or waiting; more are refused (503).
+_MAX_FETCHES = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -28,11 +50,13 @@ class Options:
 
   Attributes:
     max_batch_size: the most images decoded together.
-    max_wait_s: how long the oldest waiting request may wait for others.
-    max_queue: the most requests waiting for the decoder.
-    max_connections: the most connections served at once.
+    max_wait_s: how long a beam search request may wait for others.
+    max_queue: the most requests waiting for the decoder, and the most
+      images waiting to be decoded.
     max_body_bytes: the largest request body, and the largest fetched image.
     max_pixels: the largest image, width * height.
+    max_decode_bytes: the most memory decoding one image may take.
+    decode_workers: threads decoding small images.
     max_beam_size: the largest beam_size a request may ask for.
     max_len: the default and largest max_len; None: the config's longest
       caption (`decoding.max_caption_tokens`).
@@ -43,10 +67,11 @@ class Options:
   max_batch_size: int = 32
   max_wait_s: float = 0.005
   max_queue: int = 64
-  max_connections: int = 128
   max_body_bytes: int = 10 * 2**20
   max_pixels: int = 25_000_000
-  max_beam_size: int = 8
+  max_decode_bytes: int = 512 * 2**20
+  decode_workers: int = 2
+  max_beam_size: int = 4
   max_len: int | None = None
   allow_url_fetch: bool = False
   url_timeout_s: float = 10.0
@@ -61,87 +86,151 @@ def batch_sizes(max_batch_size: int) -> tuple[int, ...]:
   return tuple(sizes + [max_batch_size] if max_batch_size > 1 else sizes)
 
 
-def caption_batch_fn(trained: inference.TrainedModel,
-                     extractor: extractors.Extractor,
-                     sizes: Sequence[int]) -> batcher_lib.BatchFn:
-  """(requests.DecodeKind, prepared images) -> one caption result per image.
+class GreedyDecoder:
+  """The continuous decoder of greedy requests (`batcher.Continuous`).
+
+  Items are prepared images; features are extracted for all the images
+  admitted at once.
+  """
+
+  def __init__(self, trained: inference.TrainedModel,
+               extractor: extractors.Extractor, max_len: int,
+               sizes: Sequence[int]):
+    self._extractor = extractor
+    self._rows = continuous.GreedyRows(trained.model, trained.params,
+                                       trained.feature_shape_LD, max_len,
+                                       sizes)
+
+  @property
+  def room(self) -> int:
+    return self._rows.room
+
+  @property
+  def active(self) -> int:
+    return self._rows.active
+
+  def admit(self, keys: Sequence[Any], kinds: Sequence[Hashable],
+            items: Sequence[np.ndarray]) -> None:
+    features = self._extractor.features_fn(np.stack(items))
+    self._rows.admit(keys, np.asarray(features, np.float32),
+                     [kind.max_len for kind in kinds])
+
+  def step(self) -> list[tuple[Any, continuous.Finished]]:
+    return self._rows.step()
+
+  def abandon(self) -> list[Any]:
+    return self._rows.abandon()
+
+  def warm_up(self, stop: Callable[[], bool]) -> None:
+    self._rows.warm_up(stop)
+
+
+def beam_batch_fn(trained: inference.TrainedModel,
+                  extractor: extractors.Extractor,
+                  sizes: Sequence[int]) -> batcher_lib.BatchFn:
+  """(a beam search DecodeKind, prepared images) -> a Finished per image.
 
   The batch is padded to the smallest of `sizes` that holds it, so that the
   decoder compiles once per size and kind, not once per batch length.
   """
-  words = trained.vocab.words
-  grid = list(plots.attention_grid(trained.feature_shape_LD[0]))
 
-  def batch_fn(kind: requests.DecodeKind, images: list[np.ndarray]) -> list[dict]:
-    n = len(images)
+  def batch_fn(kind: requests.DecodeKind,
+               images_NSS3: list[np.ndarray]) -> list[continuous.Finished]:
+    n = len(images_NSS3)
     size = min(s for s in sizes if s >= n)
     # Copies of a real image, not blanks: decoding stops once every row has
     # ended, and a copy ends with its original.
-    images_NSS3 = np.stack(images + images[:1] * (size - n))
+    padded = np.stack(images_NSS3 + images_NSS3[:1] * (size - n))
     captions = jax.device_get(decoding.caption_features(
-        trained.params, extractor.features_fn(images_NSS3),
-        model=trained.model, max_len=kind.max_len,
-        beam_size=kind.beam_size))
-    texts = decoding.texts(captions.tokens_BT[:n], trained.vocab)
-    results = []
-    for i, text in enumerate(texts):
-      length = int(captions.lengths_B[i])
-      ids = captions.tokens_BT[i, :length].tolist()
-      results.append({
-          'caption': text,
-          'tokens': [words[t] for t in ids],
-          'token_ids': ids,
-          'log_prob': float(captions.log_prob_B[i]),
-          'beam_size': kind.beam_size,
-          'max_len': kind.max_len,
-          'attention_grid': grid,
-          'attention': np.round(captions.attention_BTL[i, :length],
-                                5).tolist(),
-      })
-    return results
+        trained.params, np.asarray(extractor.features_fn(padded), np.float32),
+        model=trained.model, max_len=kind.max_len, beam_size=kind.beam_size))
+    return [continuous.Finished(
+        token_ids=captions.tokens_BT[i, :captions.lengths_B[i]].tolist(),
+        attention_TL=captions.attention_BTL[i, :captions.lengths_B[i]],
+        log_prob=float(captions.log_prob_B[i])) for i in range(n)]
 
   return batch_fn
 
 
 class Service:
-  """The model, its extractor and the batcher; what the handlers call."""
+  """The model, its extractor, the image pool and the batcher."""
 
   def __init__(self, trained: inference.TrainedModel,
-               extractor: extractors.Extractor, options: Options,
-               batch_fn: batcher_lib.BatchFn | None = None):
+               extractor: extractors.Extractor, options: Options, *,
+               metrics: metrics_lib.Metrics | None = None,
+               greedy: batcher_lib.Continuous | None = None):
     """Makes the service; `start` it.
 
     Args:
       trained: the model.
       extractor: its feature extractor.
       options: batching and limits.
-      batch_fn: replaces `caption_batch_fn` (tests slow it down).
+      metrics: where the service counts.
+      greedy: replaces the `GreedyDecoder` (tests hold it back).
     """
     self.trained = trained
     self.extractor = extractor
     self.options = options
+    self.metrics = metrics or metrics_lib.Metrics()
     self.max_len = options.max_len or decoding.max_caption_tokens(
         trained.config)
     self.batch_sizes = batch_sizes(options.max_batch_size)
-    self._batch_fn = batch_fn or caption_batch_fn(trained, extractor,
-                                                  self.batch_sizes)
-    self.batcher = batcher_lib.Batcher(self._batch_fn,
-                           max_batch_size=options.max_batch_size,
-                           max_wait_s=options.max_wait_s,
-                           max_queue=options.max_queue)
+    self.beam_batch_sizes = tuple(sorted(
+        {min(s, options.max_batch_size) for s in _BEAM_BATCH_SIZES}))
+    self._greedy = greedy or GreedyDecoder(trained, extractor, self.max_len,
+                                           self.batch_sizes)
+    self._beam_fn = beam_batch_fn(trained, extractor, self.beam_batch_sizes)
+    self.batcher = batcher_lib.Batcher(
+        self._greedy, self._beam_fn,
+        is_continuous=lambda kind: kind.beam_size == 1,
+        max_batch_size=self.beam_batch_sizes[-1],
+        max_wait_s=options.max_wait_s, max_queue=options.max_queue,
+        warm_up=self._warm_up, metrics=self.metrics)
+    self.pool = imaging.ImagePool(
+        extractor.prepare, image_size=extractor.image_size,
+        max_pixels=options.max_pixels,
+        max_decode_bytes=options.max_decode_bytes,
+        workers=options.decode_workers, max_waiting=options.max_queue)
+    self._fetch_pool = concurrent.futures.ThreadPoolExecutor(
+        _FETCH_THREADS, thread_name_prefix='fetch')
+    self._fetching = 0
+    self._draining = False
+    self.metrics.watch(lambda: self.batcher.queue_size,
+                       lambda: self.pool.waiting + self.pool.waiting_large,
+                       lambda: self.ready)
 
-  def warm_up(self) -> None:
-    """Compiles the default kind's decoder for every batch size."""
+  @property
+  def ready(self) -> bool:
+    """Warmed up, and not shutting down."""
+    return self.batcher.ready and not self._draining
+
+  def _warm_up(self) -> None:
+    """Compiles every decoder shape a request can need (in the worker)."""
+    stop = lambda: self.batcher.stopping
+    self._greedy.warm_up(stop)
     blank = np.zeros((self.extractor.image_size,) * 2 + (3,), np.float32)
-    kind = requests.DecodeKind(beam_size=1, max_len=self.max_len)
-    for size in self.batch_sizes:
-      self._batch_fn(kind, [blank] * size)
+    for beam_size in range(2, self.options.max_beam_size + 1):
+      for max_len in requests.max_len_buckets(self.max_len):
+        for size in self.beam_batch_sizes:
+          if stop():
+            return
+          self._beam_fn(requests.DecodeKind(beam_size, max_len),
+                        [blank] * size)
 
-  def start(self) -> None:
-    self.batcher.start()
+  def start(self, on_ready: Callable[[], None] | None = None) -> None:
+    """Starts the worker: it warms up, calls on_ready, then takes requests."""
+    self.batcher.start(on_ready)
+
+  def drain(self, seconds: float) -> None:
+    """Shutting down: what still waits for the decoder in `seconds` is refused."""
+    self._draining = True
+    self.batcher.drain(seconds)
 
   def stop(self) -> None:
+    self._draining = True
     self.batcher.stop()
+    self.pool.close()
+    self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
   def parse_params(
       self, params: Mapping[str, Any]) -> tuple[requests.DecodeKind, bool]:
@@ -149,28 +238,61 @@ class Service:
         params, max_beam_size=self.options.max_beam_size,
         max_len=self.max_len)
 
-  def caption(self, image: bytes, kind: requests.DecodeKind) -> dict[str, Any]:
+  async def caption(self, data: bytes,
+                    kind: requests.DecodeKind) -> continuous.Finished:
     """The caption of untrusted image bytes; RequestError for bad ones."""
-    with self.batcher.expecting():
-      prepared = self.extractor.prepare(
-          requests.read_image(image, self.options.max_pixels,
-                              self.extractor.image_size))
-      future = self.batcher.submit(kind, prepared)
+    if not self.batcher.ready:
+      raise requests.busy('the server is warming up; retry later')
+    start = time.monotonic()
+    image = await self.pool.prepare(data)
+    self.metrics.phase['image'].observe(time.monotonic() - start)
+    future = self.batcher.submit(kind, image)
     try:
-      return future.result(timeout=self.options.request_timeout_s)
-    except concurrent.futures.TimeoutError:
-      future.cancel()
-      raise requests.busy('timed out waiting for the decoder; retry later') from None
+      # Cancelling the wrapper (the wait timed out, or the server stops the
+      # request) cancels the future, and the worker skips it.
+      finished = await asyncio.wait_for(asyncio.wrap_future(future),
+                                        self.options.request_timeout_s)
+    except TimeoutError:
+      raise requests.busy('timed out waiting for the decoder; retry later'
+                          ) from None
+    return finished
 
-  def fetch(self, url: Any) -> bytes:
-    """The image at a URL from a request; requests.RequestError if refused or off."""
+  def answer(self, kind: requests.DecodeKind, finished: continuous.Finished,
+             attention: bool) -> dict[str, Any]:
+    """What POST /v1/captions answers for a caption."""
+    words = self.trained.vocab.words
+    answer = {
+        'caption': self.trained.vocab.decode(finished.token_ids),
+        'tokens': [words[t] for t in finished.token_ids],
+        'token_ids': finished.token_ids,
+        'log_prob': finished.log_prob,
+        'beam_size': kind.beam_size,
+        'max_len': kind.max_len,
+    }
+    if attention:
+      answer['attention_grid'] = list(plots.attention_grid(
+          self.trained.feature_shape_LD[0]))
+      answer['attention'] = np.round(finished.attention_TL, 5).tolist()
+    return answer
+
+  async def fetch(self, url: Any) -> bytes:
+    """The image at a URL from a request; RequestError if refused or off."""
     if not self.options.allow_url_fetch:
-      raise requests.RequestError(403, 'fetching images by URL is off; upload the '
-                                  'image, or start the server with --allow_url_fetch')
+      raise requests.RequestError(
+          403, 'fetching images by URL is off; upload the image, or start '
+          'the server with --allow_url_fetch')
     if not isinstance(url, str):
       raise requests.RequestError(400, 'send {"url": "http(s)://..."}')
-    return fetch_lib.fetch_url(url, max_bytes=self.options.max_body_bytes,
-                     timeout_s=self.options.url_timeout_s)
+    if self._fetching >= _MAX_FETCHES:
+      raise requests.busy('too many URLs being fetched; retry later')
+    self._fetching += 1
+    try:
+      return await asyncio.get_running_loop().run_in_executor(
+          self._fetch_pool, lambda: fetch_lib.fetch_url(
+              url, max_bytes=self.options.max_body_bytes,
+              timeout_s=self.options.url_timeout_s))
+    finally:
+      self._fetching -= 1
 
   def model_info(self) -> dict[str, Any]:
     """What GET /v1/model answers."""
@@ -196,13 +318,17 @@ class Service:
         'decoding': {
             'max_len': self.max_len,
             'max_beam_size': o.max_beam_size,
+            'beam_max_len_buckets': list(
+                requests.max_len_buckets(self.max_len)),
             'max_batch_size': o.max_batch_size,
             'batch_sizes': list(self.batch_sizes),
+            'beam_batch_sizes': list(self.beam_batch_sizes),
             'max_wait_ms': o.max_wait_s * 1000,
         },
         'limits': {
             'max_body_bytes': o.max_body_bytes,
             'max_pixels': o.max_pixels,
+            'max_decode_bytes': o.max_decode_bytes,
             'image_formats': list(images.FORMATS),
             'max_queue': o.max_queue,
             'url_fetch': o.allow_url_fetch,
