@@ -14,6 +14,9 @@ import ml_collections
 from capjax import errors
 from capjax.configs import default
 
+# The validation metrics config.best_metric may name, and which way is better.
+BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
+
 
 def _type_name(value: Any) -> str:
   return {bool: 'true or false', int: 'an integer', float: 'a number',
@@ -94,3 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.dropout_rate < 1:
     raise errors.UserError(f'config.dropout_rate must be in [0, 1), got '
                            f'{config.dropout_rate}')
+  if config.best_metric not in BEST_METRICS:
+    raise errors.UserError(
+        f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
+        f'{config.best_metric!r}')

@@ -3,13 +3,13 @@ r"""Caption metrics of a split: `python -m capjax.evaluate --workdir DIR`.
   python -m capjax.evaluate --workdir /tmp/capjax-demo --split test
   python -m capjax.evaluate --workdir /tmp/coco --split val --beam_size 3
 
-Decodes every image of the split (default: test) with the workdir's latest
-checkpoint, scores the captions against all of each image's references with
-the COCO caption evaluation, writes captions_{split}_{decoder}.json and
-metrics_{split}_{decoder}.json into the workdir and prints the scores. The
-split's features come from the feature store; for `shapes` they are
-extracted when absent. Without Java, METEOR is left out and captions are
-tokenised without PTB.
+Decodes every image of the split (default: test) with the workdir's best
+checkpoint (else its newest, or the one --step names), scores the captions
+against all of each image's references with the COCO caption evaluation,
+writes captions_{split}_{decoder}.json and metrics_{split}_{decoder}.json
+into the workdir and prints the scores. The split's features come from the
+feature store; for `shapes` they are extracted when absent. Without Java,
+METEOR is left out and captions are tokenised without PTB.
 """
 
 from collections.abc import Sequence
@@ -22,7 +22,8 @@ from capjax import programs
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
                                required=True)
 _STEP = flags.DEFINE_integer(
-    'step', None, "The checkpoint's step; default: the newest.", lower_bound=0)
+    'step', None, "The checkpoint's step; default: the best checkpoint "
+    '(config.best_metric), else the newest.', lower_bound=0)
 _SPLIT = flags.DEFINE_string('split', 'test', 'The split to caption.')
 _BEAM_SIZE = flags.DEFINE_integer('beam_size', 1,
                                   'Beam search width; 1 is greedy search.')

@@ -130,7 +130,7 @@ def evaluate_split(workdir: str, split: str, *, beam_size: int = 1,
     batch_size: images decoded at once.
     max_len: the most tokens per caption; default: the config's.
     num_images: caption only the split's first images (0: all).
-    step: the checkpoint's step; None for the newest.
+    step: the checkpoint's step; None for the best, else the newest.
 
   Returns:
     The report written to metrics_{split}_{decoder}.json.

@@ -62,12 +62,14 @@ class TrainedModel:
 
 def load_trained(workdir: str | os.PathLike[str],
                  step: int | None = None) -> TrainedModel:
-  """The model of a workdir's checkpoint (the newest by default).
+  """The model of a workdir's checkpoint: `step`, else the best, else the newest.
+
+  The rule is checkpoints.resolve's; the choice is logged in one line.
 
   Raises:
     MissingFileError: not a workdir, no checkpoint yet, or no such step.
-    DamagedCheckpointError: the step cannot be read or does not fit the
-      config and vocabulary.
+    DamagedCheckpointError: the checkpoint cannot be read or does not fit
+      the config and vocabulary.
   """
   config = workdir_lib.load_config(workdir)
   vocab = vocab_lib.Vocab.load(
@@ -76,12 +78,13 @@ def load_trained(workdir: str | os.PathLike[str],
       workdir_lib.require_file(workdir, workdir_lib.FEATURES_FILE))
   model = captioner.from_config(config, vocab.size)
   shape_LD = (feature_info['num_locations'], feature_info['feature_dim'])
-  step, params = checkpoints.restore_params(
-      workdir, step, expected=state_lib.abstract_params(model, shape_LD))
-  logging.info('loaded the checkpoint of step %d from %s', step,
-               checkpoints.directory(workdir))
+  checkpoint = checkpoints.resolve(workdir, step)
+  logging.info('loading %s from %s', checkpoint.describe(),
+               checkpoint.directory)
+  params = checkpoints.restore_checkpoint(
+      checkpoint, expected=state_lib.abstract_params(model, shape_LD))
   return TrainedModel(config=config, vocab=vocab, model=model, params=params,
-                      step=step, feature_info=feature_info)
+                      step=checkpoint.step, feature_info=feature_info)
 
 
 def make_extractor(trained: TrainedModel) -> extractors.Extractor:

@@ -27,7 +27,8 @@ from capjax import programs
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
                                required=True)
 _STEP = flags.DEFINE_integer(
-    'step', None, "The checkpoint's step; default: the newest.", lower_bound=0)
+    'step', None, "The checkpoint's step; default: the best checkpoint "
+    '(config.best_metric), else the newest.', lower_bound=0)
 _BEAM_SIZE = flags.DEFINE_integer('beam_size', 1,
                                   'Beam search width; 1 is greedy search.')
 _ALPHA = flags.DEFINE_float('alpha', 0.0, "Beam search's length "

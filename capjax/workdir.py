@@ -7,6 +7,7 @@ A workdir holds everything later commands need, so `sample`, `evaluate` and
   vocab.json         the vocabulary
   features.json      the feature extractor's name and settings, L and D
   checkpoints/       Orbax checkpoints of the train state
+  best_checkpoint/   the parameters of the best evaluation, with its score
   metrics.jsonl, loss.png, tensorboard/   progress (capjax.training.reporting)
 """
 
@@ -23,6 +24,7 @@ CONFIG_FILE = 'config.json'
 VOCAB_FILE = 'vocab.json'
 FEATURES_FILE = 'features.json'
 CHECKPOINT_DIR = 'checkpoints'
+BEST_CHECKPOINT_DIR = 'best_checkpoint'
 
 # Fields that fix the shapes of the parameters or the meaning of token ids:
 # a checkpoint cannot be resumed under a config that changes any of them.

@@ -34,6 +34,9 @@ def trained(tmp_path_factory, shapes_dir):
   loop.train_and_evaluate(
       testing_lib.tiny_config(shapes_dir, num_train_steps=_STEPS),
       str(workdir))
+  # Without the best checkpoint, programs load the newest step, which these
+  # tests damage; tests/test_best_checkpoint.py covers the best one.
+  shutil.rmtree(checkpoints.best_directory(workdir))
   return workdir
 
 

@@ -248,6 +248,9 @@ def test_two_processes_match_one(tmp_path, shapes_dir):
     assert p.returncode == 0, out[-3000:]
   assert '4 local example(s) per process' in outputs[0]
   testing_lib.leaves_equal(checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5)
+  # Only process 0 computes the caption metrics; both agree on the best.
+  assert (checkpoints.read_best(tmp_path / 'two').step
+          == checkpoints.read_best(tmp_path / 'one').step)
 
 
 @pytest.mark.slow

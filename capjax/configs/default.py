@@ -120,5 +120,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Images greedily captioned at each evaluation for BLEU-4 and CIDEr
   # (0 = skip).
   config.num_caption_eval_images = 200
+  # The validation metric whose best evaluation is kept, apart from the
+  # newest checkpoints, as the best checkpoint that `sample`, `evaluate` and
+  # `serve` load by default: 'cider' or 'bleu4' (of the captions above;
+  # higher is better) or 'loss' (lower is better). With the caption
+  # evaluation off, 'cider' and 'bleu4' fall back to 'loss'.
+  config.best_metric = 'cider'
 
   return config

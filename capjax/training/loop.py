@@ -28,6 +28,7 @@ from capjax.data import input_pipeline
 from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import losses
+from capjax.training import best as best_lib
 from capjax.training import checkpoints
 from capjax.training import parallel
 from capjax.training import preemption
@@ -220,6 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                            jax.jit(init_fn, out_shardings=replicated),
                            replicated)
   manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
+  best = best_lib.BestKeeper(
+      workdir_path, config,
+      state_lib.abstract_params(model, data.feature_shape_LD))
   p_train_step = jax.jit(
       functools.partial(step_lib.train_step, model=model, tx=tx,
                         attention_penalty=config.attention_penalty),
@@ -280,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               f'{k} {v:.4f}' for k, v in val.items()))
           reporter.write(step, 'eval', val)
           reporter.plot_losses()
+          best.offer(step, val, state.params)
         if save:
           manager.save(step, args=ocp.args.StandardSave(state))
           last_saved = step
@@ -291,5 +296,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     finally:
       manager.wait_until_finished()
       manager.close()
+      best.close()
       reporter.close()
   return state

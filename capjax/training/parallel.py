@@ -133,6 +133,20 @@ def agreed(activity: str, fn: Callable[[], T]) -> T | None:
   return result
 
 
+def from_process_0(value: float) -> float:
+  """Process 0's `value` on every process, exactly; the others' are ignored.
+
+  For what only process 0 computes (the caption metrics). Sent as its 8
+  bytes: JAX without x64 would round a float64 to float32.
+  """
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sent = np.frombuffer(np.float64(value).tobytes(), np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(sent), np.uint8)
+  return float(np.frombuffer(got.tobytes(), np.float64)[0])
+
+
 def sync_processes(name: str) -> None:
   """Waits until every process gets here (a no-op for a single process)."""
   if jax.process_count() > 1:

@@ -1,0 +1,137 @@
+"""Keeping the best checkpoint while training.
+
+On small data a model overfits long before `num_train_steps`, so each
+periodic evaluation whose score under `config.best_metric` beats every
+earlier one saves the parameters as the workdir's best checkpoint
+(capjax.training.checkpoints.best_manager), which programs load by default.
+
+The record (step and score) lives on disk with the parameters, so a resumed
+run continues from it. A tie keeps the earlier step: a resume repeats the
+evaluations after its checkpoint, and an exact resume scores them exactly
+as before, so it ends with the best step and score of an uninterrupted run.
+"""
+
+import math
+import pathlib
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from capjax import config_checks
+from capjax.training import checkpoints
+from capjax.training import parallel
+
+
+def metric_of(config: ml_collections.ConfigDict) -> str:
+  """The validation metric that chooses the best checkpoint.
+
+  CIDEr and BLEU-4 come from the periodic caption evaluation. With it off
+  (num_caption_eval_images 0) the validation loss chooses instead, rather
+  than the config being refused: turning it off is how quick runs save
+  time, and each would otherwise have to name a metric as well.
+  """
+  if config.best_metric != 'loss' and not config.num_caption_eval_images:
+    return 'loss'
+  return config.best_metric
+
+
+def improves(score: float, loss: float, metric: str,
+             record: checkpoints.Checkpoint | None) -> bool:
+  """Whether an evaluation's score beats the best checkpoint's, strictly.
+
+  A non-finite validation loss (a diverged model) never does.
+  """
+  if not (np.isfinite(score) and np.isfinite(loss)):
+    return False
+  if record is None:
+    return True
+  if config_checks.BEST_METRICS[metric] == 'max':
+    return score > record.score
+  return score < record.score
+
+
+def _checked_record(workdir: pathlib.Path,
+                    expected: Any) -> checkpoints.Checkpoint | None:
+  """The best checkpoint, read whole once; a damaged one is moved aside.
+
+  Every process reads it and reaches the same verdict; process 0 moves it.
+  """
+  try:
+    return checkpoints.check_best(workdir, expected)
+  except checkpoints.DamagedCheckpointError as e:
+    failure = e
+  parallel.sync_processes('capjax.train.best_checked')
+  if jax.process_index() == 0:
+    moved = checkpoints.move_best_aside(workdir)
+    logging.warning('%s; moved to %s, the next evaluation saves a new one',
+                    failure, moved)
+  parallel.sync_processes('capjax.train.best_moved_aside')
+  return None
+
+
+class BestKeeper:
+  """Saves the parameters of each evaluation that beats the best so far."""
+
+  def __init__(self, workdir: pathlib.Path,
+               config: ml_collections.ConfigDict, expected_params: Any):
+    """Reads the workdir's best checkpoint (see `_checked_record`).
+
+    Args:
+      workdir: the workdir.
+      config: the training config.
+      expected_params: the parameters' abstract tree, to check the best
+        checkpoint against.
+    """
+    self._workdir = workdir
+    self._metric = metric_of(config)
+    if self._metric != config.best_metric:
+      logging.info('the caption evaluation is off '
+                   '(config.num_caption_eval_images 0): the validation loss '
+                   'chooses the best checkpoint, not %s', config.best_metric)
+    record = _checked_record(workdir, expected_params)
+    if record is not None and record.metric != self._metric:
+      logging.info('%s was chosen by %s; the next evaluation replaces it, '
+                   'as config.best_metric is %s now', record.describe(),
+                   record.metric, self._metric)
+      record = None
+    elif record is not None:
+      logging.info('the best so far: %s', record.describe())
+    self._record = record
+    self._manager = checkpoints.best_manager(
+        workdir, self._metric, config_checks.BEST_METRICS[self._metric])
+
+  def offer(self, step: int, scores: dict[str, float], params: Any) -> None:
+    """Saves `params` as the best checkpoint if `scores` beat the record.
+
+    The save is waited for: a checkpoint of the train state saved after
+    this evaluation must never be on disk without the record it set, as a
+    resume from that checkpoint does not repeat the evaluation.
+    """
+    # Only process 0 computes the caption metrics; every process must take
+    # the same decision, as each takes part in the save.
+    score = parallel.from_process_0(scores.get(self._metric, math.nan))
+    if not improves(score, scores['loss'], self._metric, self._record):
+      return
+    # Orbax saves no step at or below its newest. A record of a later step
+    # comes from a run this one does not repeat exactly (it resumed under
+    # another config) or was scored by another metric; the better score
+    # replaces it, so it goes first (a stop in between leaves no best
+    # checkpoint until the next evaluation).
+    for stale in self._manager.all_steps():
+      if stale >= step:
+        self._manager.delete(stale)
+    # The parameters alone: what loading a model or starting another run
+    # from it needs; Adam's moments would triple the size.
+    self._manager.save(step, args=ocp.args.StandardSave({'params': params}),
+                       metrics={self._metric: score})
+    self._manager.wait_until_finished()
+    self._record = checkpoints.Checkpoint(
+        self._workdir, step, 'best', self._metric, score)
+    logging.info('step %d: saved as %s', step, self._record.describe())
+
+  def close(self) -> None:
+    self._manager.close()
