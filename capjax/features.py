@@ -11,7 +11,11 @@ with one image id per line in a text file:
       --split=train --feature_dir=/data/f
 
 Extraction resumes where it stopped when rerun, and TensorFlow uses a GPU if
-it finds one (see docs/design.md for the store's format).
+it finds one (see docs/design.md for the store's format). Several processes
+share an extraction as they share training (SLURM and Cloud TPU are
+detected; elsewhere start each with --coordinator_address, --num_processes
+and --process_id): each extracts its share of the shards into the same
+--feature_dir, which all of them must see.
 """
 
 from collections.abc import Sequence
@@ -19,6 +23,7 @@ import pathlib
 
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 import numpy as np
 
@@ -26,6 +31,7 @@ from capjax import errors
 from capjax import programs
 from capjax.data import extraction
 from capjax.data import feature_store
+from capjax.training import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
@@ -44,6 +50,7 @@ _IDS = flags.DEFINE_string(
 _EXTRACTOR_NAME = flags.DEFINE_string(
     'extractor_name', 'custom', 'With --from_numpy: the name stored as the '
     "features' extractor.")
+_PROCESSES = programs.define_process_flags()
 
 
 def store_numpy(features_path: str, ids_path: str, split: str,
@@ -79,8 +86,11 @@ def main(argv: Sequence[str]) -> None:
     return
   splits = (_SPLIT.value or
             f'{config.train_split}+{config.eval_split}').split('+')
+  parallel.maybe_initialize_distributed(*_PROCESSES.values())
+  processes = extraction.Processes(jax.process_index(), jax.process_count(),
+                                   parallel.agreed)
   store = extraction.extract_split(config, '+'.join(dict.fromkeys(splits)),
-                                   feature_dir)
+                                   feature_dir, processes=processes)
   logging.info('%d images with features (L=%d, D=%d) in %s', len(store),
                store.num_locations, store.feature_dim, feature_dir)
 

@@ -10,12 +10,17 @@ is a bug and keeps its traceback.
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
+import importlib.abc
+import importlib.util
 import logging as py_logging
 import pathlib
 import sys
+import types
 
 from absl import app
+from absl import flags
 from absl import logging
 
 from capjax import errors
@@ -42,10 +47,72 @@ def concise_console_logging() -> None:
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow (tf.data, image resizing) off the GPUs JAX uses."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+class _AfterImport(importlib.abc.MetaPathFinder):
+  """Calls `then(module)` once the top-level module `name` is imported."""
+
+  def __init__(self, name: str, then: Callable[[types.ModuleType], None]):
+    self._name, self._then = name, then
+
+  def find_spec(self, fullname, path, target=None):
+    del path, target  # the module is found by the other finders
+    if fullname != self._name:
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.util.find_spec(fullname)
+    if spec is None or spec.loader is None:
+      return spec
+    exec_module = spec.loader.exec_module
+
+    def exec_then(module):
+      exec_module(module)
+      self._then(module)
+
+    spec.loader.exec_module = exec_then
+    return spec
+
+
+def _hide_gpus(tf: types.ModuleType) -> None:
   tf.config.set_visible_devices([], 'GPU')
+
+
+def hide_gpus_from_tensorflow() -> None:
+  """Keeps TensorFlow (tf.data, Keras, image resizing) off the GPUs JAX uses.
+
+  TensorFlow is not imported for it: the GPUs are hidden when something
+  first imports TensorFlow, so programs that never use it (sample, evaluate
+  and serve on JAX features) start without its seconds and memory, and run
+  where it is not installed.
+  """
+  if 'tensorflow' in sys.modules:
+    _hide_gpus(sys.modules['tensorflow'])
+  else:
+    sys.meta_path.insert(0, _AfterImport('tensorflow', _hide_gpus))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessFlags:
+  """The flags that place a process in a multi-process job."""
+  coordinator_address: flags.FlagHolder[str]
+  num_processes: flags.FlagHolder[int]
+  process_id: flags.FlagHolder[int]
+
+  def values(self) -> tuple[str, int, int]:
+    """The arguments of `training.parallel.maybe_initialize_distributed`."""
+    return (self.coordinator_address.value, self.num_processes.value,
+            self.process_id.value)
+
+
+def define_process_flags() -> ProcessFlags:
+  """Defines --coordinator_address, --num_processes and --process_id."""
+  return ProcessFlags(
+      flags.DEFINE_string(
+          'coordinator_address', '', 'host:port of process 0, for '
+          'multi-process jobs not started by SLURM or on Cloud TPU (which '
+          'are detected).'),
+      flags.DEFINE_integer('num_processes', 0,
+                           'Processes in a multi-process job.'),
+      flags.DEFINE_integer('process_id', -1,
+                           'This process in a multi-process job.'))
 
 
 def refuse_arguments(argv: Sequence[str]) -> None:

@@ -26,19 +26,12 @@ _WORKDIR = flags.DEFINE_string(
 _CONFIG = config_flags.DEFINE_config_file(
     'config', str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
     'Training configuration file.', lock_config=True)
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', 'host:port of process 0, for multi-process '
-    'jobs not started by SLURM or on Cloud TPU (which are detected).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0,
-                                      'Processes in a multi-process job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1,
-                                   'This process in a multi-process job.')
+_PROCESSES = programs.define_process_flags()
 
 
 def main(argv: Sequence[str]) -> None:
   programs.refuse_arguments(argv)
-  parallel.maybe_initialize_distributed(_COORDINATOR.value,
-                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
+  parallel.maybe_initialize_distributed(*_PROCESSES.values())
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -99,3 +99,25 @@ def test_any_other_error_keeps_its_traceback():
   result = _run_program("raise ValueError('a bug')")
   assert result.returncode == 1
   assert 'Traceback' in result.stderr and 'ValueError: a bug' in result.stderr
+
+
+def test_tensorflow_is_hidden_from_gpus_when_first_imported():
+  # Programs that never use TensorFlow must not import it to hide the GPUs;
+  # whatever imports it later gets it with the GPUs hidden.
+  code = '\n'.join([
+      'import sys',
+      'from capjax import programs',
+      'hidden = []',
+      'programs._hide_gpus = lambda tf: hidden.append(tf.__name__)',
+      'def main(argv):',
+      '  assert "tensorflow" not in sys.modules',
+      '  import tensorflow_datasets  # imports tensorflow itself',
+      '  import tensorflow as tf',
+      '  assert hidden == ["tensorflow"], hidden',
+      '  print(tf.constant(2.0).numpy())',
+      'programs.run(main)',
+  ])
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == '2.0'

@@ -2,13 +2,19 @@
 
 Each distinct image is decoded and run once, in batches, with the images of
 the next batch decoded on a thread pool meanwhile. A rerun checks each
-shard already listed against the data and skips it, so an interrupted
+shard already written against the data and skips it, so an interrupted
 extraction resumes. Unreadable images are skipped and listed at the end
 (delete the store to retry them).
+
+Several processes (`Processes`) share a job shard by shard: process i of n
+extracts shards i, i + n, i + 2n, ... into the same store, and process 0
+completes the store once every process is done. The store is the one a
+single process writes, byte for byte.
 """
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import concurrent.futures
+import dataclasses
 import itertools
 import os
 import time
@@ -25,6 +31,28 @@ from capjax.data import images
 
 _LOG_EVERY_SECONDS = 10.0
 _MAX_FAILURES_LISTED = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+  """The processes sharing one extraction, as this process sees them.
+
+  Attributes:
+    index: this process, in [0, count).
+    count: how many processes share the job.
+    agree: `agree(activity, fn)` runs fn here and returns its result once
+      every process has run its own; if fn raised on any process, it raises
+      on all (`capjax.training.parallel.agreed`). Every process calls it at
+      the same points.
+  """
+  index: int = 0
+  count: int = 1
+  agree: Callable[[str, Callable[[], Any]], Any] = (
+      lambda activity, fn: fn())
+
+  def owns(self, k: int) -> bool:
+    """Whether shard k is this process's to extract."""
+    return k % self.count == self.index
 
 
 def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -109,8 +137,34 @@ def _log_failures(writer: feature_store.StoreWriter, part: str) -> None:
       f'{feature_store.METADATA_FILE})' if more > 0 else '')
 
 
+def _extract_own_shards(config, part: str, extractor: extractors.Extractor,
+                        writer: feature_store.StoreWriter,
+                        processes: Processes) -> int:
+  """Writes the part's shards that are this process's; the shard count."""
+  name = f'features of {part!r}'
+  if processes.count > 1:
+    name += f' on process {processes.index} of {processes.count}'
+  progress = _Progress(name)
+  num_chunks = 0
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    for k, chunk in enumerate(_chunks(datasets.iter_images(config, part),
+                                      config.shard_size)):
+      num_chunks += 1
+      if not processes.owns(k):
+        continue
+      if writer.is_done(k, [image_id for image_id, _ in chunk]):
+        progress.update(skipped=len(chunk))
+        continue
+      ids, features_NLD, failed = _extract_chunk(
+          extractor, chunk, config.extract_batch_size, pool, progress)
+      writer.write_shard(k, ids, features_NLD, failed)
+  progress.update(final=True)
+  return num_chunks
+
+
 def extract_split(config, split: str, feature_dir: feature_store.PathLike,
-                  extractor: extractors.Extractor | None = None
+                  extractor: extractors.Extractor | None = None,
+                  processes: Processes = Processes()
                   ) -> feature_store.FeatureStore:
   """Extracts a split's features into `feature_dir`, resuming if interrupted.
 
@@ -124,31 +178,37 @@ def extract_split(config, split: str, feature_dir: feature_store.PathLike,
     split: split name(s).
     feature_dir: root directory of the stores.
     extractor: defaults to `make_extractor(config)`.
+    processes: the processes sharing the job; by default this one alone.
+      Every process calls `extract_split` with the same arguments.
 
   Returns:
     The split's features, opened.
   """
   extractor = extractor or extractors.make_extractor(config)
   for part in datasets.split_parts(split):
-    writer = feature_store.StoreWriter(
-        feature_store.store_dir(feature_dir, part), extractor.info,
-        extractor.num_locations, extractor.feature_dim, config.shard_size)
-    progress = _Progress(f'features of {part!r}')
-    num_chunks = 0
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-      for k, chunk in enumerate(_chunks(datasets.iter_images(config, part),
-                                        config.shard_size)):
-        num_chunks += 1
-        if writer.is_done(k, [image_id for image_id, _ in chunk]):
-          progress.update(skipped=len(chunk))
-          continue
-        ids, features_NLD, failed = _extract_chunk(
-            extractor, chunk, config.extract_batch_size, pool, progress)
-        writer.write_shard(k, ids, features_NLD, failed)
-    writer.finish(num_chunks)
-    progress.update(final=True)
-    _log_failures(writer, part)
+    _extract_part(config, part, feature_store.store_dir(feature_dir, part),
+                  extractor, processes)
   return feature_store.FeatureStore.open_split(feature_dir, split)
+
+
+def _extract_part(config, part: str, directory: feature_store.PathLike,
+                  extractor: extractors.Extractor,
+                  processes: Processes) -> None:
+  """One part's store, written by every process, completed by process 0."""
+  writer = processes.agree(
+      f'opening the feature store of {part!r}',
+      lambda: feature_store.StoreWriter(
+          directory, extractor.info, extractor.num_locations,
+          extractor.feature_dim, config.shard_size))
+  num_chunks = processes.agree(
+      f'extracting the features of {part!r}',
+      lambda: _extract_own_shards(config, part, extractor, writer, processes))
+  # `agree` returned: every shard exists, so one process lists them.
+  is_first = processes.index == 0
+  processes.agree(f'completing the feature store of {part!r}',
+                  lambda: writer.finish(num_chunks) if is_first else None)
+  if is_first:
+    _log_failures(writer, part)
 
 
 def open_or_extract(config, split: str, feature_dir: feature_store.PathLike

@@ -46,16 +46,19 @@ class Extractor:
     num_locations: L, the number of grid cells.
     feature_dim: D, the size of each cell's feature vector.
     features_fn: images_NSS3 float32 in [0, 255] -> features_NLD float32.
+    resize_fn: (image_HW3, S) -> (S, S, 3) float32: the tutorial's resize,
+      by NumPy, which keeps TensorFlow out, or by TensorFlow (equal).
   """
   info: dict[str, Any]
   image_size: int
   num_locations: int
   feature_dim: int
   features_fn: Callable[[np.ndarray], np.ndarray]
+  resize_fn: Callable[[np.ndarray, int], np.ndarray] = images.resize_bilinear
 
   def prepare(self, image_HW3: np.ndarray) -> np.ndarray:
     """A decoded image -> the extractor's input, (S, S, 3) float32."""
-    return images.resize(image_HW3, self.image_size)
+    return self.resize_fn(image_HW3, self.image_size)
 
   def __call__(self, images_HW3: Sequence[np.ndarray]) -> np.ndarray:
     """Decoded uint8 images of any sizes -> features_NLD float32."""
@@ -125,12 +128,14 @@ def inception_weights_path() -> str:
     UserError: the file is neither cached nor downloadable; the message says
       which file to put where.
   """
-  import keras  # pylint: disable=g-import-not-at-top
   cache_dir = pathlib.Path(
       os.environ.get('KERAS_HOME', '~/.keras')).expanduser()
   path = cache_dir / 'models' / _INCEPTION_FILE
   if path.is_file():
     return str(path)
+  # Keras (and so TensorFlow) only to download: the JAX backend reads the
+  # cached file without it.
+  import keras  # pylint: disable=g-import-not-at-top
   try:
     return keras.utils.get_file(_INCEPTION_FILE, _INCEPTION_URL,
                                 cache_subdir='models', cache_dir=str(cache_dir),
@@ -185,21 +190,24 @@ def inception_v3_extractor(weights: str = 'imagenet',
   weights_file = _weights_file(weights)
   make = _jax_inception if backend == 'jax' else _keras_inception
   features_fn, num_locations, feature_dim = make(weights_file)
+  # Keras resizes with TensorFlow's own op, as the tutorial; the JAX backend
+  # never imports TensorFlow, so that sample, evaluate and serve run where
+  # only JAX is installed, and start without TensorFlow's seconds.
+  resize_fn = images.resize_bilinear if backend == 'jax' else images.resize
   return Extractor(
       info={'name': 'inception_v3', 'weights': weights, 'backend': backend},
       image_size=_INCEPTION_SIZE, num_locations=num_locations,
-      feature_dim=feature_dim, features_fn=features_fn)
+      feature_dim=feature_dim, features_fn=features_fn, resize_fn=resize_fn)
 
 
 def _jax_inception(weights_file: str | None):
   """(features_fn, L, D) of capjax.model.inception."""
   # pylint: disable=g-import-not-at-top
-  import jax
   from capjax.model import inception
   from capjax.porting import keras_inception
   # pylint: enable=g-import-not-at-top
   variables = (keras_inception.converted_params(weights_file) if weights_file
-               else inception.init_variables(jax.random.PRNGKey(0)))
+               else inception.random_variables())
 
   def features_fn(images_NSS3):
     return np.asarray(inception.extract_features(variables, images_NSS3))

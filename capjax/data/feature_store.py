@@ -9,10 +9,14 @@ A store is one directory per split (`<feature_dir>/<split>/`):
   shard-00000.npy   float16 (n, L, D), n <= shard_size; row i is the image
   shard-00001.npy   ...                 of the shard's i-th image id
 
-Shard files are written to a temporary name and renamed, then listed in
-metadata.json (also replaced atomically), so an interrupted writer resumes
-at the first unlisted shard. This module is numpy only; capjax.data.extraction
-fills stores from images.
+While a store is written, each shard is complete once its record
+(`shard-00000.json`: its image ids and unreadable images) exists beside its
+features, both written under a temporary name and renamed. Shards are
+independent, so several processes write one store at once, each its own
+shards, and an interrupted writer redoes only the shards without a record.
+When every shard exists, one writer lists the records in metadata.json
+(complete: true) and removes them. This module is numpy only;
+capjax.data.extraction fills stores from images.
 """
 
 from collections.abc import Iterable, Sequence
@@ -217,8 +221,21 @@ class FeatureStore:
     return out
 
 
+def _shard_file(k: int) -> str:
+  return f'shard-{k:05d}.npy'
+
+
+def _record_path(directory: pathlib.Path, k: int) -> pathlib.Path:
+  """Where shard k's record waits for `StoreWriter.finish`."""
+  return directory / f'shard-{k:05d}.json'
+
+
 class StoreWriter:
-  """Writes a store shard by shard, resuming after the shards already listed."""
+  """Writes a store's shards in any order, from one or several processes.
+
+  Every process of a job opens the same directory and writes its own shards
+  (`write_shard`); one of them calls `finish` once all are written.
+  """
 
   def __init__(self, directory: PathLike, extractor_info: dict[str, Any],
                num_locations: int, feature_dim: int, shard_size: int):
@@ -238,18 +255,30 @@ class StoreWriter:
             f'({old}, now {header}); use another feature_dir or delete '
             f'{self.directory}')
     else:
+      # The header goes first, so that a rerun with other settings is
+      # refused before it mixes its shards with these. Processes opening a
+      # new store at once write the same bytes.
       self.directory.mkdir(parents=True, exist_ok=True)
       self.metadata = dict(header, complete=False, num_images=0, shards=[])
+      self._save()
 
   @property
   def shards(self) -> list[dict[str, Any]]:
+    """The records listed in metadata.json: all of them after `finish`."""
     return self.metadata['shards']
+
+  def _record(self, k: int) -> dict[str, Any] | None:
+    """Shard k's record if the shard is complete, else None."""
+    if k < len(self.shards):  # listed by `finish`, or by an older writer
+      return self.shards[k]
+    path = _record_path(self.directory, k)
+    return files.read_json(path) if path.is_file() else None
 
   def is_done(self, k: int, image_ids: Sequence[str]) -> bool:
     """Whether shard k is already written, for exactly these images."""
-    if k >= len(self.shards):
+    shard = self._record(k)
+    if shard is None:
       return False
-    shard = self.shards[k]
     written = shard['image_ids'] + [f['image_id'] for f in shard['failed']]
     if sorted(written) != sorted(image_ids):
       raise errors.UserError(
@@ -260,27 +289,38 @@ class StoreWriter:
   def write_shard(self, k: int, image_ids: Sequence[str],
                   features_NLD: np.ndarray,
                   failed: Sequence[tuple[str, str]]) -> None:
-    if k != len(self.shards):
-      raise ValueError(f'shard {k} written out of order')
-    file = f'shard-{k:05d}.npy'
+    """Writes shard k's features, then its record, which completes it."""
+    file = _shard_file(k)
     tmp = self.directory / f'{file}.tmp'
     with open(tmp, 'wb') as f:
       np.save(f, np.asarray(features_NLD, STORE_DTYPE))
     tmp.replace(self.directory / file)
-    self.shards.append({
+    files.write_json_atomic(_record_path(self.directory, k), {
         'file': file, 'image_ids': list(image_ids),
         'failed': [{'image_id': i, 'error': e} for i, e in failed]})
-    self.metadata['complete'] = False
-    self._save()
 
   def finish(self, num_chunks: int) -> None:
-    if num_chunks != len(self.shards):
+    """Lists shards 0..num_chunks-1 in metadata.json and marks it complete.
+
+    Raises:
+      UserError: the store holds more shards than the data makes now.
+      ValueError: a shard is not written yet.
+    """
+    written = len(self.shards)
+    while _record_path(self.directory, written).is_file():
+      written += 1
+    if written > num_chunks:
       raise errors.UserError(
-          f'{self.directory} holds {len(self.shards)} shards but the data '
+          f'{self.directory} holds {written} shards but the data '
           f'now makes {num_chunks}; delete it or use another feature_dir')
+    if written < num_chunks:
+      raise ValueError(f'shard {written} of {self.directory} is not written')
+    self.metadata['shards'] = [self._record(k) for k in range(num_chunks)]
     self.metadata['num_images'] = sum(len(s['image_ids']) for s in self.shards)
     self.metadata['complete'] = True
     self._save()
+    for k in range(num_chunks):
+      _record_path(self.directory, k).unlink(missing_ok=True)
 
   def _save(self) -> None:
     files.write_json_atomic(self.directory / METADATA_FILE, self.metadata)
