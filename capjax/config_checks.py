@@ -16,6 +16,8 @@ from capjax.configs import default
 
 # The validation metrics config.best_metric may name, and which way is better.
 BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
+OBJECTIVES = ('xent', 'scst')
+SCST_BASELINES = ('greedy', 'mean')
 
 
 def _type_name(value: Any) -> str:
@@ -97,7 +99,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.dropout_rate < 1:
     raise errors.UserError(f'config.dropout_rate must be in [0, 1), got '
                            f'{config.dropout_rate}')
+  _check_objective(config)
   if config.best_metric not in BEST_METRICS:
     raise errors.UserError(
         f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
         f'{config.best_metric!r}')
+
+
+def _check_objective(config: ml_collections.ConfigDict) -> None:
+  if config.objective not in OBJECTIVES:
+    raise errors.UserError(f'config.objective must be one of '
+                           f'{", ".join(OBJECTIVES)}, got {config.objective!r}')
+  if config.objective != 'scst':
+    return
+  if not config.init_from:
+    raise errors.UserError(
+        "config.objective 'scst' fine-tunes a trained model: set "
+        'config.init_from to its workdir')
+  if config.scst_baseline not in SCST_BASELINES:
+    raise errors.UserError(
+        f'config.scst_baseline must be one of {", ".join(SCST_BASELINES)}, '
+        f'got {config.scst_baseline!r}')
+  least = 2 if config.scst_baseline == 'mean' else 1
+  if config.scst_samples < least:
+    raise errors.UserError(
+        f'config.scst_samples must be at least {least} with the '
+        f'{config.scst_baseline!r} baseline, got {config.scst_samples}')

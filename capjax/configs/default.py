@@ -110,6 +110,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Clip gradients to this global norm (0 = off).
   config.grad_clip_norm = 0.0
 
+  # --- Objective --------------------------------------------------------------
+  # 'xent': cross-entropy on the reference captions (teacher forcing).
+  # 'scst': self-critical sequence training (capjax.training.scst): sampled
+  # captions scored by CIDEr-D against each image's references; the batch
+  # then counts images, not captions. It fine-tunes a cross-entropy model,
+  # so it needs init_from.
+  config.objective = 'xent'
+  # A workdir whose checkpoint (its best, else its newest) starts a new run,
+  # with a fresh optimizer; its vocabulary is used and its features must be
+  # these. Empty: start from random parameters.
+  config.init_from = ''
+  # SCST: captions sampled per image (temperature 1), and the baseline each
+  # one's reward is compared with: 'greedy', the reward of the image's greedy
+  # caption (Rennie et al. 2017), or 'mean', the mean reward of the image's
+  # other samples (needs scst_samples >= 2).
+  config.scst_samples = 5
+  config.scst_baseline = 'greedy'
+
   # --- Bookkeeping ----------------------------------------------------------
   config.log_every_steps = 100
   config.eval_every_steps = 500

@@ -182,7 +182,7 @@ class TrainBatches:
 
   def iterator(self, start_step: int = 0) -> Iterator[Batch]:
     """Endless batches from `start_step` on."""
-    return _tf_iterator(self.batch, start_step, None, ('features', 'tokens'),
+    return tf_iterator(self.batch, start_step, None, ('features', 'tokens'),
                         (self._examples.store.dtype, np.int32))
 
 
@@ -231,13 +231,13 @@ class EvalBatches:
 
   def iterator(self) -> Iterator[Batch]:
     """All evaluation batches, once."""
-    return _tf_iterator(
+    return tf_iterator(
         self.batch, 0, self.num_batches,
         ('features', 'tokens', 'mask', 'image_index'),
         (self._examples.store.dtype, np.int32, np.float32, np.int32))
 
 
-def _tf_iterator(batch_fn: Callable[[int], Batch], start: int,
+def tf_iterator(batch_fn: Callable[[int], Batch], start: int,
                  stop: int | None, keys: Sequence[str],
                  dtypes: Sequence[np.dtype]) -> Iterator[Batch]:
   """batch_fn(start), batch_fn(start + 1), ... made by tf.data in parallel."""

@@ -14,6 +14,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from capjax import config_checks
@@ -25,14 +26,18 @@ from capjax.data import datasets
 from capjax.data import extraction
 from capjax.data import feature_store
 from capjax.data import input_pipeline
+from capjax.data import reference_batches
 from capjax.data import vocab as vocab_lib
+from capjax.metrics import cider
 from capjax.model import captioner
 from capjax.model import losses
 from capjax.training import best as best_lib
 from capjax.training import checkpoints
+from capjax.training import init_from
 from capjax.training import parallel
 from capjax.training import preemption
 from capjax.training import reporting
+from capjax.training import scst
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
 
@@ -63,7 +68,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                  write_files: bool) -> TrainingData:
   """Loads captions and features, builds or reloads the vocabulary.
 
-  Everything is checked here, before anything is compiled. With `write_files`
+  Everything is checked here, before anything is compiled, config.init_from
+  included (whose vocabulary a new workdir takes). With `write_files`
   (process 0) the vocabulary, the features' description and, for `shapes`,
   a few held-out example images are written into the workdir.
   """
@@ -85,9 +91,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         files.read_json(features_path), info,
         expected_what="this workdir's model", got_what='the training features')
 
+  source = init_from.source(config)
+  if source is not None:
+    init_from.check_features(source, info)
   vocab_path = workdir / workdir_lib.VOCAB_FILE
   if vocab_path.exists():
     vocab = vocab_lib.Vocab.load(vocab_path)
+  elif source is not None:
+    vocab = init_from.vocab(source)
   else:
     vocab = vocab_lib.Vocab.build(
         (c for r in train_records for c in r.captions), config.top_k)
@@ -157,9 +168,54 @@ def _caption_metrics(params: Any, model: captioner.Captioner,
       data.vocab, config, config.num_caption_eval_images)
 
 
-def _restore_or_init(workdir: pathlib.Path, init_fn: Callable,
-                     sharding) -> state_lib.TrainState:
+def _objective(config: ml_collections.ConfigDict, data: TrainingData,
+               model: captioner.Captioner, tx: optax.GradientTransformation,
+               mesh, start_step: int, process: dict[str, int]
+               ) -> tuple[Iterator[dict], Callable, Callable]:
+  """The config.objective's batches from start_step, jitted step and means.
+
+  Returns:
+    (train batches, step(state, batch) -> (state, metric sums), the
+    function that turns summed metrics into the logged means).
+  """
+  replicated = parallel.replicated(mesh)
+  batch_sharded = parallel.batch_sharded(mesh)
+  if config.objective == 'xent':
+    batches = input_pipeline.train_iterator(
+        config, data.train_store, data.train_records, data.vocab,
+        start_step=start_step, **process)
+    step = jax.jit(
+        functools.partial(step_lib.train_step, model=model, tx=tx,
+                          attention_penalty=config.attention_penalty),
+        in_shardings=(replicated, batch_sharded),
+        out_shardings=(replicated, replicated), donate_argnums=0)
+    return batches, step, losses.normalize
+  references = reference_batches.image_references(input_pipeline.make_examples(
+      data.train_store, data.train_records, data.vocab,
+      config.max_caption_len))
+  # SCST's idf comes from the training references (Rennie et al.).
+  doc_freqs = jax.device_put(cider.document_frequencies(
+      references.references_MRT, data.vocab.size), replicated)
+  batches = reference_batches.ImageBatches(
+      references, batch_size=config.batch_size, seed=config.seed,
+      cache_features=config.cache_features, **process).iterator(start_step)
+  scst_step = jax.jit(
+      scst.make_step(model, tx, config),
+      in_shardings=(replicated, batch_sharded, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  logging.info('SCST on %d training images: %d samples each, %s baseline',
+               len(references), config.scst_samples, config.scst_baseline)
+  return (batches, lambda state, batch: scst_step(state, batch, doc_freqs),
+          scst.normalize)
+
+
+def _restore_or_init(workdir: pathlib.Path, init_fn: Callable, sharding,
+                     start_fn: Callable | None = None
+                     ) -> state_lib.TrainState:
   """The newest checkpoint that restores completely, or a fresh state.
+
+  A fresh state is `start_fn(init_fn())` when start_fn is given (it puts in
+  config.init_from's parameters).
 
   Newer steps that cannot be restored are moved aside, by process 0 once
   every process has chosen the same step (the choice is deterministic).
@@ -167,7 +223,7 @@ def _restore_or_init(workdir: pathlib.Path, init_fn: Callable,
   restored = checkpoints.restore_newest(
       workdir, checkpoints.abstract_tree(jax.eval_shape(init_fn), sharding))
   if restored is None:
-    return init_fn()
+    return start_fn(init_fn()) if start_fn else init_fn()
   step, state, skipped = restored
   parallel.sync_processes('capjax.train.restored')
   for damaged, reason in skipped:
@@ -217,18 +273,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharded = parallel.batch_sharded(mesh)
   init_fn = functools.partial(state_lib.create_train_state, model, tx,
                               data.feature_shape_LD, config.seed)
+  abstract_params = state_lib.abstract_params(model, data.feature_shape_LD)
+  source = init_from.source(config)
+
+  def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
+    params = jax.device_put(init_from.params(source, abstract_params),
+                            replicated)
+    return state.replace(params=params, opt_state=jax.jit(
+        tx.init, out_shardings=replicated)(params))
+
   state = _restore_or_init(workdir_path,
                            jax.jit(init_fn, out_shardings=replicated),
-                           replicated)
+                           replicated,
+                           start_from_source if source else None)
   manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
-  best = best_lib.BestKeeper(
-      workdir_path, config,
-      state_lib.abstract_params(model, data.feature_shape_LD))
-  p_train_step = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx,
-                        attention_penalty=config.attention_penalty),
-      in_shardings=(replicated, batch_sharded),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+  best = best_lib.BestKeeper(workdir_path, config, abstract_params)
   p_eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),
                         in_shardings=(replicated, batch_sharded),
                         out_shardings=replicated)
@@ -241,9 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         num_examples=config.num_eval_examples, **process)
 
   step = int(state.step)
-  train_batches = input_pipeline.train_iterator(
-      config, data.train_store, data.train_records, data.vocab,
-      start_step=step, **process)
+  train_batches, p_train_step, normalize = _objective(
+      config, data, model, tx, mesh, step, process)
   reporter = reporting.Reporter(workdir_path, write_files=is_chief)
   timer = reporting.StepTimer(step, config.num_train_steps)
   pending: list[tuple[int, dict]] = []  # per-step metrics not yet looked at
@@ -269,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           host_metrics = jax.device_get(pending)
           pending = []
           _raise_if_non_finite(host_metrics, last_saved, workdir_path)
-          train = losses.normalize(_sum_metrics(host_metrics))
+          train = normalize(_sum_metrics(host_metrics))
           reporting.log_train(step, config.num_train_steps, train,
                               *timer.rate_and_eta(step))
           reporter.write(step, 'train', train)

@@ -110,6 +110,6 @@ def read_metrics(workdir: str | os.PathLike[str]) -> dict[str, list[dict]]:
 
 def log_train(step: int, total: int, metrics: dict[str, float],
               rate: float, eta: float) -> None:
-  logging.info('step %d/%d | loss %.4f | acc %.3f | %.2f steps/s | ETA %s',
-               step, total, metrics['loss'], metrics['accuracy'], rate,
+  logging.info('step %d/%d | %s | %.2f steps/s | ETA %s', step, total,
+               ' | '.join(f'{k} {v:.4f}' for k, v in metrics.items()), rate,
                format_duration(eta))

@@ -1,0 +1,51 @@
+r"""Flickr8k, stage 2: self-critical training on CIDEr-D (SCST).
+
+Stage 1 is experiments/flickr8k_inception.py (cross-entropy); this config
+starts from that workdir's best checkpoint, with its vocabulary and
+features, a new optimizer and a new workdir, and trains on the CIDEr-D of
+5 sampled captions per image against a greedy baseline.
+
+  DATA=~/data/flickr8k
+  FEATURES=~/capjax/features/flickr8k_inception
+  # Stage 1, as in experiments/flickr8k_inception.py:
+  python -m capjax.train --config experiments/flickr8k_inception.py \
+      --config.data_dir $DATA --config.feature_dir $FEATURES \
+      --workdir ~/capjax/runs/flickr8k
+  # Stage 2:
+  python -m capjax.train --config experiments/flickr8k_scst.py \
+      --config.data_dir $DATA --config.feature_dir $FEATURES \
+      --config.init_from ~/capjax/runs/flickr8k \
+      --workdir ~/capjax/runs/flickr8k_scst
+  python -m capjax.evaluate --workdir ~/capjax/runs/flickr8k_scst --split test
+"""
+
+import importlib.util
+import pathlib
+
+
+def _stage_one_config():
+  """experiments/flickr8k_inception.py's config, from the file beside this."""
+  path = pathlib.Path(__file__).with_name('flickr8k_inception.py')
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  config = _stage_one_config()
+  config.objective = 'scst'
+  config.scst_samples = 5
+  config.scst_baseline = 'greedy'
+  # Rennie et al. and ruotianluo/self-critical.pytorch fine-tune with a
+  # learning rate 10-20x below cross-entropy's; sampling is the noise that
+  # dropout was for.
+  config.learning_rate = 5e-5
+  config.dropout_rate = 0.0
+  # The batch counts images (each with K samples), not captions.
+  config.batch_size = 64
+  config.num_train_steps = 3_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 250
+  config.checkpoint_every_steps = 250
+  return config
