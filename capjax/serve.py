@@ -18,6 +18,7 @@ from absl import logging
 from capjax import errors
 from capjax import inference
 from capjax import programs
+from capjax.data import images
 from capjax.serving import app as app_lib
 from capjax.serving import protocol
 from capjax.serving import server as server_lib
@@ -76,8 +77,9 @@ _MAX_BODY_BYTES = flags.DEFINE_integer(
     'max_body_bytes', 10 * 2**20, 'Largest request body or fetched image.',
     lower_bound=1)
 _MAX_PIXELS = flags.DEFINE_integer(
-    'max_pixels', 25_000_000, 'Largest image (width * height).',
-    lower_bound=1)
+    'max_pixels', images.MAX_PIXELS, 'Largest image (width * height); '
+    "the default is every capjax program's. --max_decode_mb bounds the "
+    'memory too.', lower_bound=1)
 _MAX_DECODE_MB = flags.DEFINE_integer(
     'max_decode_mb', 512, 'Most memory decoding one image may take, '
     'estimated from its header before decoding; larger images get 413. '

@@ -68,7 +68,7 @@ class Options:
   max_wait_s: float = 0.005
   max_queue: int = 64
   max_body_bytes: int = 10 * 2**20
-  max_pixels: int = 25_000_000
+  max_pixels: int = images.MAX_PIXELS
   max_decode_bytes: int = 512 * 2**20
   decode_workers: int = 2
   max_beam_size: int = 4
