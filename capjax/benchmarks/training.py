@@ -8,11 +8,9 @@ buckets' frequencies in two epochs of batches; the tutorial pads every
 caption to the longest.
 """
 
-import functools
 from typing import Any
 
 from absl import logging
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
@@ -26,29 +24,8 @@ from capjax.data import datasets
 from capjax.data import schedule
 from capjax.data import vocab as vocab_lib
 from capjax.testing import real_data
-from capjax.training import state as state_lib
-from capjax.training import step as step_lib
 
 LENGTHS = (16, 32, 48)
-
-
-class CapjaxTrainer:
-  """capjax's jitted train step, its state donated and kept between calls."""
-
-  def __init__(self):
-    config = default.get_config()
-    self.model = workload.model()
-    tx = state_lib.make_optimizer(config)
-    self._state = state_lib.create_train_state(
-        self.model, tx, (workload.NUM_LOCATIONS, workload.FEATURE_DIM),
-        config.seed)
-    self._step = jax.jit(
-        functools.partial(step_lib.train_step, model=self.model, tx=tx,
-                          attention_penalty=0.0), donate_argnums=0)
-
-  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-    self._state, _ = self._step(self._state, batch)
-    return self._state.params
 
 
 def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
@@ -84,7 +61,7 @@ def bucket_frequencies(lengths: np.ndarray, image_index: np.ndarray,
 
 def bench_training(repeats: int) -> dict[str, Any]:
   """Captions/s of both trainers at fixed lengths and on real lengths."""
-  capjax_trainer = CapjaxTrainer()
+  capjax_trainer = workload.CapjaxTrainer()
   tutorial_trainer = tutorial.TutorialTrainer()
   rng = np.random.default_rng(0)
   features = workload.random_features(rng, workload.BATCH_SIZE)

@@ -17,15 +17,19 @@ embedding half of the GRU input projection, fc1 and fc2) runs outside the
 scan, batched over all time steps.
 """
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from capjax import errors
+
+# Configs are only read here: ml_collections, absent on hosts that run the
+# model alone, is needed by type checkers only.
+if TYPE_CHECKING:
+  import ml_collections
 
 Array = jax.Array
 Dtype = Any
@@ -270,7 +274,7 @@ class Captioner(nn.Module):
     return self.head(h_BTU, deterministic), attention_BTL
 
 
-def from_config(config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:
+def from_config(config: 'ml_collections.ConfigDict', vocab_size: int) -> Captioner:
   """The Captioner a config describes."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if config.dtype not in dtypes:

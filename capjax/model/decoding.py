@@ -9,10 +9,9 @@ and W1 run once per image, before the search loop (capjax.model.search).
 """
 
 import functools
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import jax
-import ml_collections
 import numpy as np
 
 from capjax import errors
@@ -20,10 +19,15 @@ from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import search
 
+# Configs are only read here: ml_collections, absent on hosts that run the
+# model alone, is needed by type checkers only.
+if TYPE_CHECKING:
+  import ml_collections
+
 Array = jax.Array
 
 
-def max_caption_tokens(config: ml_collections.ConfigDict) -> int:
+def max_caption_tokens(config: 'ml_collections.ConfigDict') -> int:
   """The default max_len: the longest caption trained on, less <start>."""
   return config.max_caption_len - 1
 

@@ -1,16 +1,20 @@
 """The train state and the optimizer that updates it."""
 
 import functools
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from capjax import errors
 from capjax.model import captioner
+
+# Configs are only read here: ml_collections, absent on hosts that run the
+# model alone, is needed by type checkers only.
+if TYPE_CHECKING:
+  import ml_collections
 
 
 @flax.struct.dataclass
@@ -23,7 +27,7 @@ class TrainState:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    config: 'ml_collections.ConfigDict') -> optax.GradientTransformation:
   """Adam with the configured schedule and optional global-norm clipping.
 
   The optimizer state has one layout whatever the schedule and clipping (a
@@ -41,11 +45,17 @@ def make_optimizer(
     raise errors.UserError(
         "config.schedule must be 'constant' or 'warmup_cosine', got "
         f'{config.schedule!r}')
-  clip_norm = config.grad_clip_norm or float('inf')
+  return adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+              eps=config.adam_eps, grad_clip_norm=config.grad_clip_norm)
+
+
+def adam(learning_rate: float | optax.Schedule, *, b1: float, b2: float,
+         eps: float, grad_clip_norm: float) -> optax.GradientTransformation:
+  """Adam after global-norm clipping (grad_clip_norm 0: a clip that never
+  clips, so that the state's layout stays the same)."""
   return optax.chain(
-      optax.clip_by_global_norm(clip_norm),
-      optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                 eps=config.adam_eps))
+      optax.clip_by_global_norm(grad_clip_norm or float('inf')),
+      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
 def init_params(model: captioner.Captioner, rng: jax.Array,
