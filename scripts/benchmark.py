@@ -14,6 +14,7 @@ JAX's default device (a GPU if there is one); TensorFlow never sees a GPU
 here, so the tutorial baselines always run on the CPU.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -31,6 +32,7 @@ from capjax.benchmarks import flops
 from capjax.benchmarks import harness
 from capjax.benchmarks import pipeline
 from capjax.benchmarks import report as report_lib
+from capjax.benchmarks import scst
 from capjax.benchmarks import training
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmark_results',
@@ -63,7 +65,13 @@ def main(argv):
       'peak_flops': harness.matmul_peak_flops(repeats)}
   report['decoding'] = decoding.bench_decoding(
       repeats, _DECODE_LEN.value, tutorial_images=1 if quick else 2)
+  # PyTorch is optional (the bench extra): without it, no PyTorch rows.
+  if importlib.util.find_spec('torch') is not None:
+    from capjax.benchmarks import torch_baseline  # pylint: disable=g-import-not-at-top
+    report['torch'] = torch_baseline.bench_torch(repeats, _DECODE_LEN.value,
+                                                 quick)
   report['cider'] = cider.bench_cider(repeats)
+  report['scst'] = scst.bench_scst(repeats)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     report['pipeline_examples_per_s'] = pipeline.bench_pipeline(

@@ -3,6 +3,8 @@
 from capjax.benchmarks import flops
 from capjax.benchmarks import training
 
+_TORCH = ('capjax', 'torch_eager', 'torch_compiled')
+
 
 def _row(name, capjax, baseline, ratio, target):
   met = '' if target is None else ('yes' if ratio >= target else 'NO')
@@ -61,6 +63,15 @@ def table_rows(report: dict) -> list[list[str]]:
         'pycocoevalcap (ms, lower is better)', f"{1e3 * c['capjax_s']:.1f}",
         f"{1e3 * c['pycocoevalcap_s']:.0f}",
         c['pycocoevalcap_s'] / c['capjax_s'], 20))
+  s = report.get('scst')
+  if s:
+    rows.append(_row(
+        f"SCST step, {s['captions']} sampled captions of {s['max_len']} "
+        f"tokens, vs a cross-entropy step on as many (ms; reward "
+        f"{s['reward_share']:.0%} of the step)",
+        f"{1e3 * s['scst_greedy_s']:.0f}", f"{1e3 * s['xent_s']:.0f}",
+        # At most 1.5x the cross-entropy step's time.
+        s['xent_s'] / s['scst_greedy_s'], 0.67))
   e = report['efficiency']
   rows.append([f"train step efficiency, T={e['length']} (model GFLOP/s "
                'vs measured float32 matmul peak)',
@@ -77,6 +88,47 @@ def table_rows(report: dict) -> list[list[str]]:
   return rows
 
 
+def _figure(rates: dict, key: str) -> str:
+  value = rates.get(key)
+  return '' if value is None else f'{value:.1f}'
+
+
+def _ratio(rates: dict, key: str) -> str:
+  value = rates.get(key)
+  return '' if value is None else f"{rates['capjax'] / value:.1f}x"
+
+
+def torch_lines(torch_report: dict) -> list[str]:
+  """The PyTorch baseline's table (capjax.benchmarks.torch_baseline)."""
+  t, d = torch_report['training'], torch_report['decoding']
+  named = [(f'training, T={length} (captions/s)', r)
+           for length, r in t['fixed_length'].items()]
+  if 'flickr8k_lengths' in t:
+    named.append(('training, Flickr8k lengths (captions/s; capjax buckets, '
+                  'PyTorch sorted and shrinking)', t['flickr8k_lengths']))
+  rows = [[name] + [r.get(f'{k}_captions_per_s') for k in _TORCH]
+          for name, r in named]
+  rows.append([f"greedy decoding, batch 64, {d['max_len']} tokens "
+               '(captions/s)'] + [d.get(f'{k}_captions_per_s') for k in _TORCH])
+  # Latency as its inverse, so that every ratio reads "capjax is Nx faster".
+  rows.append(['greedy decoding, batch 1 (captions/s = 1000 / latency ms)'] + [
+      1e3 / d[f'{k}_latency_ms'] if f'{k}_latency_ms' in d else None
+      for k in _TORCH])
+  lines = ['', '| vs PyTorch | capjax | PyTorch eager | PyTorch compiled '
+           '| capjax / eager | capjax / compiled |', '|---|---|---|---|---|---|']
+  for name, *values in rows:
+    rates = dict(zip(_TORCH, values))
+    lines.append('| ' + ' | '.join([
+        name, _figure(rates, 'capjax'), _figure(rates, 'torch_eager'),
+        _figure(rates, 'torch_compiled'), _ratio(rates, 'torch_eager'),
+        _ratio(rates, 'torch_compiled')]) + ' |')
+  for part in (t, d):
+    if part['torch_compiled_error']:
+      lines.append(f"\ntorch.compile failed: {part['torch_compiled_error']}")
+  lines.append(f"\nPyTorch {d['torch_version']} on {d['torch_device']}.")
+  return lines
+
+
 def markdown(report: dict) -> str:
   """The table, with the settings it was measured with."""
   s = report['settings']
@@ -84,6 +136,8 @@ def markdown(report: dict) -> str:
       '| benchmark | capjax | tutorial (TF) | ratio | target | met |',
       '|---|---|---|---|---|---|']
   lines += ['| ' + ' | '.join(row) + ' |' for row in table_rows(report)]
+  if 'torch' in report:
+    lines += torch_lines(report['torch'])
   extraction = report.get('extraction_images_per_s')
   if extraction:
     lines.append('')
