@@ -1,7 +1,7 @@
 """Feature extraction images/s, decoding included (no baseline).
 
-`patches` on `shapes` PNGs and `inception_v3` (random weights) on 640x480
-JPEGs.
+`patches` on `shapes` PNGs, and `inception_v3` (random weights) on 640x480
+JPEGs with each backend: Flax (capjax.model.inception) and Keras.
 """
 
 import json
@@ -19,7 +19,8 @@ from capjax.data import extractors
 
 def _extraction_rate(config, split: str, feature_dir: pathlib.Path) -> float:
   extractor = extractors.make_extractor(config)
-  extractor(np.zeros((1, 8, 8, 3), np.uint8))  # build and trace untimed
+  # Built and compiled untimed, at the batch size extraction uses.
+  extractor(np.zeros((config.extract_batch_size, 8, 8, 3), np.uint8))
   start = time.perf_counter()
   store = extraction.extract_split(config, split, feature_dir, extractor)
   return len(store) / (time.perf_counter() - start)
@@ -46,7 +47,7 @@ def _write_jpegs(tmp: pathlib.Path, num_images: int) -> str:
 
 def bench_extraction(tmp: pathlib.Path, patch_images: int,
                      inception_images: int) -> dict[str, float]:
-  """Images/s of the `patches` and `inception_v3` extractors."""
+  """Images/s of `patches` and of `inception_v3` on JAX and on Keras."""
   config = default.get_config()
   config.data_dir = str(tmp / 'shapes')
   config.shapes.num_train = patch_images
@@ -55,6 +56,8 @@ def bench_extraction(tmp: pathlib.Path, patch_images: int,
   split = _write_jpegs(tmp, inception_images)
   config.dataset, config.data_dir = 'coco_json', str(tmp)
   config.extractor, config.extractor_weights = 'inception_v3', 'none'
-  results['inception_v3'] = _extraction_rate(config, split,
-                                             tmp / 'f_inception')
+  for backend in ('jax', 'keras'):
+    config.extractor_backend = backend
+    results[f'inception_v3_{backend}'] = _extraction_rate(
+        config, split, tmp / f'f_inception_{backend}')
   return results
