@@ -15,6 +15,7 @@ import functools
 import importlib.abc
 import importlib.util
 import logging as py_logging
+import os
 import pathlib
 import sys
 import types
@@ -135,7 +136,25 @@ def _run_main(main: Main, tensorflow_gpus: bool, argv: list[str]) -> None:
   try:
     main(argv)
   except errors.UserError as e:
-    sys.exit(f'error: {e}')
+    _exit_failed(f'error: {e}')
+
+
+def _exit_failed(message: str) -> None:
+  """Prints the one-line failure and exits with status 1.
+
+  A process of a multi-process job exits at once: every process of a failed
+  job gets here (training.parallel.agreed), and the distributed runtime's
+  shutdown at exit would wait on peers that are gone, for minutes. Nothing
+  is left to save: training waits for its checkpoints before it raises.
+  """
+  print(message, file=sys.stderr)
+  jax = sys.modules.get('jax')
+  if jax is not None and jax.distributed.is_initialized():
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
+  sys.exit(1)
 
 
 def run(main: Main, *, tensorflow_gpus: bool = False) -> None:

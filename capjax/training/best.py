@@ -101,6 +101,9 @@ class BestKeeper:
     elif record is not None:
       logging.info('the best so far: %s', record.describe())
     self._record = record
+    # Creating the manager creates the directory (process 0): a process
+    # still reading it above could see it half made and call it damaged.
+    parallel.sync_processes('capjax.train.best_read')
     self._manager = checkpoints.best_manager(
         workdir, self._metric, config_checks.BEST_METRICS[self._metric])
 
