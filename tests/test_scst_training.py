@@ -1,6 +1,7 @@
 """SCST through the training loop: init_from, exact resume, checks, reports."""
 
 import json
+import shutil
 
 import jax
 import pytest
@@ -48,9 +49,15 @@ def test_scst_starts_from_init_from_and_resumes_exactly(
 
   config = _scst_config(shapes_dir, source)
   straight = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
-  loop.train_and_evaluate(_scst_config(shapes_dir, source, num_train_steps=2),
+  # The resumed run's source is a copy, gone before the resume: a started
+  # workdir has what it took from it.
+  copy = tmp_path / 'source'
+  shutil.copytree(source, copy)
+  loop.train_and_evaluate(_scst_config(shapes_dir, copy, num_train_steps=2),
                           str(tmp_path / 'resumed'))
-  resumed = loop.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  shutil.rmtree(copy)
+  resumed = loop.train_and_evaluate(_scst_config(shapes_dir, copy),
+                                    str(tmp_path / 'resumed'))
   assert int(resumed.step) == 4
   testing_lib.leaves_equal(resumed.params, straight.params)
   testing_lib.leaves_equal(resumed.opt_state, straight.opt_state)

@@ -91,13 +91,14 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         files.read_json(features_path), info,
         expected_what="this workdir's model", got_what='the training features')
 
-  source = init_from.source(config)
-  if source is not None:
-    init_from.check_features(source, info)
   vocab_path = workdir / workdir_lib.VOCAB_FILE
+  # Only a new workdir reads init_from: its vocabulary is then copied here,
+  # so that a resumed run no longer needs the source.
+  source = None if vocab_path.exists() else init_from.source(config)
   if vocab_path.exists():
     vocab = vocab_lib.Vocab.load(vocab_path)
   elif source is not None:
+    init_from.check_features(source, info)
     vocab = init_from.vocab(source)
   else:
     vocab = vocab_lib.Vocab.build(
@@ -274,9 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   init_fn = functools.partial(state_lib.create_train_state, model, tx,
                               data.feature_shape_LD, config.seed)
   abstract_params = state_lib.abstract_params(model, data.feature_shape_LD)
-  source = init_from.source(config)
 
   def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
+    source = init_from.source(config)
     params = jax.device_put(init_from.params(source, abstract_params),
                             replicated)
     return state.replace(params=params, opt_state=jax.jit(
@@ -285,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = _restore_or_init(workdir_path,
                            jax.jit(init_fn, out_shardings=replicated),
                            replicated,
-                           start_from_source if source else None)
+                           start_from_source if config.init_from else None)
   manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
   best = best_lib.BestKeeper(workdir_path, config, abstract_params)
   p_eval_step = jax.jit(functools.partial(step_lib.eval_step, model=model),
