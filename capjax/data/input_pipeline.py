@@ -259,6 +259,32 @@ def tf_iterator(batch_fn: Callable[[int], Batch], start: int,
     yield dict(zip(keys, values))
 
 
+def train_batches(config, store: feature_store.FeatureStore,
+                  records: Sequence[datasets.Record], vocab: vocab_lib.Vocab,
+                  *, process_index: int = 0,
+                  process_count: int = 1) -> TrainBatches:
+  """The training batches of this process (see the module docstring).
+
+  Args:
+    config: batch_size (global), seed, max_caption_len, bucket_lengths,
+      shuffle_buffer, cache_features, group_by_length.
+    store: the training split's features.
+    records: the training split's records.
+    vocab: the vocabulary.
+    process_index: this process (jax.process_index()).
+    process_count: all processes (jax.process_count()).
+  """
+  examples = make_examples(store, records, vocab, config.max_caption_len)
+  batch_schedule = schedule.BatchSchedule(
+      examples.lengths, examples.image_index, batch_size=config.batch_size,
+      seed=config.seed, bucket_lengths=config.bucket_lengths,
+      shuffle_buffer=config.shuffle_buffer,
+      group_by_length=config.group_by_length, process_index=process_index,
+      process_count=process_count)
+  return TrainBatches(examples, batch_schedule,
+                      cache_features=config.cache_features)
+
+
 def train_iterator(config, store: feature_store.FeatureStore,
                    records: Sequence[datasets.Record],
                    vocab: vocab_lib.Vocab, *, start_step: int = 0,
@@ -276,15 +302,9 @@ def train_iterator(config, store: feature_store.FeatureStore,
     process_index: this process (jax.process_index()).
     process_count: all processes (jax.process_count()).
   """
-  examples = make_examples(store, records, vocab, config.max_caption_len)
-  batch_schedule = schedule.BatchSchedule(
-      examples.lengths, examples.image_index, batch_size=config.batch_size,
-      seed=config.seed, bucket_lengths=config.bucket_lengths,
-      shuffle_buffer=config.shuffle_buffer,
-      group_by_length=config.group_by_length, process_index=process_index,
-      process_count=process_count)
-  return TrainBatches(examples, batch_schedule,
-                      cache_features=config.cache_features).iterator(start_step)
+  return train_batches(config, store, records, vocab,
+                       process_index=process_index,
+                       process_count=process_count).iterator(start_step)
 
 
 def eval_iterator(config, store: feature_store.FeatureStore,

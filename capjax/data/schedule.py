@@ -105,6 +105,11 @@ class BatchSchedule:
     self._orders: collections.OrderedDict[
         int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
+  @property
+  def mean_batch_tokens(self) -> float:
+    """The expected number of target tokens (<end> in, <start> out) of a batch."""
+    return self.batch_size * float(np.mean(self._lengths - 1))
+
   def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(order (N,) example ids, block_starts (num_blocks + 1,) positions)."""
     with self._lock:

@@ -66,14 +66,24 @@ def attention_penalty_sums(attention_BTL: Array,
 
 
 def caption_loss(logits_BTV: Array, attention_BTL: Array, targets_BT: Array,
-                 attention_penalty: float = 0.0) -> tuple[Array, dict[str, Array]]:
+                 attention_penalty: float = 0.0,
+                 token_normalizer: float | None = None
+                 ) -> tuple[Array, dict[str, Array]]:
   """The training objective and its sums.
 
-  loss = mean cross-entropy over real tokens
+  loss = summed cross-entropy over real tokens / token_normalizer
          + attention_penalty * mean per-caption attention penalty.
+
+  token_normalizer None divides by the batch's own token count (the mean
+  over its tokens). A fixed normalizer (the expected token count of a batch)
+  gives every token of the data set the same weight whatever its batch
+  holds, which batches grouped by length need: divided by their own counts,
+  batches of short captions would weigh each of their tokens more.
   """
   sums = cross_entropy_sums(logits_BTV, targets_BT)
-  loss = sums['loss_sum'] / jnp.maximum(sums['token_count'], 1.0)
+  denominator = (jnp.maximum(sums['token_count'], 1.0)
+                 if token_normalizer is None else token_normalizer)
+  loss = sums['loss_sum'] / denominator
   if attention_penalty:
     penalty = attention_penalty_sums(attention_BTL, targets_BT)
     sums.update(penalty)

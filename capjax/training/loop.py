@@ -182,15 +182,19 @@ def _objective(config: ml_collections.ConfigDict, data: TrainingData,
   replicated = parallel.replicated(mesh)
   batch_sharded = parallel.batch_sharded(mesh)
   if config.objective == 'xent':
-    batches = input_pipeline.train_iterator(
-        config, data.train_store, data.train_records, data.vocab,
-        start_step=start_step, **process)
+    batches = input_pipeline.train_batches(
+        config, data.train_store, data.train_records, data.vocab, **process)
+    # Batches grouped by length hold very different token counts: dividing
+    # by a fixed count keeps every token's weight (losses.caption_loss).
+    normalizer = (batches.schedule.mean_batch_tokens
+                  if config.group_by_length else None)
     step = jax.jit(
         functools.partial(step_lib.train_step, model=model, tx=tx,
-                          attention_penalty=config.attention_penalty),
+                          attention_penalty=config.attention_penalty,
+                          token_normalizer=normalizer),
         in_shardings=(replicated, batch_sharded),
         out_shardings=(replicated, replicated), donate_argnums=0)
-    return batches, step, losses.normalize
+    return batches.iterator(start_step), step, losses.normalize
   references = reference_batches.image_references(input_pipeline.make_examples(
       data.train_store, data.train_records, data.vocab,
       config.max_caption_len))

@@ -14,9 +14,13 @@ Batch = dict[str, jax.Array]
 
 def train_step(state: state_lib.TrainState, batch: Batch, *,
                model: captioner.Captioner, tx: optax.GradientTransformation,
-               attention_penalty: float
+               attention_penalty: float,
+               token_normalizer: float | None = None
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One optimisation step on the global mean loss of a batch.
+  """One optimisation step on the global loss of a batch.
+
+  token_normalizer: see capjax.model.losses.caption_loss (None: the mean
+  over the batch's tokens).
 
   Returns the new state and the batch's metric sums (see capjax.model.losses).
   """
@@ -27,7 +31,7 @@ def train_step(state: state_lib.TrainState, batch: Batch, *,
         {'params': params}, batch['features'], batch['tokens'],
         deterministic=False, rngs={'dropout': dropout_rng})
     return losses.caption_loss(logits, attention, batch['tokens'][:, 1:],
-                               attention_penalty)
+                               attention_penalty, token_normalizer)
 
   (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
