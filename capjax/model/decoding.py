@@ -42,8 +42,8 @@ def model_step_fn(model: captioner.Captioner, params: Any) -> search.StepFn:
   return step_fn
 
 
-def _encode(model: captioner.Captioner, params: Any,
-            features_BLD: Array) -> tuple[captioner.Encoded, Array]:
+def encode(model: captioner.Captioner, params: Any,
+           features_BLD: Array) -> tuple[captioner.Encoded, Array]:
   """Encoder outputs and W1 keys (once per image) and the initial state."""
   if features_BLD.ndim != 3:
     raise ValueError(f'expected features (B, L, D), got shape '
@@ -61,7 +61,7 @@ def greedy_captions(params: Any, features_BLD: Array, *,
                     model: captioner.Captioner,
                     max_len: int) -> search.Captions:
   """Greedy search, compiled once per (model, max_len, features shape)."""
-  encoded, h_BU = _encode(model, params, features_BLD)
+  encoded, h_BU = encode(model, params, features_BLD)
   return search.greedy_search(model_step_fn(model, params), encoded, h_BU,
                               max_len=max_len)
 
@@ -71,7 +71,7 @@ def sampled_captions(params: Any, features_BLD: Array, rng: Array,
                      temperature: float | Array, *, model: captioner.Captioner,
                      max_len: int) -> search.Captions:
   """Temperature sampling; any temperature runs the same compiled loop."""
-  encoded, h_BU = _encode(model, params, features_BLD)
+  encoded, h_BU = encode(model, params, features_BLD)
   return search.temperature_sampling(
       model_step_fn(model, params), encoded, h_BU, rng, max_len=max_len,
       temperature=temperature)
@@ -82,7 +82,7 @@ def beam_captions(params: Any, features_BLD: Array, *,
                   model: captioner.Captioner, max_len: int, beam_size: int,
                   alpha: float | Array = 0.0) -> search.Beams:
   """Beam search; any alpha runs the same compiled loop."""
-  encoded, h_BU = _encode(model, params, features_BLD)
+  encoded, h_BU = encode(model, params, features_BLD)
   return search.beam_search(model_step_fn(model, params), encoded, h_BU,
                             max_len=max_len, beam_size=beam_size, alpha=alpha)
 

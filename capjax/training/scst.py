@@ -103,16 +103,6 @@ def baseline_of(reward_BK: Array, greedy_reward_B: Array | None,
       num_samples - 1)
 
 
-def _encoded_and_state(params: Any, features_BLD: Array,
-                       model: captioner.Captioner) -> tuple[Any, Array]:
-  variables = {'params': params}
-  encoded = model.apply(variables, features_BLD,
-                        method=captioner.Captioner.encode)
-  h_BU = model.apply(variables, features_BLD.shape[0],
-                     method=captioner.Captioner.initial_state)
-  return encoded, h_BU
-
-
 def cider_reward(candidates_BCT: Array, batch: Batch,
                  doc_freqs: cider.DocumentFrequencies) -> Array:
   """SCST's reward: each candidate's CIDEr-D against its image's references."""
@@ -133,7 +123,7 @@ def sample_and_score(params: Any, batch: Batch, rng: Array,
   params = jax.lax.stop_gradient(params)
   features_BLD = batch['features']
   batch_size = features_BLD.shape[0]
-  encoded, h_BU = _encoded_and_state(params, features_BLD, model)
+  encoded, h_BU = decoding.encode(model, params, features_BLD)
   step_fn = decoding.model_step_fn(model, params)
   samples = search.temperature_sampling(
       step_fn, _repeat(encoded, num_samples), _repeat(h_BU, num_samples), rng,
