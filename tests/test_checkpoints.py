@@ -1,5 +1,6 @@
 """Checkpoints: parameters-only restores, damaged steps, resuming past them."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from capjax import errors
 from capjax import inference
 from capjax.data import vocab as vocab_lib
+from capjax.testing import serving
 from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
 from capjax.training import loop
@@ -182,39 +184,82 @@ def test_every_damaged_file_loads_or_gives_one_line_and_training_resumes(
   assert 'DamagedCheckpointError' in outcomes
 
 
+def _checkpoint_names(workdir: pathlib.Path) -> set[str]:
+  try:
+    return set(os.listdir(workdir / 'checkpoints'))
+  except FileNotFoundError:
+    return set()
+
+
+def _writing(names: set[str]) -> bool:
+  """Whether a step is being written (Orbax renames it once it is whole)."""
+  return any('tmp' in name for name in names)
+
+
+def _wait_until(process: subprocess.Popen, workdir: pathlib.Path,
+                moment) -> None:
+  """Polls the workdir's checkpoints until `moment(names)` or the process ends.
+
+  Every millisecond: a save lasts about 200.
+  """
+  deadline = time.monotonic() + 30
+  while (not moment(_checkpoint_names(workdir)) and process.poll() is None
+         and time.monotonic() < deadline):
+    time.sleep(0.001)
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path,
                                                            shapes_dir):
   # A checkpoint every 5 steps (a save takes about as long as 5 steps
   # here), so that a kill lands while one is written, or just before or
-  # after.
-  steps = 1200
+  # after. The kills take turns: at a random moment; at a random moment of
+  # a step's write; just as a step is committed (when Orbax deletes the
+  # oldest one, keep_checkpoints=2).
+  steps = 300
+  fields = dict(num_train_steps=steps, eval_every_steps=steps,
+                keep_checkpoints=2, num_caption_eval_images=0)
   config = testing_lib.tiny_config(
-      shapes_dir, num_train_steps=steps, checkpoint_every_steps=5,
-      log_every_steps=5, eval_every_steps=steps, keep_checkpoints=2,
-      num_caption_eval_images=0)
+      shapes_dir, checkpoint_every_steps=5, log_every_steps=5, **fields)
   uninterrupted = loop.train_and_evaluate(
       testing_lib.tiny_config(shapes_dir, num_train_steps=steps,
                               checkpoint_every_steps=steps,
                               eval_every_steps=steps, log_every_steps=100,
                               num_caption_eval_images=0),
       str(tmp_path / 'uninterrupted'))
+  # The killed processes share compiled programs: each starts in seconds.
+  env = serving.compilation_cache_env(tmp_path / 'compilation_cache')
   workdir = tmp_path / 'killed'
   rng = np.random.default_rng(0)
-  kills = 0
-  for _ in range(20):
-    process = testing_lib.start_train(workdir, config)
-    # Once steps run (and save), a random moment within the next 3 s.
+  kills = killed_while_writing = 0
+  for trial in range(9):
+    process = testing_lib.start_train(workdir, config, env=env)
+    # Once steps run (and save), a random moment within the next 0.5 s
+    # (two saves), then the moment of the trial's kind.
     if testing_lib.wait_for_line(process, f'/{steps} | loss') is None:
       break  # it finished
-    time.sleep(rng.uniform(0.0, 3.0))
+    time.sleep(rng.uniform(0.0, 0.5))
+    if trial % 3 == 1:  # during a write: a save lasts about 0.2 s
+      _wait_until(process, workdir, _writing)
+      time.sleep(rng.uniform(0.0, 0.1))
+    elif trial % 3 == 2:  # just as a new step is committed
+      committed = {n for n in _checkpoint_names(workdir) if n.isdigit()}
+      _wait_until(process, workdir, lambda names: bool(
+          {n for n in names if n.isdigit()} - committed))
     process.kill()
     process.wait()
     kills += 1
-  assert kills == 20
+    killed_while_writing += _writing(_checkpoint_names(workdir))
+  assert kills == 9
+  # Some kills left a step half written.
+  assert killed_while_writing >= 1
   steps_done = checkpoints.restore_params(workdir)[0]
   assert 0 < steps_done < steps
-  result = testing_lib.run_train(workdir, config)
+  # How often the resumed run saves does not change what it computes (the
+  # uninterrupted run saved once): it saves once too.
+  result = testing_lib.run_train(workdir, testing_lib.tiny_config(
+      shapes_dir, checkpoint_every_steps=steps, log_every_steps=100,
+      **fields), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   testing_lib.leaves_equal(checkpoints.load_params(workdir),
                            uninterrupted.params)

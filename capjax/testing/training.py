@@ -51,12 +51,12 @@ def config_flags(config) -> list[str]:
   return flags
 
 
-def start_train(workdir, config) -> subprocess.Popen:
+def start_train(workdir, config, *, env=None) -> subprocess.Popen:
   """`python -m capjax.train` running in the background, its output piped."""
   return subprocess.Popen(
       [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
        *config_flags(config)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True)
+      stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> str | None:
