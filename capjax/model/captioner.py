@@ -5,7 +5,7 @@ E embedding size, U units, T time steps, V vocabulary size.
 
 The model follows the TensorFlow tutorial's equations exactly (see
 docs/design.md) and is organised so that one recurrent step serves both
-teacher-forced training (under `nn.scan`) and decoding (once per token):
+teacher-forced training (scanned over time) and decoding (once per token):
 
   encode(features_BLD)            -> Encoded(values_BLE, keys_BLU)  once per image
   token_inputs(tokens_BT)         -> GRU input projection of the embeddings
@@ -14,17 +14,18 @@ teacher-forced training (under `nn.scan`) and decoding (once per token):
 
 Everything that does not depend on the recurrence (W1 on the features, the
 embedding half of the GRU input projection, fc1 and fc2) runs outside the
-scan, batched over all time steps.
+scan, batched over all time steps. The step's equations and the scan's
+gradient are capjax.model.recurrence's; the modules here hold the parameters.
 """
 
 from typing import Any, TYPE_CHECKING
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from capjax import errors
+from capjax.model import recurrence
 
 # Configs are only read here: ml_collections, absent on hosts that run the
 # model alone, is needed by type checkers only.
@@ -48,17 +49,22 @@ def _shifted_uniform(scale: float):
   return init
 
 
-@flax.struct.dataclass
-class Encoded:
-  """Per-image work shared by every decoding step.
+class Linear(nn.Module):
+  """A dense layer's kernel (and bias), created in setup.
 
-  Attributes:
-    values_BLE: encoder outputs, the attention's values.
-    keys_BLU: W1 applied to the encoder outputs; independent of the step, so
-      computed once per image instead of once per token.
+  The recurrence reads its weights as arrays (capjax.model.recurrence), so
+  they must exist before anything calls them, unlike nn.Dense's, which are
+  created by the first call. The names are nn.Dense's.
   """
-  values_BLE: Array
-  keys_BLU: Array
+  in_features: int
+  features: int
+  use_bias: bool = True
+
+  def setup(self):
+    self.kernel = self.param('kernel', _kernel_init,
+                             (self.in_features, self.features))
+    if self.use_bias:
+      self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
 
 
 class Encoder(nn.Module):
@@ -74,53 +80,33 @@ class Encoder(nn.Module):
 
 
 class BahdanauAttention(nn.Module):
-  """Additive attention: `a = softmax(V tanh(W1 x + W2 h))` over positions."""
+  """Additive attention's weights: `a = softmax(V tanh(W1 x + W2 h))`.
+
+  W1 runs once per image (`keys`); W2 and V run at every step, in
+  capjax.model.recurrence.
+  """
   units: int
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    dense = lambda n, name, **kw: nn.Dense(
-        n, dtype=self.dtype, kernel_init=_kernel_init, name=name, **kw)
-    self.W1 = dense(self.units, 'W1')
-    self.W2 = dense(self.units, 'W2')
+    self.W1 = nn.Dense(self.units, dtype=self.dtype, kernel_init=_kernel_init,
+                       name='W1')
+    self.W2 = Linear(self.units, self.units, name='W2')
     # The tutorial's V has a bias, but softmax ignores a shift shared by all
     # positions: its true gradient is 0, and Adam would only amplify rounding
     # noise into random steps. capjax.convert drops it.
-    self.V = dense(1, 'V', use_bias=False)
+    self.V = Linear(self.units, 1, use_bias=False, name='V')
 
   def keys(self, values_BLE: Array) -> Array:
     """W1 x: depends only on the image, so it is computed once."""
     return self.W1(values_BLE)
 
-  def __call__(self, encoded: Encoded, query_BU: Array) -> tuple[Array, Array]:
-    """Returns the context (B, E) and the attention weights (B, L)."""
-    # Rematerialised: the backward pass recomputes the (B, L, U) tanh from the
-    # keys instead of storing it at every step (8 MB at the tutorial's sizes);
-    # the attention's forward and backward then run about 3x faster on a CPU.
-    score_BL = nn.checkpoint(_additive_scores)(self, encoded.keys_BLU,
-                                               self.W2(query_BU))
-    # Softmax in float32 even under bfloat16 compute: it normalises over L.
-    attention_BL = jax.nn.softmax(score_BL.astype(jnp.float32), axis=-1)
-    context_BE = jnp.einsum('bl,ble->be', attention_BL.astype(self.dtype),
-                            encoded.values_BLE)
-    return context_BE, attention_BL
-
-
-def _additive_scores(attention: BahdanauAttention, keys_BLU: Array,
-                     query_BU: Array) -> Array:
-  """`V tanh(W1 x + W2 h)`, given W1 x and W2 h: scores (B, L)."""
-  return attention.V(jnp.tanh(keys_BLU + query_BU[:, None, :]))[..., 0]
-
 
 class GRUCell(nn.Module):
-  """A GRU with Keras `reset_after=True` semantics, gates ordered (z, r, n).
+  """The weights of a GRU with Keras `reset_after=True` semantics.
 
-    x = [context; token] W_x + b_x        hh = h W_h + b_h
-    z = sigmoid(x_z + hh_z)    r = sigmoid(x_r + hh_r)
-    n = tanh(x_n + r * hh_n)   h' = z * h + (1 - z) * n
-
-  The parameters are Keras' own, one for one. Flax's GRUCell folds b_hz and
-  b_hr into b_x, which leaves the forward pass unchanged but not training:
+  The update itself is capjax.model.recurrence's. The parameters are
+  Keras' own, one for one. Flax's GRUCell folds b_hz and b_hr into b_x, which leaves the forward pass unchanged but not training:
   Adam scales each parameter's step separately, so two biases that add up move
   twice as far as their fold. The input kernel is split by rows into its
   context and token halves (Adam is elementwise, so a split changes nothing)
@@ -148,24 +134,6 @@ class GRUCell(nn.Module):
     """The token half of the input projection plus b_x: (B, T, 3U)."""
     kernel = self.token_kernel.astype(self.dtype)
     return embedded_BTE.astype(self.dtype) @ kernel + self.input_bias.astype(self.dtype)
-
-  def __call__(self, h_BU: Array, context_BE: Array, token_in_B3U: Array) -> Array:
-    """One GRU update from state h with input [context; token]."""
-    x_B3U = token_in_B3U + context_BE @ self.context_kernel.astype(self.dtype)
-    hh_B3U = (h_BU.astype(self.dtype) @ self.recurrent_kernel.astype(self.dtype)
-              + self.recurrent_bias.astype(self.dtype))
-    x_z, x_r, x_n = jnp.split(x_B3U, 3, axis=-1)
-    hh_z, hh_r, hh_n = jnp.split(hh_B3U, 3, axis=-1)
-    z = jax.nn.sigmoid(x_z + hh_z)
-    r = jax.nn.sigmoid(x_r + hh_r)
-    n = jnp.tanh(x_n + r * hh_n)
-    return z * h_BU.astype(self.dtype) + (1.0 - z) * n
-
-
-def _scan_step(model: 'Captioner', h_BU: Array, token_in_B3U: Array,
-               encoded: Encoded) -> tuple[Array, tuple[Array, Array]]:
-  h_BU, attention_BL = model.step(h_BU, token_in_B3U, encoded)
-  return h_BU, (h_BU, attention_BL)
 
 
 class Captioner(nn.Module):
@@ -201,10 +169,10 @@ class Captioner(nn.Module):
                         kernel_init=_kernel_init)
     self.dropout = nn.Dropout(self.dropout_rate)
 
-  def encode(self, features_BLD: Array) -> Encoded:
+  def encode(self, features_BLD: Array) -> recurrence.Encoded:
     """Encoder outputs and attention keys for a batch of feature grids."""
     values_BLE = self.encoder(features_BLD.astype(self.dtype))
-    return Encoded(values_BLE=values_BLE,
+    return recurrence.Encoded(values_BLE=values_BLE,
                    keys_BLU=self.attention.keys(values_BLE))
 
   def initial_state(self, batch_size: int) -> Array:
@@ -217,15 +185,25 @@ class Captioner(nn.Module):
     embedded_BTE = self.dropout(embedded_BTE, deterministic=deterministic)
     return self.gru.token_inputs(embedded_BTE)
 
+  def step_weights(self) -> recurrence.StepWeights:
+    """The weights of the recurrent step, cast to the compute dtype."""
+    weights = recurrence.StepWeights(
+        query_kernel_UU=self.attention.W2.kernel,
+        query_bias_U=self.attention.W2.bias,
+        score_kernel_U1=self.attention.V.kernel,
+        context_kernel_E3U=self.gru.context_kernel,
+        recurrent_kernel_U3U=self.gru.recurrent_kernel,
+        recurrent_bias_3U=self.gru.recurrent_bias)
+    return jax.tree_util.tree_map(lambda w: w.astype(self.dtype), weights)
+
   def step(self, h_BU: Array, token_in_B3U: Array,
-           encoded: Encoded) -> tuple[Array, Array]:
+           encoded: recurrence.Encoded) -> tuple[Array, Array]:
     """One recurrent step: attend with query h, then update the GRU.
 
     Returns the new state (B, U) and the attention weights (B, L).
     """
-    context_BE, attention_BL = self.attention(encoded, h_BU)
-    gru_state_BU = h_BU if self.carry_gru_state else jnp.zeros_like(h_BU)
-    return self.gru(gru_state_BU, context_BE, token_in_B3U), attention_BL
+    return recurrence.step(self.step_weights(), h_BU.astype(self.dtype),
+                           token_in_B3U, encoded, self.carry_gru_state)
 
   def head(self, h_xU: Array, deterministic: bool = True) -> Array:
     """fc2(fc1(h)) (no activation between, as in the tutorial); float32 logits."""
@@ -233,20 +211,16 @@ class Captioner(nn.Module):
     return self.fc2(self.fc1(h_xU)).astype(jnp.float32)
 
   def decode_step(self, h_BU: Array, token_B: Array,
-                  encoded: Encoded) -> tuple[Array, Array, Array]:
+                  encoded: recurrence.Encoded) -> tuple[Array, Array, Array]:
     """The tutorial decoder's call: (logits (B, V), new state, attention (B, L))."""
     token_in_B3U = self.token_inputs(token_B[:, None])[:, 0]
     h_BU, attention_BL = self.step(h_BU, token_in_B3U, encoded)
     return self.head(h_BU), h_BU, attention_BL
 
-  def unroll(self, encoded: Encoded, token_in_BT3U: Array) -> tuple[Array, Array]:
+  def unroll(self, encoded: recurrence.Encoded, token_in_BT3U: Array) -> tuple[Array, Array]:
     """Scans `step` over time from the zero state: states (B, T, U), attention (B, T, L)."""
-    scan = nn.scan(_scan_step, variable_broadcast='params',
-                   split_rngs={'params': False}, in_axes=(1, nn.broadcast),
-                   out_axes=1)
-    h0_BU = self.initial_state(token_in_BT3U.shape[0])
-    _, (h_BTU, attention_BTL) = scan(self, h0_BU, token_in_BT3U, encoded)
-    return h_BTU, attention_BTL
+    return recurrence.unroll(self.step_weights(), encoded, token_in_BT3U,
+                             self.carry_gru_state)
 
   def __call__(self, features_BLD: Array, tokens_BT: Array,
                deterministic: bool = True) -> tuple[Array, Array]:

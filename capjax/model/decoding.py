@@ -17,6 +17,7 @@ import numpy as np
 from capjax import errors
 from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
+from capjax.model import recurrence
 from capjax.model import search
 
 # Configs are only read here: ml_collections, absent on hosts that run the
@@ -43,7 +44,7 @@ def model_step_fn(model: captioner.Captioner, params: Any) -> search.StepFn:
 
 
 def encode(model: captioner.Captioner, params: Any,
-           features_BLD: Array) -> tuple[captioner.Encoded, Array]:
+           features_BLD: Array) -> tuple[recurrence.Encoded, Array]:
   """Encoder outputs and W1 keys (once per image) and the initial state."""
   if features_BLD.ndim != 3:
     raise ValueError(f'expected features (B, L, D), got shape '

@@ -32,6 +32,7 @@ import numpy as np
 from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import decoding
+from capjax.model import recurrence
 from capjax.model import search
 
 Array = jax.Array
@@ -57,15 +58,15 @@ class _Rows:
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _encode(params: Any, features_mLD: Array, *,
-            model: captioner.Captioner) -> captioner.Encoded:
+            model: captioner.Captioner) -> recurrence.Encoded:
   return model.apply({'params': params}, features_mLD,
                      method=captioner.Captioner.encode)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _insert(rows: _Rows, encoded: captioner.Encoded,
-            new_encoded: captioner.Encoded, slots_m: Array,
-            max_len_m: Array) -> tuple[_Rows, captioner.Encoded]:
+def _insert(rows: _Rows, encoded: recurrence.Encoded,
+            new_encoded: recurrence.Encoded, slots_m: Array,
+            max_len_m: Array) -> tuple[_Rows, recurrence.Encoded]:
   """New rows at slots_m; out-of-range slots pad the admission: dropped."""
   put = lambda a, b: a.at[slots_m].set(b, mode='drop')
   zeros = lambda a: put(a, jnp.zeros((len(slots_m),) + a.shape[1:], a.dtype))
@@ -81,7 +82,7 @@ def _insert(rows: _Rows, encoded: captioner.Encoded,
 
 
 def _step(step_fn: search.StepFn, rows: _Rows,
-          encoded: captioner.Encoded) -> _Rows:
+          encoded: recurrence.Encoded) -> _Rows:
   """One greedy step of every live row, as `search.greedy_search` takes it."""
   logits_nV, h_nU, attention_nL = step_fn(rows.h_nU, rows.token_n, encoded)
   log_probs_nV = search.token_log_probs(logits_nV)
@@ -105,7 +106,7 @@ def _step(step_fn: search.StepFn, rows: _Rows,
 
 
 @functools.partial(jax.jit, static_argnames=('model',), donate_argnums=(1,))
-def _steps(params: Any, rows: _Rows, encoded: captioner.Encoded, k: Array,
+def _steps(params: Any, rows: _Rows, encoded: recurrence.Encoded, k: Array,
            until_one_ends: Array, *,
            model: captioner.Captioner) -> tuple[_Rows, Array]:
   """Up to k steps, and how many were taken.
