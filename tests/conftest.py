@@ -2,6 +2,8 @@
 
 import pathlib
 
+import jax
+from jax.experimental.compilation_cache import compilation_cache as cc
 import pytest
 
 from capjax.testing import real_data
@@ -17,6 +19,30 @@ def shared_data() -> pathlib.Path:
         f'real test data not found: set {real_data.ENV} to a directory '
         'holding coco-mini/, flickr8k/ and flickr8k-1k/')
   return path
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, on for one module's tests.
+
+  For modules that run the training loop many times: each run jits its
+  steps afresh, and compiles the same programs again unless they are in
+  the cache. Every program still compiles once; what a test computes does
+  not change. Yields the cache's directory, which subprocesses may share
+  (`capjax.testing.serving.compilation_cache_env`).
+  """
+  directory = tmp_path_factory.mktemp('jax-cache')
+  settings = {'jax_compilation_cache_dir': str(directory),
+              'jax_persistent_cache_min_compile_time_secs': 0,
+              'jax_persistent_cache_min_entry_size_bytes': 0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  cc.reset_cache()  # the cache is looked up once per process, on first use
+  yield directory
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
 
 
 @pytest.fixture(scope='session')

@@ -15,6 +15,9 @@ from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import reporting
 
+# Runs of the training loop share their compiled steps.
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
 _STEPS = 12
 # Scripted validation scores by step: the best is step 6, which step 12
 # ties (a tie keeps the earlier step), and step 10 is the best after it,

@@ -20,6 +20,9 @@ from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
 from capjax.training import loop
 
+# Runs of the training loop share their compiled steps.
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
 # Checkpoints at steps 4 and 8.
 _STEPS = 8
 
@@ -209,8 +212,8 @@ def _wait_until(process: subprocess.Popen, workdir: pathlib.Path,
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path,
-                                                           shapes_dir):
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(
+    tmp_path, shapes_dir, compilation_cache):
   # A checkpoint every 5 steps (a save takes about as long as 5 steps
   # here), so that a kill lands while one is written, or just before or
   # after. The kills take turns: at a random moment; at a random moment of
@@ -227,8 +230,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path,
                               eval_every_steps=steps, log_every_steps=100,
                               num_caption_eval_images=0),
       str(tmp_path / 'uninterrupted'))
-  # The killed processes share compiled programs: each starts in seconds.
-  env = serving.compilation_cache_env(tmp_path / 'compilation_cache')
+  # The killed processes share the compiled programs of the uninterrupted
+  # run: each starts in seconds.
+  env = serving.compilation_cache_env(compilation_cache)
   workdir = tmp_path / 'killed'
   rng = np.random.default_rng(0)
   kills = killed_while_writing = 0

@@ -11,6 +11,9 @@ from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
 from capjax.training import loop
 
+# The SCST step compiles in about 5 s; each run compiles it.
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
 
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
