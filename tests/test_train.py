@@ -23,11 +23,38 @@ from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
+from capjax.testing import serving
 from capjax.testing import training as testing_lib
+
+# Runs of the training loop share their compiled steps.
+pytestmark = pytest.mark.usefixtures('compilation_cache')
+
 
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('shapes')
+
+
+def _trained(tmp_path_factory, shapes_dir, **overrides):
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  state = loop.train_and_evaluate(
+      testing_lib.tiny_config(shapes_dir, **overrides), str(workdir))
+  return workdir, state
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, shapes_dir):
+  """(workdir, final state) of `tiny_config` trained straight through.
+
+  Tests must not change the workdir.
+  """
+  return _trained(tmp_path_factory, shapes_dir)
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory, shapes_dir):
+  """(workdir, final state) of 8 steps on one device; tests must not change it."""
+  return _trained(tmp_path_factory, shapes_dir, num_train_steps=8)
 
 
 def test_optimizer_schedule_and_clipping():
@@ -80,9 +107,8 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
   assert float(metrics['objective']) > mean_loss(metrics)  # plus the penalty
 
 
-def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
-  workdir = tmp_path / 'run'
-  state = loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir), str(workdir))
+def test_training_writes_a_self_describing_workdir(straight):
+  workdir, state = straight
   assert int(state.step) == 12
   for name in ('config.json', 'vocab.json', 'features.json', 'metrics.jsonl',
                'loss.png'):
@@ -98,9 +124,9 @@ def test_training_writes_a_self_describing_workdir(tmp_path, shapes_dir):
   assert (info['num_locations'], info['feature_dim']) == (16, 16 * 16 * 3 + 16)
 
 
-def test_resume_is_exact(tmp_path, shapes_dir):
+def test_resume_is_exact(tmp_path, shapes_dir, straight):
   config = testing_lib.tiny_config(shapes_dir)
-  straight = loop.train_and_evaluate(config, str(tmp_path / 'straight'))
+  _, straight = straight
   stopped = testing_lib.tiny_config(shapes_dir, num_train_steps=5)
   assert int(loop.train_and_evaluate(stopped, str(tmp_path / 'resumed')).step) == 5
   # Restarts from the checkpoint at step 5, mid-epoch (6 steps per epoch).
@@ -211,9 +237,9 @@ def test_a_boolean_flag_given_a_separate_value_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_devices_match_one(tmp_path, shapes_dir):
+def test_four_devices_match_one(tmp_path, shapes_dir, one_device):
   config = testing_lib.tiny_config(shapes_dir, num_train_steps=8)
-  one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
+  _, one = one_device
   result = testing_lib.run_train(tmp_path / 'four', config, env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -229,9 +255,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, shapes_dir):
+def test_two_processes_match_one(tmp_path, shapes_dir, one_device):
   config = testing_lib.tiny_config(shapes_dir, num_train_steps=8)
-  one = loop.train_and_evaluate(config, str(tmp_path / 'one'))
+  one_dir, one = one_device
   address = f'127.0.0.1:{_free_port()}'
   env = dict(os.environ, JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
              JAX_PLATFORMS='cpu')
@@ -250,7 +276,7 @@ def test_two_processes_match_one(tmp_path, shapes_dir):
   testing_lib.leaves_equal(checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5)
   # Only process 0 computes the caption metrics; both agree on the best.
   assert (checkpoints.read_best(tmp_path / 'two').step
-          == checkpoints.read_best(tmp_path / 'one').step)
+          == checkpoints.read_best(one_dir).step)
 
 
 @pytest.mark.slow
@@ -259,9 +285,11 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
                        checkpoint_every_steps=100_000, log_every_steps=1,
                        eval_every_steps=100_000)
   workdir = tmp_path / 'run'
+  # The rerun loads the first run's compiled train step.
+  cache = serving.compilation_cache_env(tmp_path / 'compilation_cache')
   process = subprocess.Popen(
       [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
-       *testing_lib.config_flags(config)],
+       *testing_lib.config_flags(config)], env=dict(os.environ, **cache),
       cwd=testing_lib.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in process.stdout:
@@ -278,7 +306,7 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path, shapes_dir):
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [saved]
 
   config.num_train_steps = saved + 2
-  result = testing_lib.run_train(workdir, config)
+  result = testing_lib.run_train(workdir, config, env=cache)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from the checkpoint of step {saved}' in result.stderr
   assert f'step {saved + 2}/{saved + 2}' in result.stderr
