@@ -1,10 +1,18 @@
 r"""Benchmarks capjax against the TensorFlow tutorial it rebuilds, on this machine.
 
   python scripts/benchmark.py [--quick] [--out_dir=benchmark_results]
+      [--time_to_quality_data=DIR --time_to_quality_features=DIR]
+      [--time_to_quality_only]
 
 Writes `benchmark.json` (every measurement and the settings) and
 `benchmark.md` (the table, also printed) to --out_dir. --quick takes fewer
 repeats and skips feature extraction: a smoke test, not a measurement.
+
+The time-to-quality row (capjax.benchmarks.time_to_quality) needs real
+captions and features: a Flickr8k-format data directory (captions and split
+lists, as `--config.dataset=flickr` reads) and the feature store of its
+train and val splits (`python -m capjax.features`). It trains both
+captioners for up to --time_to_quality_minutes each.
 
 Each capjax figure is timed interleaved with its baseline in the same process,
 after one untimed warm-up call, and is the median of the repeats
@@ -33,6 +41,7 @@ from capjax.benchmarks import harness
 from capjax.benchmarks import pipeline
 from capjax.benchmarks import report as report_lib
 from capjax.benchmarks import scst
+from capjax.benchmarks import time_to_quality
 from capjax.benchmarks import training
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'benchmark_results',
@@ -41,17 +50,65 @@ _QUICK = flags.DEFINE_bool('quick', False, 'Fewer repeats, no extraction.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per figure '
                                 '(2 with --quick).')
 _DECODE_LEN = flags.DEFINE_integer('decode_len', 32, 'Tokens per caption.')
+_TTQ_DATA = flags.DEFINE_string(
+    'time_to_quality_data', '', 'Flickr8k-format data directory of the '
+    'time-to-quality row (empty: no such row).')
+_TTQ_FEATURES = flags.DEFINE_string(
+    'time_to_quality_features', '', 'Its feature store (train and val).')
+_TTQ_TARGET = flags.DEFINE_float(
+    'time_to_quality_loss', 3.3, 'The validation loss both must reach.')
+_TTQ_MINUTES = flags.DEFINE_float(
+    'time_to_quality_minutes', 15, 'Training time allowed to each, minutes.')
+_TTQ_EVAL_EVERY = flags.DEFINE_integer(
+    'time_to_quality_eval_every', 20, 'Steps between validation losses.')
+_TTQ_ONLY = flags.DEFINE_bool(
+    'time_to_quality_only', False, 'Run the time-to-quality row alone.')
 
 # The train step whose FLOP/s is compared with the matmul peak.
 _EFFICIENCY_LENGTH = 32
+
+
+def _time_to_quality() -> dict:
+  config = time_to_quality.flickr_config(_TTQ_DATA.value, _TTQ_FEATURES.value)
+  return time_to_quality.bench_time_to_quality(
+      config, target_loss=_TTQ_TARGET.value,
+      max_seconds=60 * _TTQ_MINUTES.value,
+      eval_every=_TTQ_EVAL_EVERY.value)
+
+
+def _settings(quick: bool, repeats: int) -> dict:
+  return {'quick': quick, 'repeats': repeats, 'cpus': os.cpu_count(),
+          'processor': harness.processor_name(),
+          'jax_device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+          'tensorflow': tf.__version__}
+
+
+def _write(report: dict, make_table) -> None:
+  """The measurements first: a table that fails to build loses none."""
+  out_dir = pathlib.Path(_OUT_DIR.value)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'benchmark.json').write_text(json.dumps(report, indent=2) + '\n')
+  table = make_table(report)
+  (out_dir / 'benchmark.md').write_text(table)
+  print(table)
 
 
 def main(argv):
   del argv
   # Before TensorFlow touches a device: it must leave the accelerators to JAX.
   tf.config.set_visible_devices([], 'GPU')
+  if _TTQ_ONLY.value or _TTQ_DATA.value:
+    if not (_TTQ_DATA.value and _TTQ_FEATURES.value):
+      raise app.UsageError('the time-to-quality row needs both '
+                           '--time_to_quality_data and '
+                           '--time_to_quality_features')
   quick = _QUICK.value
   repeats = 2 if quick else _REPEATS.value
+  if _TTQ_ONLY.value:
+    report = {'time_to_quality': _time_to_quality(),
+              'settings': _settings(quick, repeats)}
+    _write(report, report_lib.time_to_quality_markdown)
+    return
   report = {'training': training.bench_training(repeats)}
   step_s = report['training']['fixed_length'][_EFFICIENCY_LENGTH]
   model_flops = flops.train_flops(_EFFICIENCY_LENGTH)
@@ -80,17 +137,10 @@ def main(argv):
     if not quick:
       report['extraction_images_per_s'] = extraction.bench_extraction(
           tmp, patch_images=1000, inception_images=64)
-  report['settings'] = {
-      'quick': quick, 'repeats': repeats, 'cpus': os.cpu_count(),
-      'processor': harness.processor_name(),
-      'jax_device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-      'tensorflow': tf.__version__}
-  out_dir = pathlib.Path(_OUT_DIR.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'benchmark.json').write_text(json.dumps(report, indent=2) + '\n')
-  table = report_lib.markdown(report)
-  (out_dir / 'benchmark.md').write_text(table)
-  print(table)
+  if _TTQ_DATA.value:
+    report['time_to_quality'] = _time_to_quality()
+  report['settings'] = _settings(quick, repeats)
+  _write(report, report_lib.markdown)
 
 
 if __name__ == '__main__':

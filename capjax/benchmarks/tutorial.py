@@ -15,10 +15,10 @@ from capjax.testing import tf_reference
 class TutorialTrainer:
   """The tutorial's `train_step`: a tf.function around a loop over tokens."""
 
-  def __init__(self):
-    self._encoder, self._decoder = tf_reference.build(
-        workload.VOCAB_SIZE, workload.EMBEDDING_DIM, workload.UNITS, workload.FEATURE_DIM, workload.NUM_LOCATIONS,
-        carry_gru_state=False)
+  def __init__(self, sizes: workload.Sizes = workload.TUTORIAL, seed: int = 0):
+    self.encoder, self.decoder = tf_reference.build(
+        sizes.vocab_size, sizes.embedding_dim, sizes.units, sizes.feature_dim,
+        sizes.num_locations, carry_gru_state=False, seed=seed)
     self._optimizer = tf.keras.optimizers.Adam()
     self._cross_entropy = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction='none')
@@ -32,16 +32,16 @@ class TutorialTrainer:
 
   def _train_step(self, features, tokens):
     loss = 0.0
-    hidden = self._decoder.reset_state(batch_size=tokens.shape[0])
+    hidden = self.decoder.reset_state(batch_size=tokens.shape[0])
     dec_input = tokens[:, :1]
     with tf.GradientTape() as tape:
-      encoded = self._encoder(features)
+      encoded = self.encoder(features)
       for i in range(1, tokens.shape[1]):
-        logits, hidden, _ = self._decoder(dec_input, encoded, hidden)
+        logits, hidden, _ = self.decoder(dec_input, encoded, hidden)
         loss += self._loss(tokens[:, i], logits)
         dec_input = tokens[:, i:i + 1]
-    variables = (self._encoder.trainable_variables
-                 + self._decoder.trainable_variables)
+    variables = (self.encoder.trainable_variables
+                 + self.decoder.trainable_variables)
     gradients = tape.gradient(loss, variables)
     self._optimizer.apply_gradients(zip(gradients, variables))
     return loss
