@@ -129,8 +129,27 @@ def refuse_arguments(argv: Sequence[str]) -> None:
         'their value after "=", e.g. --config.group_by_length=false)')
 
 
+def _drop_closed_loop_callbacks(default_hook):
+  """An unraisable-exception hook that drops late callbacks to a closed loop.
+
+  When a checkpoint fails to restore, Orbax closes its event loop while
+  TensorStore's other reads of the step are still in flight; as each ends,
+  its completion callback finds the loop closed and Python prints that
+  unraisable RuntimeError with a traceback, after the program has already
+  named the damaged step. Every other unraisable exception is printed.
+  """
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    default_hook(unraisable)
+
+  return hook
+
+
 def _run_main(main: Main, tensorflow_gpus: bool, argv: list[str]) -> None:
   concise_console_logging()
+  sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
   if not tensorflow_gpus:
     hide_gpus_from_tensorflow()
   try:

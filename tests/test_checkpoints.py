@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from capjax import errors
 from capjax import inference
+from capjax import programs
 from capjax.data import vocab as vocab_lib
 from capjax.testing import serving
 from capjax.testing import training as testing_lib
@@ -103,6 +105,19 @@ def test_sample_reports_a_damaged_step_in_one_line(copy):
   assert 'Traceback' not in result.stderr
   assert f'error: checkpoint step {_STEPS}' in result.stderr
   assert 'pass --step 4' in result.stderr
+
+
+def test_only_late_callbacks_to_a_closed_loop_are_dropped():
+  """The aborted restore's stray RuntimeErrors, not other unraisables."""
+  printed = []
+  hook = programs._drop_closed_loop_callbacks(printed.append)
+  closed = types.SimpleNamespace(exc_type=RuntimeError,
+                                 exc_value=RuntimeError('Event loop is closed'))
+  other = types.SimpleNamespace(exc_type=RuntimeError,
+                                exc_value=RuntimeError('something else'))
+  hook(closed)
+  hook(other)
+  assert printed == [other]
 
 
 def test_a_vocabulary_that_does_not_fit_is_named(copy):
