@@ -170,8 +170,12 @@ def torch_lines(torch_report: dict) -> list[str]:
   named = [(f'training, T={length} (captions/s)', r)
            for length, r in t['fixed_length'].items()]
   if 'flickr8k_lengths' in t:
-    named.append(('training, Flickr8k lengths (captions/s; capjax buckets, '
-                  'PyTorch sorted and shrinking)', t['flickr8k_lengths']))
+    real = t['flickr8k_lengths']
+    named.append(('training, Flickr8k lengths (captions/s; capjax random '
+                  'batches in buckets, PyTorch sorted and shrinking)', real))
+    if 'capjax_grouped_captions_per_s' in real:
+      named.append(('the same, capjax with group_by_length', {
+          **real, 'capjax_captions_per_s': real['capjax_grouped_captions_per_s']}))
   rows = [[name] + [r.get(f'{k}_captions_per_s') for k in _TORCH]
           for name, r in named]
   rows.append([f"greedy decoding, batch 64, {d['max_len']} tokens "

@@ -8,9 +8,10 @@ at batch 64 and batch 1. Each PyTorch figure comes eager and compiled
 are None and `torch_compiled_error` says why.
 
 On the real lengths, capjax runs its default batching (random batches, each
-padded to the smallest bucket that fits), rated as capjax.benchmarks.training
-rates it: its bucket step times, each timed here, weighted by the buckets'
-frequencies. PyTorch runs random batches of 64 real lengths the way
+padded to the smallest bucket that fits) and its length-grouped batches
+(`group_by_length`, the counterpart of sorting by length), each rated as
+capjax.benchmarks.training rates it: its bucket step times, each timed here,
+weighted by the buckets' frequencies. PyTorch runs random batches of 64 real lengths the way
 sgrvinod's tutorial does, sorted and shrinking as captions end; its figure is
 the mean step time over `flickr8k_batches` of them.
 """
@@ -114,22 +115,29 @@ def bench_torch_training(repeats: int, lengths: Sequence[int],
   flickr8k = training.flickr8k_train_captions()
   if flickr8k is not None:
     caption_lengths, image_index = flickr8k
-    buckets = training.bucket_frequencies(caption_lengths, image_index,
-                                          default.get_config())
+    config = default.get_config()
+    grouped_config = config.copy_and_resolve_references()
+    grouped_config.group_by_length = True
+    buckets, grouped_buckets = (
+        training.bucket_frequencies(caption_lengths, image_index, c)
+        for c in (config, grouped_config))
     lengths_NB = [rng.choice(caption_lengths, workload.BATCH_SIZE,
                              replace=False).astype(np.int64)
                   for _ in range(flickr8k_batches)]
     torch_batches = [(to_torch(random_captions(rng, n_B)), to_torch(n_B))
                      for n_B in lengths_NB]
     seconds = harness.interleaved_medians(
-        {**{t: capjax_fn(t) for t in buckets},
+        {**{t: capjax_fn(t) for t in {**buckets, **grouped_buckets}},
          **torch_timer.fns(torch_batches)}, repeats)
     step_s = {k: seconds[k] / flickr8k_batches for k in _TRAINERS
               if k in seconds}
     step_s['capjax'] = sum(f * seconds[t] for t, f in buckets.items())
+    grouped_s = sum(f * seconds[t] for t, f in grouped_buckets.items())
     results['flickr8k_lengths'] = {
         **_rates(step_s),
+        'capjax_grouped_captions_per_s': workload.BATCH_SIZE / grouped_s,
         'capjax_bucket_frequencies': buckets,
+        'capjax_grouped_bucket_frequencies': grouped_buckets,
         'torch_batches': flickr8k_batches,
         'torch_mean_longest': float(np.mean([n.max() for n in lengths_NB])),
         'mean_length': float(caption_lengths.mean())}
