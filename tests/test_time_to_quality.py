@@ -1,4 +1,4 @@
-"""The time-to-quality benchmark: one problem, two trainers, the first time each reaches a loss."""
+"""The time-to-quality benchmark: one problem, several trainers, a level."""
 
 import numpy as np
 

@@ -84,7 +84,8 @@ def table_rows(report: dict) -> list[list[str]]:
                f"{e['peak_flops'] / 1e9:.1f}",
                f"{e['achieved_flops'] / e['peak_flops']:.0%}",
                f'>= {_EFFICIENCY_TARGET:.0%}',
-               'yes' if e['achieved_flops'] >= _EFFICIENCY_TARGET * e['peak_flops']
+               'yes' if (e['achieved_flops']
+                         >= _EFFICIENCY_TARGET * e['peak_flops'])
                else 'NO'])
   rows.append([f"tutorial train step efficiency, T={e['length']} (its model "
                'GFLOP/s, W1 applied at every step, vs the same peak)', '',
@@ -101,7 +102,7 @@ def _variant(overrides: dict) -> str:
 
 
 def time_to_quality_rows(q: dict) -> list[list[str]]:
-  """Seconds of training to a validation loss (capjax.benchmarks.time_to_quality)."""
+  """Training seconds to a validation loss (benchmarks.time_to_quality)."""
   tutorial_s = q['tutorial']['seconds_to_target']
   figure = lambda s: (f'{s:.0f}' if s is not None
                       else f"not reached in {q['max_seconds']:.0f}")
@@ -174,8 +175,9 @@ def torch_lines(torch_report: dict) -> list[str]:
     named.append(('training, Flickr8k lengths (captions/s; capjax random '
                   'batches in buckets, PyTorch sorted and shrinking)', real))
     if 'capjax_grouped_captions_per_s' in real:
-      named.append(('the same, capjax with group_by_length', {
-          **real, 'capjax_captions_per_s': real['capjax_grouped_captions_per_s']}))
+      grouped = real['capjax_grouped_captions_per_s']
+      named.append(('the same, capjax with group_by_length',
+                    {**real, 'capjax_captions_per_s': grouped}))
   rows = [[name] + [r.get(f'{k}_captions_per_s') for k in _TORCH]
           for name, r in named]
   rows.append([f"greedy decoding, batch 64, {d['max_len']} tokens "

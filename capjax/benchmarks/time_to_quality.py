@@ -152,7 +152,7 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
                           eval_every: int, max_steps: int | None = None,
                           variants: dict[str, dict] | None = None
                           ) -> dict[str, Any]:
-  """Seconds each trainer takes to reach `target_loss` (see the module docstring).
+  """Seconds each trainer takes to reach `target_loss` (module docstring).
 
   `variants` (default VARIANTS) names the capjax trainers and the config
   fields each changes. A trainer stops at the target, or without reaching

@@ -11,9 +11,9 @@ On the real lengths, capjax runs its default batching (random batches, each
 padded to the smallest bucket that fits) and its length-grouped batches
 (`group_by_length`, the counterpart of sorting by length), each rated as
 capjax.benchmarks.training rates it: its bucket step times, each timed here,
-weighted by the buckets' frequencies. PyTorch runs random batches of 64 real lengths the way
-sgrvinod's tutorial does, sorted and shrinking as captions end; its figure is
-the mean step time over `flickr8k_batches` of them.
+weighted by the buckets' frequencies. PyTorch runs random batches of 64 real
+lengths the way sgrvinod's tutorial does, sorted and shrinking as captions
+end; its figure is the mean step time over `flickr8k_batches` of them.
 """
 
 import functools

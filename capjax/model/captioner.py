@@ -217,8 +217,9 @@ class Captioner(nn.Module):
     h_BU, attention_BL = self.step(h_BU, token_in_B3U, encoded)
     return self.head(h_BU), h_BU, attention_BL
 
-  def unroll(self, encoded: recurrence.Encoded, token_in_BT3U: Array) -> tuple[Array, Array]:
-    """Scans `step` over time from the zero state: states (B, T, U), attention (B, T, L)."""
+  def unroll(self, encoded: recurrence.Encoded,
+             token_in_BT3U: Array) -> tuple[Array, Array]:
+    """`step` over time from the zero state: states (B, T, U), attention (B, T, L)."""
     return recurrence.unroll(self.step_weights(), encoded, token_in_BT3U,
                              self.carry_gru_state)
 

@@ -10,7 +10,7 @@ One step is the tutorial's decoder call without the embedding and the head:
   a      = softmax(score)                     attention weights (B, L)
   ctx    = sum_l a_l values_l                 context (B, E)
   x      = token_in + ctx Wc                  GRU input; token_in = e Wt + b_x
-  hh     = s Wr + br                          s = h, or 0 without a carried state
+  hh     = s Wr + br                          s = h (or 0: no carried state)
   z = sigmoid(x_z + hh_z)    r = sigmoid(x_r + hh_r)
   n = tanh(x_n + r * hh_n)   h' = z * s + (1 - z) * n
 
@@ -106,7 +106,8 @@ def _step(weights: StepWeights, h_BU: Array, token_in_B3U: Array,
   context (B, E).
   """
   query_tap_BU, context_tap_BE, recurrent_tap_B3U = taps
-  query_BU = h_BU @ weights.query_kernel_UU + weights.query_bias_U + query_tap_BU
+  query_BU = (h_BU @ weights.query_kernel_UU + weights.query_bias_U
+              + query_tap_BU)
   context_BE, attention_BL = _attend(weights.score_kernel_U1, encoded, query_BU,
                                      context_tap_BE)
   x_B3U = token_in_B3U + context_BE @ weights.context_kernel_E3U
@@ -127,20 +128,23 @@ def step(weights: StepWeights, h_BU: Array, token_in_B3U: Array,
 
 
 def _scan(weights: StepWeights, encoded: Encoded, token_in_TB3U: Array,
-          taps: tuple[Array, Array], carry_gru_state: bool):
+          taps_T: tuple[Array, Array, Array] | None, carry_gru_state: bool):
   """The steps over time from the zero state, time-major.
+
+  taps_T: each step's taps, stacked over time (None: no taps).
 
   Returns (h_TBU, attention_TBL, context_TBE).
   """
   def body(h_BU, inputs):
-    token_in_B3U, *taps_t = inputs
+    token_in_B3U, taps = inputs
     h_BU, attention_BL, context_BE = _step(
-        weights, h_BU, token_in_B3U, encoded, carry_gru_state, tuple(taps_t))
+        weights, h_BU, token_in_B3U, encoded, carry_gru_state,
+        *([taps] if taps is not None else []))
     return h_BU, (h_BU, attention_BL, context_BE)
 
   _, batch, units3 = token_in_TB3U.shape
   h0_BU = jnp.zeros((batch, units3 // 3), token_in_TB3U.dtype)
-  _, outputs = jax.lax.scan(body, h0_BU, (token_in_TB3U, *taps))
+  _, outputs = jax.lax.scan(body, h0_BU, (token_in_TB3U, taps_T))
   return outputs
 
 
@@ -157,8 +161,8 @@ def _zero_taps(encoded: Encoded,
 def _unroll_time_major(weights: StepWeights, encoded: Encoded,
                        token_in_TB3U: Array,
                        carry_gru_state: bool) -> tuple[Array, Array]:
-  h_TBU, attention_TBL, _ = _scan(weights, encoded, token_in_TB3U,
-                                  _zero_taps(encoded, token_in_TB3U), carry_gru_state)
+  h_TBU, attention_TBL, _ = _scan(weights, encoded, token_in_TB3U, None,
+                                  carry_gru_state)
   return h_TBU, attention_TBL
 
 
@@ -215,7 +219,10 @@ _unroll_time_major.defvjp(_unroll_forward, _unroll_backward)
 
 def unroll(weights: StepWeights, encoded: Encoded, token_in_BT3U: Array,
            carry_gru_state: bool) -> tuple[Array, Array]:
-  """`step` over time from the zero state: states (B, T, U), attention (B, T, L)."""
+  """`step` over time from the zero state.
+
+  Returns the states (B, T, U) and the attention weights (B, T, L).
+  """
   h_TBU, attention_TBL = _unroll_time_major(
       weights, encoded, jnp.swapaxes(token_in_BT3U, 0, 1), carry_gru_state)
   return jnp.swapaxes(h_TBU, 0, 1), jnp.swapaxes(attention_TBL, 0, 1)
