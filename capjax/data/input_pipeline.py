@@ -292,15 +292,8 @@ def train_iterator(config, store: feature_store.FeatureStore,
                    process_count: int = 1) -> Iterator[Batch]:
   """Endless training batches from `start_step` on (see the module docstring).
 
-  Args:
-    config: batch_size (global), seed, max_caption_len, bucket_lengths,
-      shuffle_buffer, cache_features, group_by_length.
-    store: the training split's features.
-    records: the training split's records.
-    vocab: the vocabulary.
-    start_step: the first step to make a batch for.
-    process_index: this process (jax.process_index()).
-    process_count: all processes (jax.process_count()).
+  The arguments are `train_batches`', and start_step the first step to make
+  a batch for.
   """
   return train_batches(config, store, records, vocab,
                        process_index=process_index,
