@@ -39,7 +39,6 @@ from capjax.benchmarks import tutorial
 from capjax.benchmarks import workload
 from capjax.configs import default
 from capjax.data import input_pipeline
-from capjax.data import schedule
 from capjax.model import captioner
 from capjax.porting import tutorial_weights
 from capjax.testing import tf_reference
@@ -138,15 +137,6 @@ VARIANTS = {
 }
 
 
-def _schedule(config: ml_collections.ConfigDict,
-              train: input_pipeline.Examples) -> schedule.BatchSchedule:
-  return schedule.BatchSchedule(
-      train.lengths, train.image_index, batch_size=config.batch_size,
-      seed=config.seed, bucket_lengths=config.bucket_lengths,
-      shuffle_buffer=config.shuffle_buffer,
-      group_by_length=config.group_by_length)
-
-
 def bench_time_to_quality(config: ml_collections.ConfigDict, *,
                           target_loss: float, max_seconds: float,
                           eval_every: int, max_steps: int | None = None,
@@ -181,15 +171,17 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
   tf_trainer = tutorial.TutorialTrainer(sizes, seed=config.seed)
   params = tutorial_weights.params_from_tutorial(
       tf_reference.weights(tf_trainer.encoder, tf_trainer.decoder))
-  tutorial_schedule = _schedule(config, train)
-  tutorial_batches = input_pipeline.TrainBatches(train, tutorial_schedule,
-                                                 cache_features=True)
+  tutorial_batches = input_pipeline.train_batches(
+      config, data.train_store, data.train_records, data.vocab)
 
   def tutorial_train(step: int) -> float:
-    features = tf.constant(
-        tutorial_batches.batch(step)['features'].astype(np.float32))
-    _, example_ids, _ = tutorial_schedule.rows(step)
-    tokens = tf.constant(train.tokens[example_ids, :tutorial_length])
+    batch = tutorial_batches.batch(step)
+    features = tf.constant(batch['features'].astype(np.float32))
+    # The tutorial pads every caption to the longest (a bucket may be
+    # longer still: its tail is padding).
+    tokens_BT = batch['tokens'][:, :tutorial_length]
+    tokens = tf.constant(np.pad(
+        tokens_BT, ((0, 0), (0, tutorial_length - tokens_BT.shape[1]))))
     start = time.perf_counter()
     tf_trainer(features, tokens)
     return time.perf_counter() - start
@@ -204,8 +196,8 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
                                 units=sizes.units,
                                 carry_gru_state=variant.carry_gru_state)
     trainer = _CapjaxTrainer(model, jax.tree_util.tree_map(jnp.asarray, params))
-    batches = input_pipeline.TrainBatches(train, _schedule(variant, train),
-                                          cache_features=True)
+    batches = input_pipeline.train_batches(
+        variant, data.train_store, data.train_records, data.vocab)
 
     def capjax_train(step, trainer=trainer, batches=batches) -> float:
       batch = batches.batch(step)
