@@ -4,8 +4,6 @@ import functools
 import io
 import json
 import os
-import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -192,15 +190,14 @@ def _mock_as_dataset(self, split, decoders=None, read_config=None,
 
 @pytest.fixture(name='mock_tfds')
 def mock_tfds_fixture(tmp_path):
-  """tfds.testing.mock_data with the mock's metadata in the test's directory.
+  """tfds.testing.mock_data with its data directory in the test's directory.
 
-  capjax caches captions beside TFDS's metadata: a copy keeps the cache out
-  of the installed package.
+  capjax caches captions beside TFDS's prepared data: the mock's would
+  otherwise be inside the installed package.
   """
   tfds = pytest.importorskip('tensorflow_datasets')
   metadata = tmp_path / 'metadata'
-  shutil.copytree(pathlib.Path(tfds.__file__).parent / 'testing' / 'metadata'
-                  / 'coco_captions', metadata / 'coco_captions')
+  metadata.mkdir()
   return functools.partial(tfds.testing.mock_data, data_dir=str(metadata))
 
 
