@@ -21,9 +21,13 @@ SCST_BASELINES = ('greedy', 'mean')
 
 
 def _type_name(value: Any) -> str:
-  return {bool: 'true or false', int: 'an integer', float: 'a number',
-          str: 'a string', tuple: 'a list'}.get(type(value),
-                                                 type(value).__name__)
+  return {
+    bool: 'true or false',
+    int: 'an integer',
+    float: 'a number',
+    str: 'a string',
+    tuple: 'a list',
+  }.get(type(value), type(value).__name__)
 
 
 def _converted(expected: Any, value: Any) -> Any:
@@ -35,13 +39,17 @@ def _converted(expected: Any, value: Any) -> Any:
     return float(value)
   elif isinstance(expected, tuple) and isinstance(value, (list, tuple)):
     return tuple(value)
-  elif type(value) is type(expected):  # pylint: disable=unidiomatic-typecheck
+  elif type(value) is type(expected):  # noqa: E721
     return value
   raise TypeError
 
 
-def _merge(config: ml_collections.ConfigDict, values: dict[str, Any],
-           prefix: str, source: str) -> None:
+def _merge(
+  config: ml_collections.ConfigDict,
+  values: dict[str, Any],
+  prefix: str,
+  source: str,
+) -> None:
   for name, value in values.items():
     field = f'{prefix}{name}'
     if name not in config:
@@ -49,20 +57,23 @@ def _merge(config: ml_collections.ConfigDict, values: dict[str, Any],
     expected = config[name]
     if isinstance(expected, ml_collections.ConfigDict):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
-        raise errors.UserError(f'{source}: config.{field} must be a group of '
-                               f'fields, got {value!r}')
+        raise errors.UserError(
+          f'{source}: config.{field} must be a group of fields, got {value!r}'
+        )
       _merge(expected, dict(value), f'{field}.', source)
       continue
     try:
       config[name] = _converted(expected, value)
     except TypeError:
       raise errors.UserError(
-          f'{source}: config.{field} must be {_type_name(expected)}, got '
-          f'{value!r}') from None
+        f'{source}: config.{field} must be {_type_name(expected)}, got '
+        f'{value!r}'
+      ) from None
 
 
-def from_values(values: dict[str, Any],
-                source: str) -> ml_collections.ConfigDict:
+def from_values(
+  values: dict[str, Any], source: str
+) -> ml_collections.ConfigDict:
   """The default config with `values` set, each checked.
 
   Args:
@@ -81,47 +92,65 @@ def from_values(values: dict[str, Any],
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a UserError naming the first config field that cannot work."""
   from_values(config.to_dict(), 'the config')
-  positive = ('batch_size', 'max_caption_len', 'log_every_steps',
-              'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-              'embedding_dim', 'units', 'top_k')
+  positive = (
+    'batch_size',
+    'max_caption_len',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'embedding_dim',
+    'units',
+    'top_k',
+  )
   for name in positive:
     if config[name] <= 0:
       raise errors.UserError(
-          f'config.{name} must be positive, got {config[name]}')
+        f'config.{name} must be positive, got {config[name]}'
+      )
   if config.num_train_steps < 0 or config.learning_rate <= 0:
-    raise errors.UserError('config.num_train_steps must be >= 0 and '
-                           'config.learning_rate > 0')
+    raise errors.UserError(
+      'config.num_train_steps must be >= 0 and config.learning_rate > 0'
+    )
   buckets = tuple(config.bucket_lengths)
   if not buckets or min(buckets) < 2 or max(buckets) < config.max_caption_len:
     raise errors.UserError(
-        f'config.bucket_lengths {buckets} must be lengths >= 2 whose largest '
-        f'is at least config.max_caption_len ({config.max_caption_len})')
+      f'config.bucket_lengths {buckets} must be lengths >= 2 whose largest '
+      f'is at least config.max_caption_len ({config.max_caption_len})'
+    )
   if not 0 <= config.dropout_rate < 1:
-    raise errors.UserError(f'config.dropout_rate must be in [0, 1), got '
-                           f'{config.dropout_rate}')
+    raise errors.UserError(
+      f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}'
+    )
   _check_objective(config)
   if config.best_metric not in BEST_METRICS:
     raise errors.UserError(
-        f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
-        f'{config.best_metric!r}')
+      f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
+      f'{config.best_metric!r}'
+    )
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:
   if config.objective not in OBJECTIVES:
-    raise errors.UserError(f'config.objective must be one of '
-                           f'{", ".join(OBJECTIVES)}, got {config.objective!r}')
+    raise errors.UserError(
+      f'config.objective must be one of '
+      f'{", ".join(OBJECTIVES)}, got {config.objective!r}'
+    )
   if config.objective != 'scst':
     return
   if not config.init_from:
     raise errors.UserError(
-        "config.objective 'scst' fine-tunes a trained model: set "
-        'config.init_from to its workdir')
+      "config.objective 'scst' fine-tunes a trained model: set "
+      'config.init_from to its workdir'
+    )
   if config.scst_baseline not in SCST_BASELINES:
     raise errors.UserError(
-        f'config.scst_baseline must be one of {", ".join(SCST_BASELINES)}, '
-        f'got {config.scst_baseline!r}')
+      f'config.scst_baseline must be one of {", ".join(SCST_BASELINES)}, '
+      f'got {config.scst_baseline!r}'
+    )
   least = 2 if config.scst_baseline == 'mean' else 1
   if config.scst_samples < least:
     raise errors.UserError(
-        f'config.scst_samples must be at least {least} with the '
-        f'{config.scst_baseline!r} baseline, got {config.scst_samples}')
+      f'config.scst_samples must be at least {least} with the '
+      f'{config.scst_baseline!r} baseline, got {config.scst_samples}'
+    )

@@ -26,25 +26,41 @@ from capjax import programs
 from capjax.porting import tutorial_workdir
 
 _TF_CHECKPOINT = flags.DEFINE_string(
-    'tf_checkpoint', None, "The tutorial's checkpoint directory (its latest "
-    'checkpoint is converted) or one checkpoint prefix.', required=True)
+  'tf_checkpoint',
+  None,
+  "The tutorial's checkpoint directory (its latest "
+  'checkpoint is converted) or one checkpoint prefix.',
+  required=True,
+)
 _TOKENIZER = flags.DEFINE_string(
-    'tokenizer', None, "The tutorial's tokenizer: tokenizer.to_json(), or a "
-    '{word: id} JSON object.', required=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The capjax workdir to write.',
-                               required=True)
+  'tokenizer',
+  None,
+  "The tutorial's tokenizer: tokenizer.to_json(), or a {word: id} JSON object.",
+  required=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'The capjax workdir to write.', required=True
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
-    'Config of the fields the checkpoint does not fix (data set, caption '
-    'length, training).', lock_config=True)
+  'config',
+  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  'Config of the fields the checkpoint does not fix (data set, caption '
+  'length, training).',
+  lock_config=True,
+)
 
 
 def main(argv: Sequence[str]) -> None:
   programs.refuse_arguments(argv)
-  tutorial_workdir.convert(_TF_CHECKPOINT.value, _TOKENIZER.value,
-                           _WORKDIR.value, _CONFIG.value)
-  logging.info('wrote %s; caption images with\n  python -m capjax.sample '
-               '--workdir %s IMAGE', _WORKDIR.value, _WORKDIR.value)
+  tutorial_workdir.convert(
+    _TF_CHECKPOINT.value, _TOKENIZER.value, _WORKDIR.value, _CONFIG.value
+  )
+  logging.info(
+    'wrote %s; caption images with\n  python -m capjax.sample '
+    '--workdir %s IMAGE',
+    _WORKDIR.value,
+    _WORKDIR.value,
+  )
 
 
 if __name__ == '__main__':

@@ -34,28 +34,47 @@ from capjax.data import feature_store
 from capjax.training import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
-    'Configuration file.', lock_config=True)
+  'config',
+  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  'Configuration file.',
+  lock_config=True,
+)
 _SPLIT = flags.DEFINE_string(
-    'split', '', 'Split(s) to extract, joined with "+"; default: the '
-    "config's train_split and eval_split.")
+  'split',
+  '',
+  'Split(s) to extract, joined with "+"; default: the '
+  "config's train_split and eval_split.",
+)
 _FEATURE_DIR = flags.DEFINE_string(
-    'feature_dir', '', 'Root directory of the feature stores; default: '
-    'config.feature_dir.')
+  'feature_dir',
+  '',
+  'Root directory of the feature stores; default: config.feature_dir.',
+)
 _FROM_NUMPY = flags.DEFINE_string(
-    'from_numpy', '', 'Store precomputed features instead of extracting: a '
-    '.npy file of shape (N, L, D) or (N, H, W, D). Needs --ids and --split.')
+  'from_numpy',
+  '',
+  'Store precomputed features instead of extracting: a '
+  '.npy file of shape (N, L, D) or (N, H, W, D). Needs --ids and --split.',
+)
 _IDS = flags.DEFINE_string(
-    'ids', '', 'With --from_numpy: text file of the N image ids, one a line.')
+  'ids', '', 'With --from_numpy: text file of the N image ids, one a line.'
+)
 _EXTRACTOR_NAME = flags.DEFINE_string(
-    'extractor_name', 'custom', 'With --from_numpy: the name stored as the '
-    "features' extractor.")
+  'extractor_name',
+  'custom',
+  "With --from_numpy: the name stored as the features' extractor.",
+)
 _PROCESSES = programs.define_process_flags()
 
 
-def store_numpy(features_path: str, ids_path: str, split: str,
-                feature_dir: str, shard_size: int,
-                extractor_name: str) -> feature_store.FeatureStore:
+def store_numpy(
+  features_path: str,
+  ids_path: str,
+  split: str,
+  feature_dir: str,
+  shard_size: int,
+  extractor_name: str,
+) -> feature_store.FeatureStore:
   """Stores the grids of a .npy file under the ids of a text file."""
   if not ids_path or not split or '+' in split:
     raise errors.UserError('--from_numpy needs --ids and a single --split')
@@ -68,8 +87,12 @@ def store_numpy(features_path: str, ids_path: str, split: str,
     features = features.reshape(features.shape[0], -1, features.shape[-1])
   ids = [line.strip() for line in lines if line.strip()]
   return feature_store.write_feature_store(
-      feature_store.store_dir(feature_dir, split), features, ids,
-      {'name': extractor_name}, shard_size)
+    feature_store.store_dir(feature_dir, split),
+    features,
+    ids,
+    {'name': extractor_name},
+    shard_size,
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -79,20 +102,38 @@ def main(argv: Sequence[str]) -> None:
   if not feature_dir:
     raise errors.UserError('set --feature_dir (or config.feature_dir)')
   if _FROM_NUMPY.value:
-    store = store_numpy(_FROM_NUMPY.value, _IDS.value, _SPLIT.value,
-                        feature_dir, config.shard_size, _EXTRACTOR_NAME.value)
-    logging.info('Stored %d feature grids (L=%d, D=%d)', len(store),
-                 store.num_locations, store.feature_dim)
+    store = store_numpy(
+      _FROM_NUMPY.value,
+      _IDS.value,
+      _SPLIT.value,
+      feature_dir,
+      config.shard_size,
+      _EXTRACTOR_NAME.value,
+    )
+    logging.info(
+      'Stored %d feature grids (L=%d, D=%d)',
+      len(store),
+      store.num_locations,
+      store.feature_dim,
+    )
     return
-  splits = (_SPLIT.value or
-            f'{config.train_split}+{config.eval_split}').split('+')
+  splits = (_SPLIT.value or f'{config.train_split}+{config.eval_split}').split(
+    '+'
+  )
   parallel.maybe_initialize_distributed(*_PROCESSES.values())
-  processes = extraction.Processes(jax.process_index(), jax.process_count(),
-                                   parallel.agreed)
-  store = extraction.extract_split(config, '+'.join(dict.fromkeys(splits)),
-                                   feature_dir, processes=processes)
-  logging.info('%d images with features (L=%d, D=%d) in %s', len(store),
-               store.num_locations, store.feature_dim, feature_dir)
+  processes = extraction.Processes(
+    jax.process_index(), jax.process_count(), parallel.agreed
+  )
+  store = extraction.extract_split(
+    config, '+'.join(dict.fromkeys(splits)), feature_dir, processes=processes
+  )
+  logging.info(
+    '%d images with features (L=%d, D=%d) in %s',
+    len(store),
+    store.num_locations,
+    store.feature_dim,
+    feature_dir,
+  )
 
 
 if __name__ == '__main__':

@@ -7,8 +7,8 @@ file. Reads name the file in every error.
 import json
 import os
 import pathlib
-import uuid
 from typing import Any
+import uuid
 
 from capjax import errors
 

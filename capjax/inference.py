@@ -48,6 +48,7 @@ class TrainedModel:
     feature_info: features.json: the extractor's description, num_locations
       (L) and feature_dim (D).
   """
+
   config: ml_collections.ConfigDict
   vocab: vocab_lib.Vocab
   model: captioner.Captioner
@@ -60,8 +61,9 @@ class TrainedModel:
     return self.feature_info['num_locations'], self.feature_info['feature_dim']
 
 
-def load_trained(workdir: str | os.PathLike[str],
-                 step: int | None = None) -> TrainedModel:
+def load_trained(
+  workdir: str | os.PathLike[str], step: int | None = None
+) -> TrainedModel:
   """The model of a workdir's checkpoint: `step`, else the best, else the newest.
 
   The rule is checkpoints.resolve's; the choice is logged in one line.
@@ -73,18 +75,28 @@ def load_trained(workdir: str | os.PathLike[str],
   """
   config = workdir_lib.load_config(workdir)
   vocab = vocab_lib.Vocab.load(
-      workdir_lib.require_file(workdir, workdir_lib.VOCAB_FILE))
+    workdir_lib.require_file(workdir, workdir_lib.VOCAB_FILE)
+  )
   feature_info = files.read_json(
-      workdir_lib.require_file(workdir, workdir_lib.FEATURES_FILE))
+    workdir_lib.require_file(workdir, workdir_lib.FEATURES_FILE)
+  )
   model = captioner.from_config(config, vocab.size)
   shape_LD = (feature_info['num_locations'], feature_info['feature_dim'])
   checkpoint = checkpoints.resolve(workdir, step)
-  logging.info('loading %s from %s', checkpoint.describe(),
-               checkpoint.directory)
+  logging.info(
+    'loading %s from %s', checkpoint.describe(), checkpoint.directory
+  )
   params = checkpoints.restore_checkpoint(
-      checkpoint, expected=state_lib.abstract_params(model, shape_LD))
-  return TrainedModel(config=config, vocab=vocab, model=model, params=params,
-                      step=checkpoint.step, feature_info=feature_info)
+    checkpoint, expected=state_lib.abstract_params(model, shape_LD)
+  )
+  return TrainedModel(
+    config=config,
+    vocab=vocab,
+    model=model,
+    params=params,
+    step=checkpoint.step,
+    feature_info=feature_info,
+  )
 
 
 def make_extractor(trained: TrainedModel) -> extractors.Extractor:
@@ -96,9 +108,11 @@ def make_extractor(trained: TrainedModel) -> extractors.Extractor:
   """
   extractor = extractors.make_extractor(trained.config)
   feature_store.require_same_features(
-      trained.feature_info, extractor.describe(),
-      expected_what='the features the model was trained on',
-      got_what='the features the saved config makes')
+    trained.feature_info,
+    extractor.describe(),
+    expected_what='the features the model was trained on',
+    got_what='the features the saved config makes',
+  )
   return extractor
 
 
@@ -113,6 +127,7 @@ class FileCaption:
     image_HW3: the decoded image; None for precomputed features or on error.
     error: why the file could not be captioned; None on success.
   """
+
   path: str
   caption: str = ''
   attention_TL: np.ndarray | None = None
@@ -130,15 +145,23 @@ def read_features(path: str, shape_LD: tuple[int, int]) -> np.ndarray:
   if features.ndim == 3:
     features = features.reshape(-1, features.shape[-1])
   if features.shape != tuple(shape_LD):
-    raise errors.UserError(f'features of shape {features.shape}; this model needs '
-                           f'(L, D) = {tuple(shape_LD)}')
+    raise errors.UserError(
+      f'features of shape {features.shape}; this model needs '
+      f'(L, D) = {tuple(shape_LD)}'
+    )
   return features.astype(np.float32)
 
 
-def caption_files(trained: TrainedModel, paths: Sequence[str], *,
-                  beam_size: int = 1, alpha: float = 0.0,
-                  temperature: float = 0.0, seed: int = 0,
-                  max_len: int | None = None) -> list[FileCaption]:
+def caption_files(
+  trained: TrainedModel,
+  paths: Sequence[str],
+  *,
+  beam_size: int = 1,
+  alpha: float = 0.0,
+  temperature: float = 0.0,
+  seed: int = 0,
+  max_len: int | None = None,
+) -> list[FileCaption]:
   """Captions for image files and .npy feature files, one per path, in order.
 
   Files that cannot be read get a FileCaption with `error` set.
@@ -156,8 +179,9 @@ def caption_files(trained: TrainedModel, paths: Sequence[str], *,
         image_HW3 = images.load_image(path)
         inputs.append((path, extractor([image_HW3])[0], image_HW3))
       else:
-        inputs.append((path, read_features(path, trained.feature_shape_LD),
-                       None))
+        inputs.append(
+          (path, read_features(path, trained.feature_shape_LD), None)
+        )
     # PIL raises OSError subclasses or ValueError for missing, truncated and
     # non-image files, numpy ValueError for bad arrays.
     except (OSError, ValueError) as e:
@@ -165,13 +189,19 @@ def caption_files(trained: TrainedModel, paths: Sequence[str], *,
   if inputs:
     features_BLD = np.stack([f for _, f, _ in inputs])
     captions = decoding.caption_features(
-        trained.params, features_BLD, model=trained.model,
-        max_len=max_len or decoding.max_caption_tokens(trained.config),
-        beam_size=beam_size, alpha=alpha, temperature=temperature,
-        rng=jax.random.PRNGKey(seed))
+      trained.params,
+      features_BLD,
+      model=trained.model,
+      max_len=max_len or decoding.max_caption_tokens(trained.config),
+      beam_size=beam_size,
+      alpha=alpha,
+      temperature=temperature,
+      rng=jax.random.PRNGKey(seed),
+    )
     texts = decoding.texts(captions.tokens_BT, trained.vocab)
     attention_BTL = np.asarray(captions.attention_BTL)
-    for (path, _, image_HW3), text, attention_TL in zip(inputs, texts,
-                                                        attention_BTL):
+    for (path, _, image_HW3), text, attention_TL in zip(
+      inputs, texts, attention_BTL
+    ):
       results[path] = FileCaption(path, text, attention_TL, image_HW3)
   return [results[p] for p in paths]

@@ -30,9 +30,12 @@ def panel_layout(num_panels: int) -> tuple[int, int]:
   return max(1, math.ceil(num_panels / cols)), cols
 
 
-def plot_attention(path: str | os.PathLike[str], words: Sequence[str],
-                   attention_TL: np.ndarray,
-                   image_HW3: np.ndarray | None = None) -> None:
+def plot_attention(
+  path: str | os.PathLike[str],
+  words: Sequence[str],
+  attention_TL: np.ndarray,
+  image_HW3: np.ndarray | None = None,
+) -> None:
   """Writes a PNG: the image, then one panel per word with its attention map.
 
   Args:
@@ -43,16 +46,19 @@ def plot_attention(path: str | os.PathLike[str], words: Sequence[str],
       shows the maps alone.
   """
   if len(attention_TL) < len(words):
-    raise ValueError(f'{len(words)} words but attention for only '
-                     f'{len(attention_TL)}')
-  import matplotlib  # pylint: disable=g-import-not-at-top
+    raise ValueError(
+      f'{len(words)} words but attention for only {len(attention_TL)}'
+    )
+  import matplotlib  # noqa: PLC0415
+
   matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # noqa: PLC0415
 
   grid = attention_grid(attention_TL.shape[-1])
   rows, cols = panel_layout(1 + len(words))
-  fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False
+  )
   for ax in axes.flat:
     ax.axis('off')
   fig.suptitle(' '.join(words), fontsize=9)
@@ -66,15 +72,21 @@ def plot_attention(path: str | os.PathLike[str], words: Sequence[str],
     else:
       shown = ax.imshow(image_HW3)
       # Stretched over the image's extent: each cell covers its region.
-      ax.imshow(weights, cmap='gray', alpha=0.6, extent=shown.get_extent(),
-                interpolation='bilinear')
+      ax.imshow(
+        weights,
+        cmap='gray',
+        alpha=0.6,
+        extent=shown.get_extent(),
+        interpolation='bilinear',
+      )
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path, dpi=80)
   plt.close(fig)
 
 
-def plot_path(plot_dir: str | os.PathLike[str], path: str,
-              taken: set[str]) -> pathlib.Path:
+def plot_path(
+  plot_dir: str | os.PathLike[str], path: str, taken: set[str]
+) -> pathlib.Path:
   """`<plot_dir>/<file stem>.png`, numbered when two inputs share a stem."""
   stem = pathlib.Path(path).stem
   name, n = f'{stem}.png', 1

@@ -35,8 +35,9 @@ class _OwnInfoOnly(py_logging.Filter):
   """Passes capjax's own messages, and only warnings and errors of libraries."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING
-            or record.pathname.startswith(_PACKAGE_DIR))
+    return record.levelno >= py_logging.WARNING or record.pathname.startswith(
+      _PACKAGE_DIR
+    )
 
 
 def concise_console_logging() -> None:
@@ -93,27 +94,37 @@ def hide_gpus_from_tensorflow() -> None:
 @dataclasses.dataclass(frozen=True)
 class ProcessFlags:
   """The flags that place a process in a multi-process job."""
+
   coordinator_address: flags.FlagHolder[str]
   num_processes: flags.FlagHolder[int]
   process_id: flags.FlagHolder[int]
 
   def values(self) -> tuple[str, int, int]:
     """The arguments of `training.parallel.maybe_initialize_distributed`."""
-    return (self.coordinator_address.value, self.num_processes.value,
-            self.process_id.value)
+    return (
+      self.coordinator_address.value,
+      self.num_processes.value,
+      self.process_id.value,
+    )
 
 
 def define_process_flags() -> ProcessFlags:
   """Defines --coordinator_address, --num_processes and --process_id."""
   return ProcessFlags(
-      flags.DEFINE_string(
-          'coordinator_address', '', 'host:port of process 0, for '
-          'multi-process jobs not started by SLURM or on Cloud TPU (which '
-          'are detected).'),
-      flags.DEFINE_integer('num_processes', 0,
-                           'Processes in a multi-process job.'),
-      flags.DEFINE_integer('process_id', -1,
-                           'This process in a multi-process job.'))
+    flags.DEFINE_string(
+      'coordinator_address',
+      '',
+      'host:port of process 0, for '
+      'multi-process jobs not started by SLURM or on Cloud TPU (which '
+      'are detected).',
+    ),
+    flags.DEFINE_integer(
+      'num_processes', 0, 'Processes in a multi-process job.'
+    ),
+    flags.DEFINE_integer(
+      'process_id', -1, 'This process in a multi-process job.'
+    ),
+  )
 
 
 def refuse_arguments(argv: Sequence[str]) -> None:
@@ -125,8 +136,9 @@ def refuse_arguments(argv: Sequence[str]) -> None:
   """
   if len(argv) > 1:
     raise app.UsageError(
-        f'unexpected arguments: {" ".join(argv[1:])} (boolean flags take '
-        'their value after "=", e.g. --config.group_by_length=false)')
+      f'unexpected arguments: {" ".join(argv[1:])} (boolean flags take '
+      'their value after "=", e.g. --config.group_by_length=false)'
+    )
 
 
 def _drop_closed_loop_callbacks(default_hook):
@@ -138,9 +150,12 @@ def _drop_closed_loop_callbacks(default_hook):
   unraisable RuntimeError with a traceback, after the program has already
   named the damaged step. Every other unraisable exception is printed.
   """
+
   def hook(unraisable):
-    if (unraisable.exc_type is RuntimeError
-        and str(unraisable.exc_value) == 'Event loop is closed'):
+    if (
+      unraisable.exc_type is RuntimeError
+      and str(unraisable.exc_value) == 'Event loop is closed'
+    ):
       return
     default_hook(unraisable)
 
@@ -172,7 +187,7 @@ def _exit_failed(message: str) -> None:
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access
+    os._exit(1)  # noqa: SLF001
   sys.exit(1)
 
 

@@ -24,24 +24,36 @@ from capjax import inference
 from capjax import plots
 from capjax import programs
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.',
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'A trained workdir.', required=True
+)
 _STEP = flags.DEFINE_integer(
-    'step', None, "The checkpoint's step; default: the best checkpoint "
-    '(config.best_metric), else the newest.', lower_bound=0)
-_BEAM_SIZE = flags.DEFINE_integer('beam_size', 1,
-                                  'Beam search width; 1 is greedy search.')
-_ALPHA = flags.DEFINE_float('alpha', 0.0, "Beam search's length "
-                            'normalisation (GNMT alpha; 0 = off).')
+  'step',
+  None,
+  "The checkpoint's step; default: the best checkpoint "
+  '(config.best_metric), else the newest.',
+  lower_bound=0,
+)
+_BEAM_SIZE = flags.DEFINE_integer(
+  'beam_size', 1, 'Beam search width; 1 is greedy search.'
+)
+_ALPHA = flags.DEFINE_float(
+  'alpha', 0.0, "Beam search's length normalisation (GNMT alpha; 0 = off)."
+)
 _TEMPERATURE = flags.DEFINE_float(
-    'temperature', 0.0, 'Sample each word at this temperature (0 = '
-    'deterministic decoding).')
+  'temperature',
+  0.0,
+  'Sample each word at this temperature (0 = deterministic decoding).',
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed of --temperature.')
-_MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Most words per caption, '
-                                "<end> included; 0: the config's longest "
-                                'caption.')
-_PLOT_DIR = flags.DEFINE_string('plot_dir', '', 'Write attention plots '
-                                'here, one PNG per image.')
+_MAX_LEN = flags.DEFINE_integer(
+  'max_len',
+  0,
+  "Most words per caption, <end> included; 0: the config's longest caption.",
+)
+_PLOT_DIR = flags.DEFINE_string(
+  'plot_dir', '', 'Write attention plots here, one PNG per image.'
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -50,9 +62,14 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('name one or more images (or .npy feature files)')
   trained = inference.load_trained(_WORKDIR.value, _STEP.value)
   results = inference.caption_files(
-      trained, paths, beam_size=_BEAM_SIZE.value, alpha=_ALPHA.value,
-      temperature=_TEMPERATURE.value, seed=_SEED.value,
-      max_len=_MAX_LEN.value or None)
+    trained,
+    paths,
+    beam_size=_BEAM_SIZE.value,
+    alpha=_ALPHA.value,
+    temperature=_TEMPERATURE.value,
+    seed=_SEED.value,
+    max_len=_MAX_LEN.value or None,
+  )
   if _PLOT_DIR.value:
     pathlib.Path(_PLOT_DIR.value).mkdir(parents=True, exist_ok=True)
   taken = set()
@@ -62,12 +79,15 @@ def main(argv: Sequence[str]) -> None:
       continue
     print(f'{r.path}: {r.caption}', flush=True)
     if _PLOT_DIR.value:
-      plots.plot_attention(plots.plot_path(_PLOT_DIR.value, r.path, taken),
-                           r.caption.split(), r.attention_TL, r.image_HW3)
+      plots.plot_attention(
+        plots.plot_path(_PLOT_DIR.value, r.path, taken),
+        r.caption.split(),
+        r.attention_TL,
+        r.image_HW3,
+      )
   failed = sum(r.error is not None for r in results)
   if failed:
-    logging.error('%d of %d files could not be captioned', failed,
-                  len(results))
+    logging.error('%d of %d files could not be captioned', failed, len(results))
     sys.exit(1)
 
 

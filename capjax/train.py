@@ -21,11 +21,17 @@ from capjax.training import loop
 from capjax.training import parallel
 
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, metrics and the model.',
-    required=True)
+  'workdir',
+  None,
+  'Directory for checkpoints, metrics and the model.',
+  required=True,
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
-    'Training configuration file.', lock_config=True)
+  'config',
+  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  'Training configuration file.',
+  lock_config=True,
+)
 _PROCESSES = programs.define_process_flags()
 
 

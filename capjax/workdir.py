@@ -28,8 +28,15 @@ BEST_CHECKPOINT_DIR = 'best_checkpoint'
 
 # Fields that fix the shapes of the parameters or the meaning of token ids:
 # a checkpoint cannot be resumed under a config that changes any of them.
-MODEL_FIELDS = ('dataset', 'extractor', 'patch_grid', 'top_k', 'embedding_dim',
-                'units', 'carry_gru_state')
+MODEL_FIELDS = (
+  'dataset',
+  'extractor',
+  'patch_grid',
+  'top_k',
+  'embedding_dim',
+  'units',
+  'carry_gru_state',
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -40,8 +47,9 @@ def train_command(workdir: PathLike) -> str:
 
 
 def save_config(workdir: PathLike, config: ml_collections.ConfigDict) -> None:
-  files.write_text_atomic(pathlib.Path(workdir) / CONFIG_FILE,
-                          config.to_json(indent=2))
+  files.write_text_atomic(
+    pathlib.Path(workdir) / CONFIG_FILE, config.to_json(indent=2)
+  )
 
 
 def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
@@ -54,7 +62,8 @@ def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise errors.MissingFileError(
-        f'{workdir} is not a capjax workdir: no {CONFIG_FILE}')
+      f'{workdir} is not a capjax workdir: no {CONFIG_FILE}'
+    )
   values = files.read_json(path)
   if not isinstance(values, dict):
     raise errors.UserError(f'{path} is not a capjax config: not a JSON object')
@@ -70,19 +79,26 @@ def require_file(workdir: PathLike, name: str) -> pathlib.Path:
   path = pathlib.Path(workdir) / name
   if not path.exists():
     raise errors.MissingFileError(
-        f'{workdir} lacks {name}: train first with {train_command(workdir)}')
+      f'{workdir} lacks {name}: train first with {train_command(workdir)}'
+    )
   return path
 
 
-def check_compatible(saved: ml_collections.ConfigDict,
-                     config: ml_collections.ConfigDict) -> None:
+def check_compatible(
+  saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+) -> None:
   """Raises if `config` cannot continue training a model saved with `saved`."""
-  changed = [f'{name}: {saved.get(name)!r} -> {config.get(name)!r}'
-             for name in MODEL_FIELDS if saved.get(name) != config.get(name)]
+  changed = [
+    f'{name}: {saved.get(name)!r} -> {config.get(name)!r}'
+    for name in MODEL_FIELDS
+    if saved.get(name) != config.get(name)
+  ]
   if changed:
     raise errors.UserError(
-        'this workdir holds a model trained under another config ('
-        + '; '.join(changed) + '); use a new --workdir or the saved config')
+      'this workdir holds a model trained under another config ('
+      + '; '.join(changed)
+      + '); use a new --workdir or the saved config'
+    )
 
 
 def save_json(path: PathLike, value) -> None:

@@ -17,20 +17,21 @@ import pathlib
 # memory up front, as it does by default. Before JAX is imported.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
+# noqa: PLC0415, E402
 from absl import app
 from absl import flags
 
 from capjax.benchmarks import accelerator
 
-_OUT_DIR = flags.DEFINE_string('out_dir', 'accelerator_results',
-                               'Where accelerator.json and .md go.')
+_OUT_DIR = flags.DEFINE_string(
+  'out_dir', 'accelerator_results', 'Where accelerator.json and .md go.'
+)
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes: a dry run.')
 # Start-up, the last row begun within the budget and the writing fit in the
 # rest of 8 minutes on an H200.
 _TIME_BUDGET_S = flags.DEFINE_float(
-    'time_budget_s', 360, 'Rows not begun within this many seconds are '
-    'skipped.')
+  'time_budget_s', 360, 'Rows not begun within this many seconds are skipped.'
+)
 
 
 def main(argv):

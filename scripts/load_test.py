@@ -29,13 +29,13 @@ only (this is a load generator; it refuses any other host):
 import collections
 from collections.abc import Sequence
 import contextlib
-import re
 import http.client
 import ipaddress
 import itertools
 import json
 import os
 import pathlib
+import re
 import socket
 import tempfile
 import threading
@@ -49,37 +49,60 @@ import numpy as np
 from capjax.testing import serving
 
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'A trained workdir: start its servers here.')
+  'workdir', None, 'A trained workdir: start its servers here.'
+)
 _URL = flags.DEFINE_string(
-    'url', None, 'A running batched server (loopback), instead of --workdir.')
+  'url', None, 'A running batched server (loopback), instead of --workdir.'
+)
 _BASELINE_URL = flags.DEFINE_string(
-    'baseline_url', None, 'A running one-at-a-time server (loopback).')
+  'baseline_url', None, 'A running one-at-a-time server (loopback).'
+)
 _IMAGES = flags.DEFINE_list(
-    'images', [], "Images to send; default: the workdir's examples/.")
+  'images', [], "Images to send; default: the workdir's examples/."
+)
 _CONCURRENCY = flags.DEFINE_list(
-    'concurrency', ['1', '8', '32'], 'Client counts against the batched '
-    'server; the last one also runs against the one-at-a-time server.')
+  'concurrency',
+  ['1', '8', '32'],
+  'Client counts against the batched '
+  'server; the last one also runs against the one-at-a-time server.',
+)
 _MAX_BATCH_SIZE = flags.DEFINE_integer(
-    'max_batch_size', 32, 'The batched server started from --workdir.')
+  'max_batch_size', 32, 'The batched server started from --workdir.'
+)
 _REQUESTS = flags.DEFINE_integer(
-    'requests', 2000, 'Most requests per run.', lower_bound=1,
-    upper_bound=100_000)
+  'requests', 2000, 'Most requests per run.', lower_bound=1, upper_bound=100_000
+)
 _SECONDS = flags.DEFINE_float(
-    'seconds', 20.0, 'Most seconds per run.', lower_bound=0.1,
-    upper_bound=600)
+  'seconds', 20.0, 'Most seconds per run.', lower_bound=0.1, upper_bound=600
+)
 _PID = flags.DEFINE_integer(
-    'pid', None, "With --url: the server's process id, for its memory and "
-    'CPU time.')
+  'pid',
+  None,
+  "With --url: the server's process id, for its memory and CPU time.",
+)
 _BASELINE_PID = flags.DEFINE_integer(
-    'baseline_pid', None, "With --baseline_url: that server's process id.")
+  'baseline_pid', None, "With --baseline_url: that server's process id."
+)
 _MIXED = flags.DEFINE_boolean(
-    'mixed', False, 'Vary the requests: beam search, attention, max_len, '
-    'and some unreadable images.')
+  'mixed',
+  False,
+  'Vary the requests: beam search, attention, max_len, '
+  'and some unreadable images.',
+)
 
 # Queries of --mixed requests, in turn; None: an unreadable image.
-_MIXED_QUERIES = ('', '?beam_size=3', '?attention=true', '?max_len=8', '',
-                  '?beam_size=2&max_len=20', '', '?attention=true&beam_size=3',
-                  '', None)
+_MIXED_QUERIES = (
+  '',
+  '?beam_size=3',
+  '?attention=true',
+  '?max_len=8',
+  '',
+  '?beam_size=2&max_len=20',
+  '',
+  '?attention=true&beam_size=3',
+  '',
+  None,
+)
 _PHASES = ('body', 'image', 'queue', 'decode', 'answer')
 
 
@@ -93,35 +116,53 @@ def check_loopback(url: str) -> str:
   if parts.scheme != 'http' or not parts.hostname:
     raise app.UsageError(f'{url}: an http:// URL is needed')
   try:
-    addresses = {info[4][0] for info in socket.getaddrinfo(
-        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM)}
+    addresses = {
+      info[4][0]
+      for info in socket.getaddrinfo(
+        parts.hostname, parts.port or 80, type=socket.SOCK_STREAM
+      )
+    }
   except OSError as e:
     raise app.UsageError(f'{url}: {e}') from None
   if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
-    raise app.UsageError(f'{url} is not a loopback address: this load test '
-                         'only runs against servers on this machine')
+    raise app.UsageError(
+      f'{url} is not a loopback address: this load test '
+      'only runs against servers on this machine'
+    )
   return url
 
 
-def _client(url: str, bodies: Sequence[bytes], tickets: itertools.count,
-            max_requests: int, deadline: float, latencies: list[float],
-            errors: collections.Counter) -> None:
+def _client(
+  url: str,
+  bodies: Sequence[bytes],
+  tickets: itertools.count,
+  max_requests: int,
+  deadline: float,
+  latencies: list[float],
+  errors: collections.Counter,
+) -> None:
   """Posts images over one connection until the requests or time run out."""
   parts = urllib.parse.urlsplit(url)
-  connect = lambda: http.client.HTTPConnection(parts.hostname, parts.port,
-                                               timeout=120)
+  connect = lambda: http.client.HTTPConnection(
+    parts.hostname, parts.port, timeout=120
+  )
   connection = connect()
   # next() on an itertools.count is atomic, so tickets are never shared.
   while (ticket := next(tickets)) < max_requests and (
-      time.monotonic() < deadline):
+    time.monotonic() < deadline
+  ):
     body, query = bodies[ticket % len(bodies)], ''
     if _MIXED.value:
       query = _MIXED_QUERIES[ticket % len(_MIXED_QUERIES)]
       body, query = (b'not an image', '') if query is None else (body, query)
     start = time.perf_counter()
     try:
-      connection.request('POST', f'/v1/captions{query}', body,
-                         {'Content-Type': 'application/octet-stream'})
+      connection.request(
+        'POST',
+        f'/v1/captions{query}',
+        body,
+        {'Content-Type': 'application/octet-stream'},
+      )
       response = connection.getresponse()
       response.read()
     except (OSError, http.client.HTTPException) as e:
@@ -142,8 +183,9 @@ def _client(url: str, bodies: Sequence[bytes], tickets: itertools.count,
 def _phase_totals(url: str) -> dict[str, tuple[float, float]]:
   """(seconds, count) per phase from the server's /metrics; {} if none."""
   parts = urllib.parse.urlsplit(url)
-  connection = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=30)
+  connection = http.client.HTTPConnection(
+    parts.hostname, parts.port, timeout=30
+  )
   try:
     connection.request('GET', '/metrics')
     text = connection.getresponse().read().decode()
@@ -153,8 +195,10 @@ def _phase_totals(url: str) -> dict[str, tuple[float, float]]:
     connection.close()
   totals = collections.defaultdict(lambda: [0.0, 0.0])
   for kind, phase, value in re.findall(
-      r'^capjax_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$',
-      text, re.MULTILINE):
+    r'^capjax_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$',
+    text,
+    re.MULTILINE,
+  ):
     totals[phase][kind == 'count'] = float(value)
   return {phase: tuple(v) for phase, v in totals.items()}
 
@@ -180,19 +224,35 @@ def _cpu_s(pid: int | None) -> float | None:
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
-def measure(url: str, bodies: Sequence[bytes], concurrency: int,
-            max_requests: int, max_seconds: float,
-            pid: int | None = None) -> dict[str, float]:
+def measure(
+  url: str,
+  bodies: Sequence[bytes],
+  concurrency: int,
+  max_requests: int,
+  max_seconds: float,
+  pid: int | None = None,
+) -> dict[str, float]:
   """Requests/s and latency of `concurrency` clients sending at once."""
   latencies, errors = [], collections.Counter()
   tickets = itertools.count()
   phases_before = _phase_totals(url)
   cpu_before = _cpu_s(pid)
   start = time.monotonic()
-  threads = [threading.Thread(
-      target=_client, args=(url, bodies, tickets, max_requests,
-                            start + max_seconds, latencies, errors))
-             for _ in range(concurrency)]
+  threads = [
+    threading.Thread(
+      target=_client,
+      args=(
+        url,
+        bodies,
+        tickets,
+        max_requests,
+        start + max_seconds,
+        latencies,
+        errors,
+      ),
+    )
+    for _ in range(concurrency)
+  ]
   for t in threads:
     t.start()
   for t in threads:
@@ -204,35 +264,42 @@ def measure(url: str, bodies: Sequence[bytes], concurrency: int,
   # Mean milliseconds per request in each phase, by the server's clock.
   phases = {}
   for phase in _PHASES:
-    (s0, n0), (s1, n1) = (p.get(phase, (0.0, 0.0))
-                          for p in (phases_before, phases_after))
+    (s0, n0), (s1, n1) = (
+      p.get(phase, (0.0, 0.0)) for p in (phases_before, phases_after)
+    )
     if n1 > n0:
       phases[phase] = round((s1 - s0) / (n1 - n0) * 1000, 2)
   return {
-      'concurrency': concurrency,
-      'requests': len(latencies),
-      'errors': {str(k): v for k, v in errors.items()},
-      'seconds': round(seconds, 2),
-      'requests_per_s': round(len(latencies) / seconds, 1),
-      'p50_ms': round(float(np.percentile(latencies_ms, 50)), 1),
-      'p99_ms': round(float(np.percentile(latencies_ms, 99)), 1),
-      'phases_ms': phases,
-      'server_rss_mb': _rss_mb(pid),
-      # The server's CPU time per answer: what a request costs it, little
-      # changed by other work on the machine.
-      'server_cpu_ms': None if pid is None else round(
-          (cpu_after - cpu_before) * 1000 / max(len(latencies), 1), 2),
+    'concurrency': concurrency,
+    'requests': len(latencies),
+    'errors': {str(k): v for k, v in errors.items()},
+    'seconds': round(seconds, 2),
+    'requests_per_s': round(len(latencies) / seconds, 1),
+    'p50_ms': round(float(np.percentile(latencies_ms, 50)), 1),
+    'p99_ms': round(float(np.percentile(latencies_ms, 99)), 1),
+    'phases_ms': phases,
+    'server_rss_mb': _rss_mb(pid),
+    # The server's CPU time per answer: what a request costs it, little
+    # changed by other work on the machine.
+    'server_cpu_ms': None
+    if pid is None
+    else round((cpu_after - cpu_before) * 1000 / max(len(latencies), 1), 2),
   }
 
 
-def run(url: str, bodies: Sequence[bytes], concurrencies: Sequence[int],
-        pid: int | None = None) -> list[dict[str, float]]:
+def run(
+  url: str,
+  bodies: Sequence[bytes],
+  concurrencies: Sequence[int],
+  pid: int | None = None,
+) -> list[dict[str, float]]:
   """One measurement per client count, each after an untimed round."""
   results = []
   for concurrency in concurrencies:
     measure(url, bodies, concurrency, concurrency, _SECONDS.value)
-    results.append(measure(url, bodies, concurrency, _REQUESTS.value,
-                           _SECONDS.value, pid))
+    results.append(
+      measure(url, bodies, concurrency, _REQUESTS.value, _SECONDS.value, pid)
+    )
   return results
 
 
@@ -240,8 +307,9 @@ def run(url: str, bodies: Sequence[bytes], concurrencies: Sequence[int],
 def started_server(workdir: str, max_batch_size: int, log_dir: str):
   """(URL, pid) of a capjax.serve process, for the length of the block."""
   process, url = serving.start_subprocess(
-      ['--workdir', workdir, f'--max_batch_size={max_batch_size}'],
-      str(pathlib.Path(log_dir) / f'serve-{max_batch_size}.log'))
+    ['--workdir', workdir, f'--max_batch_size={max_batch_size}'],
+    str(pathlib.Path(log_dir) / f'serve-{max_batch_size}.log'),
+  )
   try:
     yield url, process.pid
   finally:
@@ -255,8 +323,10 @@ def main(argv: Sequence[str]) -> None:
   if bool(_WORKDIR.value) == bool(_URL.value and _BASELINE_URL.value):
     raise app.UsageError('give --workdir, or both --url and --baseline_url')
   paths = _IMAGES.value or (
-      sorted(pathlib.Path(_WORKDIR.value, 'examples').glob('*'))
-      if _WORKDIR.value else [])
+    sorted(pathlib.Path(_WORKDIR.value, 'examples').glob('*'))
+    if _WORKDIR.value
+    else []
+  )
   if not paths:
     raise app.UsageError('no images: give --images')
   bodies = [pathlib.Path(p).read_bytes() for p in paths]
@@ -269,34 +339,49 @@ def main(argv: Sequence[str]) -> None:
 
   if _WORKDIR.value:
     with tempfile.TemporaryDirectory() as log_dir:
-      with started_server(_WORKDIR.value, _MAX_BATCH_SIZE.value,
-                          log_dir) as (url, pid):
+      with started_server(_WORKDIR.value, _MAX_BATCH_SIZE.value, log_dir) as (
+        url,
+        pid,
+      ):
         batched = run(url, bodies, concurrencies, pid)
       with started_server(_WORKDIR.value, 1, log_dir) as (url, pid):
         single = run(url, bodies, concurrencies[-1:], pid)
   else:
-    batched = run(check_loopback(_URL.value), bodies, concurrencies,
-                  _PID.value)
-    single = run(check_loopback(_BASELINE_URL.value), bodies,
-                 concurrencies[-1:], _BASELINE_PID.value)
+    batched = run(check_loopback(_URL.value), bodies, concurrencies, _PID.value)
+    single = run(
+      check_loopback(_BASELINE_URL.value),
+      bodies,
+      concurrencies[-1:],
+      _BASELINE_PID.value,
+    )
 
-  print(f'{"server":<15}{"clients":>8}{"requests":>10}{"errors":>8}'
-        f'{"req/s":>9}{"p50 ms":>9}{"p99 ms":>9}{"RSS MB":>9}'
-        f'{"CPU ms":>8}   server ms per request: {" ".join(_PHASES)}')
+  print(
+    f'{"server":<15}{"clients":>8}{"requests":>10}{"errors":>8}'
+    f'{"req/s":>9}{"p50 ms":>9}{"p99 ms":>9}{"RSS MB":>9}'
+    f'{"CPU ms":>8}   server ms per request: {" ".join(_PHASES)}'
+  )
   for name, results in (('batched', batched), ('one at a time', single)):
     for r in results:
       phases = ' '.join(str(r['phases_ms'].get(p, '-')) for p in _PHASES)
-      print(f'{name:<15}{r["concurrency"]:>8}{r["requests"]:>10}'
-            f'{sum(r["errors"].values()):>8}{r["requests_per_s"]:>9}'
-            f'{r["p50_ms"]:>9}{r["p99_ms"]:>9}'
-            f'{str(r["server_rss_mb"] or "-"):>9}'
-            f'{str(r["server_cpu_ms"] or "-"):>8}   {phases}')
-  ratio = batched[-1]['requests_per_s'] / max(single[-1]['requests_per_s'],
-                                              1e-9)
-  print(f'throughput at {concurrencies[-1]} clients, batched / one at a '
-        f'time: {ratio:.1f}x')
-  print(json.dumps({'batched': batched, 'one_at_a_time': single,
-                    'ratio': round(ratio, 2)}))
+      print(
+        f'{name:<15}{r["concurrency"]:>8}{r["requests"]:>10}'
+        f'{sum(r["errors"].values()):>8}{r["requests_per_s"]:>9}'
+        f'{r["p50_ms"]:>9}{r["p99_ms"]:>9}'
+        f'{str(r["server_rss_mb"] or "-"):>9}'
+        f'{str(r["server_cpu_ms"] or "-"):>8}   {phases}'
+      )
+  ratio = batched[-1]['requests_per_s'] / max(
+    single[-1]['requests_per_s'], 1e-9
+  )
+  print(
+    f'throughput at {concurrencies[-1]} clients, batched / one at a '
+    f'time: {ratio:.1f}x'
+  )
+  print(
+    json.dumps(
+      {'batched': batched, 'one_at_a_time': single, 'ratio': round(ratio, 2)}
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -16,8 +16,9 @@ def shared_data() -> pathlib.Path:
   path = real_data.find()
   if path is None:
     pytest.skip(
-        f'real test data not found: set {real_data.ENV} to a directory '
-        'holding coco-mini/, flickr8k/ and flickr8k-1k/')
+      f'real test data not found: set {real_data.ENV} to a directory '
+      'holding coco-mini/, flickr8k/ and flickr8k-1k/'
+    )
   return path
 
 
@@ -32,9 +33,11 @@ def compilation_cache(tmp_path_factory):
   (`capjax.testing.serving.compilation_cache_env`).
   """
   directory = tmp_path_factory.mktemp('jax-cache')
-  settings = {'jax_compilation_cache_dir': str(directory),
-              'jax_persistent_cache_min_compile_time_secs': 0,
-              'jax_persistent_cache_min_entry_size_bytes': 0}
+  settings = {
+    'jax_compilation_cache_dir': str(directory),
+    'jax_persistent_cache_min_compile_time_secs': 0,
+    'jax_persistent_cache_min_entry_size_bytes': 0,
+  }
   saved = {name: getattr(jax.config, name) for name in settings}
   for name, value in settings.items():
     jax.config.update(name, value)
@@ -53,7 +56,7 @@ def trained_workdir(tmp_path_factory) -> pathlib.Path:
   shapes captions ("a small red square"). Tests may add files to it but must
   not change or remove what is there.
   """
-  from capjax.configs import default  # pylint: disable=g-import-not-at-top
+  from capjax.configs import default  # noqa: PLC0415
 
   root = tmp_path_factory.mktemp('trained')
   config = default.get_config()

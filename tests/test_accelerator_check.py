@@ -8,27 +8,39 @@ import sys
 
 import pytest
 
-pytest.importorskip('torch', reason='PyTorch is optional (pip install '
-                    'capjax[bench]); the accelerator check needs it')
+pytest.importorskip(
+  'torch',
+  reason='PyTorch is optional (pip install '
+  'capjax[bench]); the accelerator check needs it',
+)
 
-SCRIPT = pathlib.Path(__file__).parent.parent / 'scripts' / 'accelerator_check.py'
-ABSENT = ('tensorflow', 'tensorflow_datasets', 'ml_collections',
-          'pycocoevalcap')
+SCRIPT = (
+  pathlib.Path(__file__).parent.parent / 'scripts' / 'accelerator_check.py'
+)
+ABSENT = (
+  'tensorflow',
+  'tensorflow_datasets',
+  'ml_collections',
+  'pycocoevalcap',
+)
 # None in sys.modules makes `import name` raise ImportError, as on a host
 # without the package.
-_WITHOUT = f'''
+_WITHOUT = f"""
 import runpy, sys
 for name in {ABSENT!r}:
   sys.modules[name] = None
 sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]
 runpy.run_path({str(SCRIPT)!r}, run_name='__main__')
-'''
+"""
 
 
 def _check(out_dir: pathlib.Path, *flags: str) -> dict:
   result = subprocess.run(
-      [sys.executable, '-c', _WITHOUT, '--quick', f'--out_dir={out_dir}',
-       *flags], capture_output=True, text=True, check=False)
+    [sys.executable, '-c', _WITHOUT, '--quick', f'--out_dir={out_dir}', *flags],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (out_dir / 'accelerator.md').read_text() in result.stdout
   return json.loads((out_dir / 'accelerator.json').read_text())

@@ -14,8 +14,10 @@ def test_flop_counts():
   assert np.isclose(flops[2] - flops[1], flops[3] - flops[2])
   # One predicted step: the tutorial's W1 runs once, as capjax's does.
   assert flops_lib.tutorial_train_flops(2) == flops_lib.train_flops(2)
-  ratios = [flops_lib.tutorial_train_flops(t) / flops_lib.train_flops(t)
-            for t in (16, 32, 48)]
+  ratios = [
+    flops_lib.tutorial_train_flops(t) / flops_lib.train_flops(t)
+    for t in (16, 32, 48)
+  ]
   assert 2 < ratios[0] < ratios[1] < ratios[2] < 3
 
 

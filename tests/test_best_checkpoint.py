@@ -34,9 +34,15 @@ def shapes_dir(tmp_path_factory):
 def _config(shapes_dir, **overrides):
   """Evaluations and checkpoints every 2 steps, all checkpoints kept."""
   return testing_lib.tiny_config(
-      shapes_dir, **{'num_train_steps': _STEPS, 'eval_every_steps': 2,
-                     'checkpoint_every_steps': 2, 'keep_checkpoints': 10,
-                     **overrides})
+    shapes_dir,
+    **{
+      'num_train_steps': _STEPS,
+      'eval_every_steps': 2,
+      'checkpoint_every_steps': 2,
+      'keep_checkpoints': 10,
+      **overrides,
+    },
+  )
 
 
 def _eval_steps(config, workdir: pathlib.Path) -> list[int]:
@@ -47,8 +53,11 @@ def _eval_steps(config, workdir: pathlib.Path) -> list[int]:
     start = manager.latest_step() or 0
     manager.close()
   last = config.num_train_steps
-  return [s for s in range(start + 1, last + 1)
-          if s % config.eval_every_steps == 0 or s == last]
+  return [
+    s
+    for s in range(start + 1, last + 1)
+    if s % config.eval_every_steps == 0 or s == last
+  ]
 
 
 def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
@@ -66,8 +75,11 @@ def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(loop, 'evaluate_loss', scripted_loss)
     if cider:
-      patch.setattr(loop, '_caption_metrics', lambda *_: {
-          'bleu4': 0.0, 'cider': cider[next(steps)]})
+      patch.setattr(
+        loop,
+        '_caption_metrics',
+        lambda *_: {'bleu4': 0.0, 'cider': cider[next(steps)]},
+      )
     return loop.train_and_evaluate(config, str(workdir))
 
 
@@ -91,16 +103,23 @@ def test_the_best_step_has_the_best_logged_cider(scripted):
   assert (best.step, best.metric, best.score) == (6, 'cider', 0.5)
   assert _best_of_log(scripted, 'cider') == (6, 0.5)
   # Only the best is kept there; the newest checkpoints are all still kept.
-  assert sorted(p.name for p in checkpoints.best_directory(scripted).iterdir()
-                ) == ['6']
+  assert sorted(
+    p.name for p in checkpoints.best_directory(scripted).iterdir()
+  ) == ['6']
   assert checkpoints.manager(scripted, read_only=True).latest_step() == _STEPS
 
 
 def test_real_cider_chooses_as_metrics_jsonl_says(tmp_path, shapes_dir):
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(
-      _config(shapes_dir, num_train_steps=8, eval_every_steps=4,
-              num_caption_eval_images=8), str(workdir))
+    _config(
+      shapes_dir,
+      num_train_steps=8,
+      eval_every_steps=4,
+      num_caption_eval_images=8,
+    ),
+    str(workdir),
+  )
   best = checkpoints.read_best(workdir)
   assert (best.step, best.score) == _best_of_log(workdir, 'cider')
 
@@ -110,29 +129,42 @@ def test_load_trained_loads_the_best_and_step_overrides(scripted, caplog):
     trained = inference.load_trained(scripted)
   assert trained.step == 6
   assert 'loading the best checkpoint (step 6, validation CIDEr 0.5)' in (
-      caplog.text)
+    caplog.text
+  )
   # The best checkpoint holds step 6's parameters, those of checkpoints/6.
-  testing_lib.leaves_equal(trained.params,
-                           checkpoints.load_params(scripted, step=6))
+  testing_lib.leaves_equal(
+    trained.params, checkpoints.load_params(scripted, step=6)
+  )
   caplog.clear()
   with caplog.at_level('INFO'):
     assert inference.load_trained(scripted, step=_STEPS).step == _STEPS
   assert f'loading the checkpoint of step {_STEPS}' in caplog.text
-  with pytest.raises(errors.MissingFileError,
-                     match='holds steps 2, 4, 6, 8, 10, 12 and the best, '
-                     'step 6'):
+  with pytest.raises(
+    errors.MissingFileError,
+    match='holds steps 2, 4, 6, 8, 10, 12 and the best, step 6',
+  ):
     inference.load_trained(scripted, step=5)
 
 
 def test_sample_says_which_checkpoint_it_loads(scripted):
   image = next((scripted / 'examples').glob('*.png'))
   result = subprocess.run(
-      [sys.executable, '-m', 'capjax.sample', f'--workdir={scripted}',
-       str(image)], capture_output=True, text=True, check=False,
-      cwd=testing_lib.REPO_ROOT)
+    [
+      sys.executable,
+      '-m',
+      'capjax.sample',
+      f'--workdir={scripted}',
+      str(image),
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=testing_lib.REPO_ROOT,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'loading the best checkpoint (step 6, validation CIDEr 0.5)' in (
-      result.stderr)
+    result.stderr
+  )
 
 
 def test_an_exact_resume_keeps_the_best_record(tmp_path, shapes_dir, scripted):
@@ -148,16 +180,17 @@ def test_an_exact_resume_keeps_the_best_record(tmp_path, shapes_dir, scripted):
   best = checkpoints.read_best(workdir)
   assert (best.step, best.score) == (6, 0.5)
   testing_lib.leaves_equal(
-      checkpoints.restore_checkpoint(best),
-      checkpoints.restore_checkpoint(checkpoints.read_best(scripted)))
+    checkpoints.restore_checkpoint(best),
+    checkpoints.restore_checkpoint(checkpoints.read_best(scripted)),
+  )
 
 
-def test_loss_chooses_when_the_caption_evaluation_is_off(tmp_path, shapes_dir,
-                                                         caplog):
+def test_loss_chooses_when_the_caption_evaluation_is_off(
+  tmp_path, shapes_dir, caplog
+):
   workdir = tmp_path / 'run'
   with caplog.at_level('INFO'):
-    _train(_config(shapes_dir, num_caption_eval_images=0), workdir,
-           loss=_LOSS)
+    _train(_config(shapes_dir, num_caption_eval_images=0), workdir, loss=_LOSS)
   assert 'the validation loss chooses the best checkpoint' in caplog.text
   best = checkpoints.read_best(workdir)
   assert (best.step, best.metric, best.score) == (4, 'loss', 2.0)
@@ -167,17 +200,20 @@ def test_loss_chooses_when_the_caption_evaluation_is_off(tmp_path, shapes_dir,
 def _truncate_arrays(path: pathlib.Path) -> None:
   for data in path.rglob('*'):
     if data.is_file() and data.parent.name == 'd':
-      data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+      data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
 
 def test_a_damaged_best_checkpoint_is_named_and_training_replaces_it(
-    scripted, tmp_path, shapes_dir, caplog):
+  scripted, tmp_path, shapes_dir, caplog
+):
   workdir = tmp_path / 'run'
   shutil.copytree(scripted, workdir)
   _truncate_arrays(checkpoints.best_directory(workdir))
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=r'the best checkpoint \(step 6\) in .* cannot be '
-                     rf'read .*pass --step {_STEPS}'):
+  with pytest.raises(
+    checkpoints.DamagedCheckpointError,
+    match=r'the best checkpoint \(step 6\) in .* cannot be '
+    rf'read .*pass --step {_STEPS}',
+  ):
     inference.load_trained(workdir)
   with caplog.at_level('WARNING'):
     _train(_config(shapes_dir, num_train_steps=14), workdir, cider=_CIDER)
@@ -190,11 +226,14 @@ def test_a_damaged_best_checkpoint_is_named_and_training_replaces_it(
 def test_an_unreadable_score_is_named_with_the_newest_step(scripted, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(scripted, workdir)
-  (checkpoints.best_directory(workdir) / '6' / 'metrics' / 'metrics'
-   ).write_text('{"cider": ')
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=r'the best checkpoint in .* cannot be read \(.*\); '
-                     rf'the newest checkpoint is step {_STEPS}: pass --step'):
+  (
+    checkpoints.best_directory(workdir) / '6' / 'metrics' / 'metrics'
+  ).write_text('{"cider": ')
+  with pytest.raises(
+    checkpoints.DamagedCheckpointError,
+    match=r'the best checkpoint in .* cannot be read \(.*\); '
+    rf'the newest checkpoint is step {_STEPS}: pass --step',
+  ):
     inference.load_trained(workdir)
   assert inference.load_trained(workdir, step=_STEPS).step == _STEPS
   with pytest.raises(checkpoints.DamagedCheckpointError):
@@ -210,6 +249,8 @@ def test_without_a_best_checkpoint_the_newest_loads(scripted, tmp_path):
 
 
 def test_an_unknown_best_metric_is_refused(shapes_dir):
-  with pytest.raises(errors.UserError, match='config.best_metric must be one '
-                     "of cider, bleu4, loss, got 'bleu'"):
+  with pytest.raises(
+    errors.UserError,
+    match="config.best_metric must be one of cider, bleu4, loss, got 'bleu'",
+  ):
     config_checks.check_config(_config(shapes_dir, best_metric='bleu'))

@@ -39,8 +39,8 @@ def trained(tmp_path_factory, shapes_dir):
   """A workdir with two checkpoints; tests copy it before damaging it."""
   workdir = tmp_path_factory.mktemp('trained') / 'run'
   loop.train_and_evaluate(
-      testing_lib.tiny_config(shapes_dir, num_train_steps=_STEPS),
-      str(workdir))
+    testing_lib.tiny_config(shapes_dir, num_train_steps=_STEPS), str(workdir)
+  )
   # Without the best checkpoint, programs load the newest step, which these
   # tests damage; tests/test_best_checkpoint.py covers the best one.
   shutil.rmtree(checkpoints.best_directory(workdir))
@@ -55,8 +55,9 @@ def copy(trained, tmp_path):
 
 
 def _data_files(workdir: pathlib.Path, step: int) -> list[pathlib.Path]:
-  return sorted(p for p in (workdir / 'checkpoints' / str(step)).rglob('*')
-                if p.is_file())
+  return sorted(
+    p for p in (workdir / 'checkpoints' / str(step)).rglob('*') if p.is_file()
+  )
 
 
 def _largest_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
@@ -65,7 +66,7 @@ def _largest_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
 
 def _truncate(path: pathlib.Path) -> None:
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def _truncate_arrays(workdir: pathlib.Path, step: int) -> None:
@@ -82,15 +83,18 @@ def test_the_parameters_alone_equal_the_full_restore(trained):
   step, params = checkpoints.restore_params(trained)
   assert step == _STEPS
   testing_lib.leaves_equal(params, full['params'])
-  assert (jax.tree_util.tree_structure(params)
-          == jax.tree_util.tree_structure(full['params']))
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+    full['params']
+  )
 
 
 def test_a_damaged_step_is_named_with_the_good_one(copy):
   _truncate_arrays(copy, _STEPS)
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=rf'checkpoint step {_STEPS} in .* cannot be read '
-                     r'.*step 4 can be read: pass --step 4'):
+  with pytest.raises(
+    checkpoints.DamagedCheckpointError,
+    match=rf'checkpoint step {_STEPS} in .* cannot be read '
+    r'.*step 4 can be read: pass --step 4',
+  ):
     inference.load_trained(copy)
   assert inference.load_trained(copy, step=4).step == 4
 
@@ -99,8 +103,11 @@ def test_sample_reports_a_damaged_step_in_one_line(copy):
   _truncate_arrays(copy, _STEPS)
   image = next((copy / 'examples').glob('*.png'))
   result = subprocess.run(
-      [sys.executable, '-m', 'capjax.sample', f'--workdir={copy}', str(image)],
-      capture_output=True, text=True, check=False)
+    [sys.executable, '-m', 'capjax.sample', f'--workdir={copy}', str(image)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   assert f'error: checkpoint step {_STEPS}' in result.stderr
@@ -111,10 +118,12 @@ def test_only_late_callbacks_to_a_closed_loop_are_dropped():
   """The aborted restore's stray RuntimeErrors, not other unraisables."""
   printed = []
   hook = programs._drop_closed_loop_callbacks(printed.append)
-  closed = types.SimpleNamespace(exc_type=RuntimeError,
-                                 exc_value=RuntimeError('Event loop is closed'))
-  other = types.SimpleNamespace(exc_type=RuntimeError,
-                                exc_value=RuntimeError('something else'))
+  closed = types.SimpleNamespace(
+    exc_type=RuntimeError, exc_value=RuntimeError('Event loop is closed')
+  )
+  other = types.SimpleNamespace(
+    exc_type=RuntimeError, exc_value=RuntimeError('something else')
+  )
   hook(closed)
   hook(other)
   assert printed == [other]
@@ -123,9 +132,11 @@ def test_only_late_callbacks_to_a_closed_loop_are_dropped():
 def test_a_vocabulary_that_does_not_fit_is_named(copy):
   words = vocab_lib.Vocab.load(copy / 'vocab.json').words[4:]
   vocab_lib.Vocab(words + ['extra']).save(copy / 'vocab.json')
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=r"does not fit .*\['embedding'\]\['embedding'\] "
-                     r'is \(\d+, 16\) float32, expected'):
+  with pytest.raises(
+    checkpoints.DamagedCheckpointError,
+    match=r"does not fit .*\['embedding'\]\['embedding'\] "
+    r'is \(\d+, 16\) float32, expected',
+  ):
     inference.load_trained(copy)
 
 
@@ -137,8 +148,9 @@ def test_no_step_at_all_and_an_unknown_step(copy):
     inference.load_trained(copy)
 
 
-def test_training_resumes_from_the_newest_good_step(copy, trained,
-                                                    shapes_dir, caplog):
+def test_training_resumes_from_the_newest_good_step(
+  copy, trained, shapes_dir, caplog
+):
   damaged = _largest_file(copy, _STEPS)
   _truncate(damaged)
   in_step = damaged.relative_to(copy / 'checkpoints' / str(_STEPS))
@@ -154,8 +166,9 @@ def test_training_resumes_from_the_newest_good_step(copy, trained,
   testing_lib.leaves_equal(state.params, checkpoints.load_params(trained))
 
 
-def _damage_each_file(workdir: pathlib.Path, tmp_path: pathlib.Path,
-                      damage) -> tuple[list[str], list[int]]:
+def _damage_each_file(
+  workdir: pathlib.Path, tmp_path: pathlib.Path, damage
+) -> tuple[list[str], list[int]]:
   """Damages each file of the newest step in turn.
 
   Returns:
@@ -164,8 +177,9 @@ def _damage_each_file(workdir: pathlib.Path, tmp_path: pathlib.Path,
   """
   manager = checkpoints.manager(workdir, read_only=True)
   target = checkpoints.abstract_tree(
-      manager.item_metadata(_STEPS),
-      jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    manager.item_metadata(_STEPS),
+    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+  )
   manager.close()
   outcomes, resumed = [], []
   for k, path in enumerate(_data_files(workdir, _STEPS)):
@@ -191,10 +205,12 @@ def _flip_bits(path: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('damage', [_truncate, _flip_bits],
-                         ids=['truncated', 'bit flips'])
+@pytest.mark.parametrize(
+  'damage', [_truncate, _flip_bits], ids=['truncated', 'bit flips']
+)
 def test_every_damaged_file_loads_or_gives_one_line_and_training_resumes(
-    trained, tmp_path, damage):
+  trained, tmp_path, damage
+):
   outcomes, resumed = _damage_each_file(trained, tmp_path, damage)
   assert len(outcomes) >= 5
   assert set(resumed) <= {4, _STEPS} and 4 in resumed
@@ -214,37 +230,52 @@ def _writing(names: set[str]) -> bool:
   return any('tmp' in name for name in names)
 
 
-def _wait_until(process: subprocess.Popen, workdir: pathlib.Path,
-                moment) -> None:
+def _wait_until(
+  process: subprocess.Popen, workdir: pathlib.Path, moment
+) -> None:
   """Polls the workdir's checkpoints until `moment(names)` or the process ends.
 
   Every millisecond: a save lasts about 200.
   """
   deadline = time.monotonic() + 30
-  while (not moment(_checkpoint_names(workdir)) and process.poll() is None
-         and time.monotonic() < deadline):
+  while (
+    not moment(_checkpoint_names(workdir))
+    and process.poll() is None
+    and time.monotonic() < deadline
+  ):
     time.sleep(0.001)
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_exact(
-    tmp_path, shapes_dir, compilation_cache):
+  tmp_path, shapes_dir, compilation_cache
+):
   # A checkpoint every 5 steps (a save takes about as long as 5 steps
   # here), so that a kill lands while one is written, or just before or
   # after. The kills take turns: at a random moment; at a random moment of
   # a step's write; just as a step is committed (when Orbax deletes the
   # oldest one, keep_checkpoints=2).
   steps = 300
-  fields = dict(num_train_steps=steps, eval_every_steps=steps,
-                keep_checkpoints=2, num_caption_eval_images=0)
+  fields = dict(
+    num_train_steps=steps,
+    eval_every_steps=steps,
+    keep_checkpoints=2,
+    num_caption_eval_images=0,
+  )
   config = testing_lib.tiny_config(
-      shapes_dir, checkpoint_every_steps=5, log_every_steps=5, **fields)
+    shapes_dir, checkpoint_every_steps=5, log_every_steps=5, **fields
+  )
   uninterrupted = loop.train_and_evaluate(
-      testing_lib.tiny_config(shapes_dir, num_train_steps=steps,
-                              checkpoint_every_steps=steps,
-                              eval_every_steps=steps, log_every_steps=100,
-                              num_caption_eval_images=0),
-      str(tmp_path / 'uninterrupted'))
+    testing_lib.tiny_config(
+      shapes_dir,
+      num_train_steps=steps,
+      checkpoint_every_steps=steps,
+      eval_every_steps=steps,
+      log_every_steps=100,
+      num_caption_eval_images=0,
+    ),
+    str(tmp_path / 'uninterrupted'),
+  )
   # The killed processes share the compiled programs of the uninterrupted
   # run: each starts in seconds.
   env = serving.compilation_cache_env(compilation_cache)
@@ -263,8 +294,11 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
       time.sleep(rng.uniform(0.0, 0.1))
     elif trial % 3 == 2:  # just as a new step is committed
       committed = {n for n in _checkpoint_names(workdir) if n.isdigit()}
-      _wait_until(process, workdir, lambda names: bool(
-          {n for n in names if n.isdigit()} - committed))
+      _wait_until(
+        process,
+        workdir,
+        lambda names: bool({n for n in names if n.isdigit()} - committed),
+      )
     process.kill()
     process.wait()
     kills += 1
@@ -276,9 +310,14 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
   assert 0 < steps_done < steps
   # How often the resumed run saves does not change what it computes (the
   # uninterrupted run saved once): it saves once too.
-  result = testing_lib.run_train(workdir, testing_lib.tiny_config(
-      shapes_dir, checkpoint_every_steps=steps, log_every_steps=100,
-      **fields), env=env)
+  result = testing_lib.run_train(
+    workdir,
+    testing_lib.tiny_config(
+      shapes_dir, checkpoint_every_steps=steps, log_every_steps=100, **fields
+    ),
+    env=env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  testing_lib.leaves_equal(checkpoints.load_params(workdir),
-                           uninterrupted.params)
+  testing_lib.leaves_equal(
+    checkpoints.load_params(workdir), uninterrupted.params
+  )

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax.data import datasets
 from capjax.configs import default
+from capjax.data import datasets
 
 
 def _config(dataset, data_dir=''):
@@ -32,7 +32,8 @@ def test_coco_json_finds_2017_files(shared_data):
   first = val[0]
   assert first.image_id == '397133'
   assert first.image == str(
-      shared_data / 'coco-mini' / 'val2017' / '000000397133.jpg')
+    shared_data / 'coco-mini' / 'val2017' / '000000397133.jpg'
+  )
   assert os.path.isfile(first.image)
   for record in val:
     assert len(record.captions) >= 5
@@ -44,8 +45,9 @@ def test_coco_json_finds_2017_files(shared_data):
 def test_coco_json_captions_keep_annotation_order(shared_data):
   path = shared_data / 'coco-mini' / 'annotations' / 'captions_val2017.json'
   data = json.loads(path.read_text())
-  expected = [a['caption'].strip() for a in data['annotations']
-              if a['image_id'] == 397133]
+  expected = [
+    a['caption'].strip() for a in data['annotations'] if a['image_id'] == 397133
+  ]
   records = datasets.coco_json_records(str(path), 'images')
   assert records[0].captions == tuple(expected)
   assert records[0].image == os.path.join('images', '000000397133.jpg')
@@ -53,19 +55,26 @@ def test_coco_json_captions_keep_annotation_order(shared_data):
 
 def test_coco_json_explicit_files(tmp_path, shared_data):
   annotations = {
-      'images': [{'id': 5, 'file_name': 'b.png'},
-                 {'id': 3, 'file_name': 'a.png'},
-                 {'id': 9, 'file_name': 'no_captions.png'}],
-      'annotations': [{'id': 1, 'image_id': 3, 'caption': 'Three \n'},
-                      {'id': 2, 'image_id': 5, 'caption': 'five'},
-                      {'id': 3, 'image_id': 3, 'caption': 'three again'}]}
+    'images': [
+      {'id': 5, 'file_name': 'b.png'},
+      {'id': 3, 'file_name': 'a.png'},
+      {'id': 9, 'file_name': 'no_captions.png'},
+    ],
+    'annotations': [
+      {'id': 1, 'image_id': 3, 'caption': 'Three \n'},
+      {'id': 2, 'image_id': 5, 'caption': 'five'},
+      {'id': 3, 'image_id': 3, 'caption': 'three again'},
+    ],
+  }
   (tmp_path / 'mine.json').write_text(json.dumps(annotations))
   config = _config('coco_json', tmp_path)
   records = datasets.load_split(config, 'mine.json:pics')
   assert records == [
-      datasets.Record('5', str(tmp_path / 'pics' / 'b.png'), ('five',)),
-      datasets.Record('3', str(tmp_path / 'pics' / 'a.png'),
-                      ('Three', 'three again'))]
+    datasets.Record('5', str(tmp_path / 'pics' / 'b.png'), ('five',)),
+    datasets.Record(
+      '3', str(tmp_path / 'pics' / 'a.png'), ('Three', 'three again')
+    ),
+  ]
   # Both paths are relative to data_dir, or absolute.
   config.data_dir = str(shared_data)
   split = f'{tmp_path}/mine.json:{tmp_path}/pics'
@@ -82,9 +91,14 @@ def test_coco_json_errors(tmp_path, shared_data):
     datasets.load_split(config, 'val+val')
   with pytest.raises(ValueError, match='needs config.data_dir'):
     datasets.load_split(_config('coco_json'), 'val')
-  (tmp_path / 'bad.json').write_text(json.dumps({
-      'images': [{'id': 1}],
-      'annotations': [{'image_id': 1, 'caption': 'no file name'}]}))
+  (tmp_path / 'bad.json').write_text(
+    json.dumps(
+      {
+        'images': [{'id': 1}],
+        'annotations': [{'image_id': 1, 'caption': 'no file name'}],
+      }
+    )
+  )
   with pytest.raises(ValueError, match='not a COCO caption file'):
     datasets.load_split(_config('coco_json', tmp_path), 'bad.json:x')
 
@@ -114,13 +128,16 @@ def test_flickr8k_splits(shared_data):
   assert not ids & {r.image_id for r in val + test}
   first = train[0]
   assert first.image_id == '2513260012_03d33305cf'
-  assert first.captions[0] == ('A black dog is running after a white dog in '
-                               'the snow .')
+  assert first.captions[0] == (
+    'A black dog is running after a white dog in the snow .'
+  )
   assert first.image.endswith(
-      os.path.join('Flicker8k_Dataset', '2513260012_03d33305cf.jpg'))
+    os.path.join('Flicker8k_Dataset', '2513260012_03d33305cf.jpg')
+  )
   # These captions come without their images.
-  with pytest.raises(ValueError, match="Flicker8k_Dataset of split 'train' "
-                     'not found'):
+  with pytest.raises(
+    ValueError, match="Flicker8k_Dataset of split 'train' not found"
+  ):
     next(datasets.iter_images(config, 'train'))
   with pytest.raises(ValueError, match='unknown Flickr split'):
     datasets.load_split(config, 'restval')
@@ -133,25 +150,34 @@ def test_flickr_all_with_images(shared_data):
   assert sum(len(r.captions) for r in records) == 5000
   image_id, path = next(datasets.iter_images(config, 'all'))
   assert image_id == '1000268201_693b08cb0e'
-  assert path == str(shared_data / 'flickr8k-1k' / 'images' /
-                     '1000268201_693b08cb0e.jpg')
+  assert path == str(
+    shared_data / 'flickr8k-1k' / 'images' / '1000268201_693b08cb0e.jpg'
+  )
   with pytest.raises(ValueError, match='Flickr_\\*.trainImages.txt'):
     datasets.load_split(config, 'train')
 
 
 def test_flickr_token_parsing(tmp_path):
   token_file = tmp_path / 'captions.txt'
-  token_file.write_text('x.jpg#0\tA cat .\n\ny.jpg#0\tA dog\t!\n'
-                        'x.jpg#1\tTwo cats .  \n', encoding='utf-8')
+  token_file.write_text(
+    'x.jpg#0\tA cat .\n\ny.jpg#0\tA dog\t!\nx.jpg#1\tTwo cats .  \n',
+    encoding='utf-8',
+  )
   assert datasets.read_flickr_tokens(str(token_file)) == {
-      'x.jpg': ['A cat .', 'Two cats .'], 'y.jpg': ['A dog\t!']}
+    'x.jpg': ['A cat .', 'Two cats .'],
+    'y.jpg': ['A dog\t!'],
+  }
   (tmp_path / 'Flickr_8k.testImages.txt').write_text('y.jpg\nmissing.jpg\n')
   records = datasets.load_split(_config('flickr', tmp_path), 'test')
-  assert records == [datasets.Record(
-      'y', str(tmp_path / 'Flicker8k_Dataset' / 'y.jpg'), ('A dog\t!',))]
+  assert records == [
+    datasets.Record(
+      'y', str(tmp_path / 'Flicker8k_Dataset' / 'y.jpg'), ('A dog\t!',)
+    )
+  ]
   (tmp_path / 'Images').mkdir()
   assert datasets.load_split(_config('flickr', tmp_path), 'test')[0].image == (
-      str(tmp_path / 'Images' / 'y.jpg'))
+    str(tmp_path / 'Images' / 'y.jpg')
+  )
   token_file.write_text('x.jpg A cat\n')
   with pytest.raises(ValueError, match='captions.txt:1'):
     datasets.load_split(_config('flickr', tmp_path), 'all')
@@ -169,23 +195,28 @@ def _png(value):
 
 
 _TFDS_EXAMPLES = {
-    'train': [(11, ['A dog.', 'A DOG runs\n']), (12, ['A cat'])],
-    'restval': [(13, ['x y', 'z'])],
-    'val': [], 'test': [],
+  'train': [(11, ['A dog.', 'A DOG runs\n']), (12, ['A cat'])],
+  'restval': [(13, ['x y', 'z'])],
+  'val': [],
+  'test': [],
 }
 
 
-def _mock_as_dataset(self, split, decoders=None, read_config=None,
-                     shuffle_files=False):
+def _mock_as_dataset(
+  self, split, decoders=None, read_config=None, shuffle_files=False
+):
   """What TFDS gives with decoders={'image': SkipDecoding()}: encoded images."""
   del self, decoders, read_config, shuffle_files
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
+
   examples = _TFDS_EXAMPLES[split]
-  return tf.data.Dataset.from_tensor_slices({
+  return tf.data.Dataset.from_tensor_slices(
+    {
       'image': [_png(i) for i, _ in examples],
       'image/id': np.array([i for i, _ in examples], np.int64),
       'captions': {'text': tf.ragged.constant([c for _, c in examples])},
-  })
+    }
+  )
 
 
 @pytest.fixture(name='mock_tfds')
@@ -207,9 +238,10 @@ def test_tfds_coco_with_mock_data(tmp_path, mock_tfds):
     records = datasets.load_split(config, 'train+restval')
     images = list(datasets.iter_images(config, 'train+restval'))
   assert records == [
-      datasets.Record('11', None, ('A dog.', 'A DOG runs')),
-      datasets.Record('12', None, ('A cat',)),
-      datasets.Record('13', None, ('x y', 'z'))]
+    datasets.Record('11', None, ('A dog.', 'A DOG runs')),
+    datasets.Record('12', None, ('A cat',)),
+    datasets.Record('13', None, ('x y', 'z')),
+  ]
   assert [i for i, _ in images] == ['11', '12', '13']
   decoded = np.asarray(Image.open(io.BytesIO(images[2][1])))
   np.testing.assert_array_equal(decoded, np.full((4, 6, 3), 13, np.uint8))
@@ -219,8 +251,9 @@ def _refuse_as_dataset(*args, **kwargs):
   raise AssertionError('TFDS was read, not the cache')
 
 
-def test_tfds_coco_captions_are_cached_after_the_first_read(tmp_path,
-                                                            mock_tfds):
+def test_tfds_coco_captions_are_cached_after_the_first_read(
+  tmp_path, mock_tfds
+):
   config = _config('tfds_coco', tmp_path)
   with mock_tfds(as_dataset_fn=_mock_as_dataset):
     first = datasets.load_split(config, 'train')

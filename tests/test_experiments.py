@@ -5,11 +5,12 @@ import pathlib
 
 import pytest
 
-from capjax.model import captioner
 from capjax.configs import default
+from capjax.model import captioner
 
 EXPERIMENTS = sorted(
-    (pathlib.Path(__file__).resolve().parent.parent / 'experiments').glob('*.py'))
+  (pathlib.Path(__file__).resolve().parent.parent / 'experiments').glob('*.py')
+)
 
 
 def _load(path):
@@ -20,8 +21,11 @@ def _load(path):
 
 
 def test_the_three_named_experiments_exist():
-  assert {p.stem for p in EXPERIMENTS} >= {'coco_inception', 'flickr8k_inception',
-                                           'shapes'}
+  assert {p.stem for p in EXPERIMENTS} >= {
+    'coco_inception',
+    'flickr8k_inception',
+    'shapes',
+  }
 
 
 @pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: p.stem)
@@ -37,9 +41,19 @@ def test_experiment_is_a_valid_config(path):
 
 
 def test_coco_inception_is_the_tutorial_setup():
-  config = _load(next(p for p in EXPERIMENTS if p.stem == 'coco_inception')).get_config()
+  config = _load(
+    next(p for p in EXPERIMENTS if p.stem == 'coco_inception')
+  ).get_config()
   assert (config.dataset, config.train_split, config.extractor) == (
-      'tfds_coco', 'train+restval', 'inception_v3')
-  assert (config.top_k, config.embedding_dim, config.units, config.batch_size,
-          config.schedule, config.learning_rate) == (5000, 256, 512, 64,
-                                                     'constant', 1e-3)
+    'tfds_coco',
+    'train+restval',
+    'inception_v3',
+  )
+  assert (
+    config.top_k,
+    config.embedding_dim,
+    config.units,
+    config.batch_size,
+    config.schedule,
+    config.learning_rate,
+  ) == (5000, 256, 512, 64, 'constant', 1e-3)

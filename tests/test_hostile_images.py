@@ -48,8 +48,9 @@ def test_what_decoded_images_look_like(image_dir):
   load = lambda name: images.load_image(image_dir / name).astype(int)
   assert np.abs(load('cmyk.jpg')[6, 8] - [255, 0, 0]).max() < 8
   # 16-bit values keep their high byte: 0, 4, 8, ... 252.
-  np.testing.assert_array_equal(load('sixteen_bit.png')[..., 0].ravel(),
-                                np.arange(64) * 4)
+  np.testing.assert_array_equal(
+    load('sixteen_bit.png')[..., 0].ravel(), np.arange(64) * 4
+  )
   palette = load('palette.png')
   np.testing.assert_array_equal(palette[0, 0], [200, 100, 50])
   np.testing.assert_array_equal(palette[1, 1], [255, 255, 255])
@@ -63,45 +64,62 @@ def test_the_same_bytes_in_memory_get_the_same_answers(image_dir):
       with pytest.raises(want):
         images.load_image(data)
     else:
-      np.testing.assert_array_equal(images.load_image(data),
-                                    images.load_image(image_dir / name))
+      np.testing.assert_array_equal(
+        images.load_image(data), images.load_image(image_dir / name)
+      )
 
 
 @pytest.mark.slow
 def test_sample_captions_the_others_and_names_each_refused_file(
-    trained_workdir, image_dir):
+  trained_workdir, image_dir
+):
   paths = [str(image_dir / name) for name in sorted(CASES)]
   result = subprocess.run(
-      [sys.executable, '-m', 'capjax.sample', f'--workdir={trained_workdir}',
-       *paths], capture_output=True, text=True, check=False)
+    [
+      sys.executable,
+      '-m',
+      'capjax.sample',
+      f'--workdir={trained_workdir}',
+      *paths,
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   captioned = [line.split(':')[0] for line in result.stdout.splitlines()]
-  assert captioned == [p for p in paths
-                       if pathlib.Path(p).name not in REFUSED]
+  assert captioned == [p for p in paths if pathlib.Path(p).name not in REFUSED]
   for name in REFUSED:
     kind = CASES[name][1].__name__
     assert f'{image_dir / name}: {kind}: ' in result.stderr, name
   assert f'{len(REFUSED)} of {len(CASES)} files could not be captioned' in (
-      result.stderr)
+    result.stderr
+  )
 
 
 @pytest.mark.slow
 def test_extraction_stores_the_others_and_lists_each_refused_file(
-    image_dir, tmp_path):
+  image_dir, tmp_path
+):
   names = sorted(CASES)
   annotations = {
-      'images': [{'id': i, 'file_name': n} for i, n in enumerate(names)],
-      'annotations': [{'id': i, 'image_id': i, 'caption': 'a picture'}
-                      for i in range(len(names))]}
+    'images': [{'id': i, 'file_name': n} for i, n in enumerate(names)],
+    'annotations': [
+      {'id': i, 'image_id': i, 'caption': 'a picture'}
+      for i in range(len(names))
+    ],
+  }
   (tmp_path / 'captions.json').write_text(json.dumps(annotations))
   config = testing_lib.tiny_config(tmp_path)
   config.dataset, config.data_dir = 'coco_json', str(tmp_path)
-  store = extraction.extract_split(config, f'captions.json:{image_dir}',
-                                   tmp_path / 'features')
+  store = extraction.extract_split(
+    config, f'captions.json:{image_dir}', tmp_path / 'features'
+  )
   failed = dict(store.failed)
   assert sorted(names[int(i)] for i in failed) == REFUSED
   assert sorted(names[int(i)] for i in store.image_ids) == sorted(
-      set(names) - set(REFUSED))
+    set(names) - set(REFUSED)
+  )
   for image_id, error in failed.items():
     assert error.startswith(CASES[names[int(image_id)]][1].__name__ + ': ')

@@ -34,11 +34,14 @@ def test_sums_over_shards_equal_the_whole_batch():
   logits = rng.normal(size=(4, 6, 9)).astype(np.float32)
   targets = rng.integers(0, 9, size=(4, 6))
   whole = losses.cross_entropy_sums(logits, targets)
-  halves = [losses.cross_entropy_sums(logits[i:i + 2], targets[i:i + 2])
-            for i in (0, 2)]
+  halves = [
+    losses.cross_entropy_sums(logits[i : i + 2], targets[i : i + 2])
+    for i in (0, 2)
+  ]
   for key in whole:
-    np.testing.assert_allclose(whole[key], halves[0][key] + halves[1][key],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      whole[key], halves[0][key] + halves[1][key], rtol=1e-6
+    )
 
 
 def test_attention_penalty_known_value_and_masking():
@@ -51,7 +54,9 @@ def test_attention_penalty_known_value_and_masking():
   np.testing.assert_allclose(sums['penalty_sum'], 1.0)
   assert float(sums['caption_count']) == 1
   logits = np.zeros((2, 3, 6), np.float32)
-  loss, _ = losses.caption_loss(logits, attention, targets, attention_penalty=0.5)
+  loss, _ = losses.caption_loss(
+    logits, attention, targets, attention_penalty=0.5
+  )
   np.testing.assert_allclose(loss, np.log(6) + 0.5 * 1.0, rtol=1e-6)
 
 
@@ -62,6 +67,8 @@ def test_shape_mismatch_is_a_clear_error():
 
 def test_convert_names_every_missing_weight():
   with pytest.raises(ValueError) as info:
-    tutorial_weights.params_from_tutorial({'encoder/fc/kernel': np.zeros((2, 2))})
+    tutorial_weights.params_from_tutorial(
+      {'encoder/fc/kernel': np.zeros((2, 2))}
+    )
   assert 'decoder/gru/bias' in str(info.value)
   assert 'encoder/fc/bias' in str(info.value)

@@ -9,11 +9,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from capjax.model import decoding
+from capjax import inference
 from capjax import plots
 from capjax import workdir as workdir_lib
-from capjax import inference
 from capjax.data import images as images_lib
+from capjax.model import decoding
 
 
 @pytest.fixture(scope='module')
@@ -41,15 +41,21 @@ def test_load_trained(trained, trained_workdir):
   assert trained.config == workdir_lib.load_config(trained_workdir)
 
 
-def test_captions_equal_decoding_the_extracted_features(trained, examples,
-                                                        tmp_path):
+def test_captions_equal_decoding_the_extracted_features(
+  trained, examples, tmp_path
+):
   extractor = inference.make_extractor(trained)
   images = [images_lib.load_image(p) for p in examples]
   features_NLD = extractor(images)
-  expected = decoding.texts(decoding.greedy_captions(
-      trained.params, features_NLD, model=trained.model,
-      max_len=decoding.max_caption_tokens(trained.config)).tokens_BT,
-                          trained.vocab)
+  expected = decoding.texts(
+    decoding.greedy_captions(
+      trained.params,
+      features_NLD,
+      model=trained.model,
+      max_len=decoding.max_caption_tokens(trained.config),
+    ).tokens_BT,
+    trained.vocab,
+  )
   # The same features as .npy files, flat (L, D) and as a (4, 4, D) grid.
   flat, grid = tmp_path / 'flat.npy', tmp_path / 'grid.npy'
   np.save(flat, features_NLD[0])
@@ -68,8 +74,9 @@ def test_captions_equal_decoding_the_extracted_features(trained, examples,
     assert 3 <= len(words) < decoding.max_caption_tokens(trained.config)
     assert set(words) <= _words(trained)
     assert words[-1] in ('circle', 'square', 'triangle')
-    np.testing.assert_allclose(r.attention_TL[:len(words)].sum(-1), 1.0,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      r.attention_TL[: len(words)].sum(-1), 1.0, rtol=1e-5
+    )
 
 
 def test_beam_and_sampling_give_shapes_captions(trained, examples):
@@ -82,7 +89,8 @@ def test_beam_and_sampling_give_shapes_captions(trained, examples):
 
 
 def test_unreadable_files_are_reported_and_the_others_captioned(
-    trained, examples, tmp_path):
+  trained, examples, tmp_path
+):
   corrupt = tmp_path / 'corrupt.jpg'
   corrupt.write_bytes(b'\xff\xd8 not really a jpeg')
   truncated = tmp_path / 'truncated.png'
@@ -90,22 +98,28 @@ def test_unreadable_files_are_reported_and_the_others_captioned(
   wrong_shape = tmp_path / 'wrong.npy'
   np.save(wrong_shape, np.zeros((16, 5), np.float32))
   missing = str(tmp_path / 'missing.png')
-  paths = [str(corrupt), examples[0], missing, str(truncated),
-           str(wrong_shape)]
+  paths = [str(corrupt), examples[0], missing, str(truncated), str(wrong_shape)]
   results = inference.caption_files(trained, paths)
 
   assert [r.path for r in results] == paths
   failed = [r for r in results if r.error is not None]
-  assert [r.path for r in failed] == [str(corrupt), missing, str(truncated),
-                                      str(wrong_shape)]
+  assert [r.path for r in failed] == [
+    str(corrupt),
+    missing,
+    str(truncated),
+    str(wrong_shape),
+  ]
   assert 'MissingFileError: no such file' in failed[1].error
   assert 'this model needs (L, D) = (16, 784)' in failed[3].error
-  assert results[1].caption == inference.caption_files(
-      trained, examples[:1])[0].caption
+  assert (
+    results[1].caption
+    == inference.caption_files(trained, examples[:1])[0].caption
+  )
 
 
-def test_missing_extractor_weights_fail_only_images(trained, examples,
-                                                    tmp_path, monkeypatch):
+def test_missing_extractor_weights_fail_only_images(
+  trained, examples, tmp_path, monkeypatch
+):
   keras = pytest.importorskip('keras')
   monkeypatch.setenv('KERAS_HOME', str(tmp_path))
 
@@ -127,8 +141,11 @@ def test_missing_extractor_weights_fail_only_images(trained, examples,
 def test_not_a_workdir_and_no_checkpoint(trained_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match='not a capjax workdir'):
     inference.load_trained(tmp_path)
-  for name in (workdir_lib.CONFIG_FILE, workdir_lib.VOCAB_FILE,
-               workdir_lib.FEATURES_FILE):
+  for name in (
+    workdir_lib.CONFIG_FILE,
+    workdir_lib.VOCAB_FILE,
+    workdir_lib.FEATURES_FILE,
+  ):
     shutil.copy(trained_workdir / name, tmp_path / name)
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     inference.load_trained(tmp_path)
@@ -140,9 +157,21 @@ def test_command_line(trained_workdir, examples, tmp_path):
   corrupt.write_bytes(b'not an image')
   plot_dir = tmp_path / 'plots'
   run = subprocess.run(
-      [sys.executable, '-m', 'capjax.sample', f'--workdir={trained_workdir}',
-       '--beam_size=2', f'--plot_dir={plot_dir}', *examples[:2], str(corrupt),
-       *examples[2:]], capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'capjax.sample',
+      f'--workdir={trained_workdir}',
+      '--beam_size=2',
+      f'--plot_dir={plot_dir}',
+      *examples[:2],
+      str(corrupt),
+      *examples[2:],
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   # The corrupt image fails; the others are captioned, in order.
   assert run.returncode == 1
   assert f'{corrupt}: UnsupportedImage: not an image' in run.stderr
@@ -152,18 +181,31 @@ def test_command_line(trained_workdir, examples, tmp_path):
   assert [line.split(': ')[0] for line in lines] == examples
   assert all(len(line.split(': ')[1].split()) >= 3 for line in lines)
   assert sorted(p.name for p in plot_dir.iterdir()) == [
-      'test_000000.png', 'test_000001.png', 'test_000002.png',
-      'test_000003.png']
+    'test_000000.png',
+    'test_000001.png',
+    'test_000002.png',
+    'test_000003.png',
+  ]
 
 
-def test_command_line_without_checkpoint_says_so(trained_workdir, examples,
-                                                  tmp_path):
+def test_command_line_without_checkpoint_says_so(
+  trained_workdir, examples, tmp_path
+):
   shutil.copy(trained_workdir / workdir_lib.CONFIG_FILE, tmp_path)
   shutil.copy(trained_workdir / workdir_lib.VOCAB_FILE, tmp_path)
   shutil.copy(trained_workdir / workdir_lib.FEATURES_FILE, tmp_path)
   run = subprocess.run(
-      [sys.executable, '-m', 'capjax.sample', f'--workdir={tmp_path}',
-       examples[0]], capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'capjax.sample',
+      f'--workdir={tmp_path}',
+      examples[0],
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 1
   assert 'no checkpoint in' in run.stderr and 'capjax.train' in run.stderr
   assert 'Traceback' not in run.stderr and not run.stdout
@@ -179,24 +221,38 @@ def test_attention_grid():
   assert plots.attention_grid(10) == (1, 10)
 
 
-@pytest.mark.parametrize('num_panels, expected', [
-    (1, (1, 1)), (2, (1, 2)), (3, (2, 2)), (4, (2, 2)), (5, (2, 3)),
-    (7, (3, 3)), (10, (3, 4)), (13, (4, 4)), (17, (4, 5))])
+@pytest.mark.parametrize(
+  'num_panels, expected',
+  [
+    (1, (1, 1)),
+    (2, (1, 2)),
+    (3, (2, 2)),
+    (4, (2, 2)),
+    (5, (2, 3)),
+    (7, (3, 3)),
+    (10, (3, 4)),
+    (13, (4, 4)),
+    (17, (4, 5)),
+  ],
+)
 def test_panel_layout(num_panels, expected):
   assert plots.panel_layout(num_panels) == expected
 
 
 @pytest.mark.parametrize('num_words', [0, 1, 3, 4, 7])
-@pytest.mark.parametrize('num_positions, with_image', [(16, True), (6, True),
-                                                       (16, False)])
-def test_plot_has_a_panel_per_word(tmp_path, num_words, num_positions,
-                                   with_image):
+@pytest.mark.parametrize(
+  'num_positions, with_image', [(16, True), (6, True), (16, False)]
+)
+def test_plot_has_a_panel_per_word(
+  tmp_path, num_words, num_positions, with_image
+):
   rng = np.random.default_rng(0)
   attention = rng.dirichlet(np.ones(num_positions), size=num_words + 2)
   image = rng.integers(0, 255, (40, 30, 3), np.uint8) if with_image else None
   path = tmp_path / 'plot.png'
-  plots.plot_attention(path, [f'w{i}' for i in range(num_words)], attention,
-                       image)
+  plots.plot_attention(
+    path, [f'w{i}' for i in range(num_words)], attention, image
+  )
   rows, cols = plots.panel_layout(1 + num_words)
   # 2.5 inches a panel at 80 dpi.
   assert Image.open(path).size == (200 * cols, 200 * rows)
@@ -204,5 +260,6 @@ def test_plot_has_a_panel_per_word(tmp_path, num_words, num_positions,
 
 def test_plot_needs_attention_for_every_word(tmp_path):
   with pytest.raises(ValueError, match='3 words but attention for only 2'):
-    plots.plot_attention(tmp_path / 'p.png', ['a', 'b', 'c'],
-                         np.ones((2, 4)) / 4)
+    plots.plot_attention(
+      tmp_path / 'p.png', ['a', 'b', 'c'], np.ones((2, 4)) / 4
+    )

@@ -62,9 +62,12 @@ def examples(trained_workdir):
 @pytest.fixture(scope='module')
 def expected(trained, examples):
   """capjax.sample's captions of the examples: {beam_size: [caption, ...]}."""
-  return {k: [r.caption for r in inference.caption_files(trained, examples,
-                                                      beam_size=k)]
-          for k in (1, 3)}
+  return {
+    k: [
+      r.caption for r in inference.caption_files(trained, examples, beam_size=k)
+    ]
+    for k in (1, 3)
+  }
 
 
 @pytest.fixture(scope='module')
@@ -72,11 +75,20 @@ def server(trained_workdir, tmp_path_factory):
   """The URL of a `python -m capjax.serve` process, and its log file."""
   log = tmp_path_factory.mktemp('serve') / 'serve.log'
   process, url = serving.start_subprocess(
-      ['--workdir', str(trained_workdir), '--allow_url_fetch',
-       '--max_batch_size=8', f'--max_body_bytes={_MAX_BODY_BYTES}',
-       f'--max_pixels={_MAX_PIXELS}', f'--max_beam_size={_MAX_BEAM_SIZE}'],
-      str(log), env=serving.compilation_cache_env(
-          tmp_path_factory.getbasetemp() / 'jax-cache'))
+    [
+      '--workdir',
+      str(trained_workdir),
+      '--allow_url_fetch',
+      '--max_batch_size=8',
+      f'--max_body_bytes={_MAX_BODY_BYTES}',
+      f'--max_pixels={_MAX_PIXELS}',
+      f'--max_beam_size={_MAX_BEAM_SIZE}',
+    ],
+    str(log),
+    env=serving.compilation_cache_env(
+      tmp_path_factory.getbasetemp() / 'jax-cache'
+    ),
+  )
   yield url, log
   process.terminate()
   assert process.wait(timeout=30) == 0
@@ -85,8 +97,9 @@ def server(trained_workdir, tmp_path_factory):
 def request(url, method, path, body=None, headers=None):
   """(status, headers, JSON or bytes) of one request on a new connection."""
   parts = urllib.parse.urlsplit(url)
-  connection = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=60)
+  connection = http.client.HTTPConnection(
+    parts.hostname, parts.port, timeout=60
+  )
   try:
     connection.request(method, path, body=body, headers=headers or {})
     response = connection.getresponse()
@@ -101,17 +114,26 @@ def request(url, method, path, body=None, headers=None):
 def multipart(fields, boundary='capjax-test-boundary'):
   """(body, Content-Type) of a multipart/form-data form of [(name, bytes)]."""
   fields = fields.items() if isinstance(fields, dict) else fields
-  body = b''.join(
+  body = (
+    b''.join(
       b'--%s\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\n%s\r\n'
-      % (boundary.encode(), name.encode(),
-         b'; filename="x.png"' if name == 'image' else b'', value)
-      for name, value in fields) + b'--%s--\r\n' % boundary.encode()
+      % (
+        boundary.encode(),
+        name.encode(),
+        b'; filename="x.png"' if name == 'image' else b'',
+        value,
+      )
+      for name, value in fields
+    )
+    + b'--%s--\r\n' % boundary.encode()
+  )
   return body, f'multipart/form-data; boundary={boundary}'
 
 
 def post_image(url, data, query='', content_type='image/png'):
-  return request(url, 'POST', f'/v1/captions{query}', data,
-                 {'Content-Type': content_type})
+  return request(
+    url, 'POST', f'/v1/captions{query}', data, {'Content-Type': content_type}
+  )
 
 
 def read(path):
@@ -175,8 +197,13 @@ def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
 
   rows = _FakeRows(capacity=2)
   batcher = batcher_lib.Batcher(
-      rows, batch_fn, is_continuous=lambda kind: kind == 'g',
-      max_batch_size=2, max_wait_s=0.01, max_queue=7)
+    rows,
+    batch_fn,
+    is_continuous=lambda kind: kind == 'g',
+    max_batch_size=2,
+    max_wait_s=0.01,
+    max_queue=7,
+  )
   with pytest.raises(requests.RequestError) as error:
     batcher.submit('a', 0)
   assert error.value.status == 503 and 'warming up' in str(error.value)
@@ -195,8 +222,13 @@ def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
   assert error.value.headers == {'Retry-After': '1'}
   release.set()
   assert first.result(timeout=10) == 'a0'
-  assert [f.result(timeout=10) for f in futures] == ['a1', 'b2', 'a3', 'a4',
-                                                      'b5']
+  assert [f.result(timeout=10) for f in futures] == [
+    'a1',
+    'b2',
+    'a3',
+    'a4',
+    'b5',
+  ]
   assert [f.result(timeout=10) for f in greedy] == ['3:greedy', '1:greedy']
   # Whole batches by kind, oldest first, up to max_batch_size; the greedy
   # rows joined the continuous decoder together.
@@ -205,7 +237,11 @@ def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
   # Rows join as others leave; the room is never exceeded.
   more = [batcher.submit('g', n) for n in (4, 1, 1, 2)]
   assert [f.result(timeout=10) for f in more] == [
-      '4:greedy', '1:greedy', '1:greedy', '2:greedy']
+    '4:greedy',
+    '1:greedy',
+    '1:greedy',
+    '2:greedy',
+  ]
   assert all(len(a) <= 2 for a in rows.admitted)
   assert batcher.num_decoded == 12
   # Draining: what is still waiting at the deadline is refused.
@@ -231,40 +267,52 @@ def test_continuous_rows_are_greedy_search(trained):
   """Rows joining and leaving at random give decoding.caption_features' answers."""
   rng = np.random.default_rng(0)
   features = rng.normal(size=(12,) + tuple(trained.feature_shape_LD)).astype(
-      np.float32)
+    np.float32
+  )
   max_len = decoding.max_caption_tokens(trained.config)
-  rows = continuous.GreedyRows(trained.model, trained.params,
-                               trained.feature_shape_LD, max_len, (1, 2, 4))
+  rows = continuous.GreedyRows(
+    trained.model, trained.params, trained.feature_shape_LD, max_len, (1, 2, 4)
+  )
   rows.warm_up()
   lens = [max_len if i % 3 else 1 + i % 5 for i in range(12)]
   results, waiting = {}, list(range(12))
   while waiting or rows.active:
     take = min(int(rng.integers(0, 4)), rows.room, len(waiting))
     if take:
-      rows.admit(waiting[:take], features[waiting[:take]],
-                 [lens[i] for i in waiting[:take]])
+      rows.admit(
+        waiting[:take],
+        features[waiting[:take]],
+        [lens[i] for i in waiting[:take]],
+      )
       waiting = waiting[take:]
     results.update(rows.step())
   for i in range(12):
-    want = decoding.caption_features(trained.params, features[i:i + 1],
-                                     model=trained.model, max_len=lens[i])
+    want = decoding.caption_features(
+      trained.params, features[i : i + 1], model=trained.model, max_len=lens[i]
+    )
     length = int(want.lengths_B[0])
-    assert results[i].token_ids == np.asarray(
-        want.tokens_BT[0, :length]).tolist()
-    assert results[i].log_prob == pytest.approx(float(want.log_prob_B[0]),
-                                                rel=1e-5, abs=1e-5)
-    np.testing.assert_allclose(results[i].attention_TL,
-                               want.attention_BTL[0, :length], atol=1e-6)
+    assert (
+      results[i].token_ids == np.asarray(want.tokens_BT[0, :length]).tolist()
+    )
+    assert results[i].log_prob == pytest.approx(
+      float(want.log_prob_B[0]), rel=1e-5, abs=1e-5
+    )
+    np.testing.assert_allclose(
+      results[i].attention_TL, want.attention_BTL[0, :length], atol=1e-6
+    )
 
 
 def test_forms_and_parameters():
-  body, content_type = multipart([('image', b'\r\n--x\r\n\x00\xff'),
-                                  ('beam_size', b'3'), ('image', b'2')])
+  body, content_type = multipart(
+    [('image', b'\r\n--x\r\n\x00\xff'), ('beam_size', b'3'), ('image', b'2')]
+  )
   media_type = content_type.split(';')[0]
   params = {'boundary': content_type.split('=')[1]}
   assert media_type == 'multipart/form-data'
   assert bodies.parse_multipart(params, body, max_fields=4) == {
-      'image': [b'\r\n--x\r\n\x00\xff', b'2'], 'beam_size': [b'3']}
+    'image': [b'\r\n--x\r\n\x00\xff', b'2'],
+    'beam_size': [b'3'],
+  }
   for bad in (body[:-5], b'--nope\r\n', b''):
     with pytest.raises(requests.RequestError) as error:
       bodies.parse_multipart(params, bad, max_fields=4)
@@ -272,15 +320,16 @@ def test_forms_and_parameters():
   with pytest.raises(requests.RequestError):
     bodies.parse_multipart(params, body, max_fields=2)
   kind, attention = requests.parse_params(
-      {'beam_size': '3', 'attention': 'true'}, max_beam_size=4, max_len=47)
+    {'beam_size': '3', 'attention': 'true'}, max_beam_size=4, max_len=47
+  )
   assert kind == requests.DecodeKind(beam_size=3, max_len=47) and attention
   # Greedy decoding keeps max_len; beam search rounds it up to a bucket.
-  assert requests.parse_params({'max_len': 2, 'attention': False},
-                               max_beam_size=4, max_len=47) == (
-                                   requests.DecodeKind(1, 2), False)
-  assert requests.parse_params({'max_len': '20', 'beam_size': 2},
-                               max_beam_size=4, max_len=47)[0] == (
-                                   requests.DecodeKind(2, 32))
+  assert requests.parse_params(
+    {'max_len': 2, 'attention': False}, max_beam_size=4, max_len=47
+  ) == (requests.DecodeKind(1, 2), False)
+  assert requests.parse_params(
+    {'max_len': '20', 'beam_size': 2}, max_beam_size=4, max_len=47
+  )[0] == (requests.DecodeKind(2, 32))
   for depth in (10, 5000):
     with pytest.raises(requests.RequestError) as error:
       bodies.parse_json_object(b'[' * depth + b']' * depth)
@@ -294,9 +343,14 @@ def test_image_pool_checks_memory_before_decoding():
   # A JPEG decodes at the largest draft scale that keeps 64 pixels.
   assert imaging.decode_bytes(jpeg, 64) == 375 * 250 * 20
   assert imaging.decode_bytes(b'not an image', 64) is None
-  pool = imaging.ImagePool(lambda image: image, image_size=64,
-                           max_pixels=10**8, max_decode_bytes=100 * 2**20)
-  import asyncio  # pylint: disable=g-import-not-at-top
+  pool = imaging.ImagePool(
+    lambda image: image,
+    image_size=64,
+    max_pixels=10**8,
+    max_decode_bytes=100 * 2**20,
+  )
+  import asyncio  # noqa: PLC0415
+
   with pytest.raises(requests.RequestError) as error:
     asyncio.run(pool.prepare(big))
   assert error.value.status == 413 and 'MB' in str(error.value)
@@ -304,17 +358,31 @@ def test_image_pool_checks_memory_before_decoding():
   image = asyncio.run(pool.prepare(jpeg))
   assert image.shape == (83, 75, 3)
   assert imaging.box_reduce(np.full((130, 70, 3), 7, np.uint8), 64).shape == (
-      65, 70, 3)
+    65,
+    70,
+    3,
+  )
   pool.close()
 
 
-@pytest.mark.parametrize('address, reason', [
-    ('127.0.0.1', 'loopback'), ('::1', 'loopback'), ('10.1.2.3', 'private'),
-    ('192.168.0.1', 'private'), ('169.254.169.254', 'link-local'),
-    ('fe80::1', 'link-local'), ('224.0.0.1', 'multicast'),
-    ('0.0.0.0', 'unspecified'), ('240.0.0.1', 'reserved'),
-    ('::ffff:127.0.0.1', 'loopback'), ('100.64.0.1', 'non-global'),
-    ('8.8.8.8', None), ('2001:4860:4860::8888', None)])
+@pytest.mark.parametrize(
+  'address, reason',
+  [
+    ('127.0.0.1', 'loopback'),
+    ('::1', 'loopback'),
+    ('10.1.2.3', 'private'),
+    ('192.168.0.1', 'private'),
+    ('169.254.169.254', 'link-local'),
+    ('fe80::1', 'link-local'),
+    ('224.0.0.1', 'multicast'),
+    ('0.0.0.0', 'unspecified'),
+    ('240.0.0.1', 'reserved'),
+    ('::ffff:127.0.0.1', 'loopback'),
+    ('100.64.0.1', 'non-global'),
+    ('8.8.8.8', None),
+    ('2001:4860:4860::8888', None),
+  ],
+)
 def test_refused_addresses(address, reason):
   # Only classified: nothing is sent anywhere.
   assert fetch_lib.refused_reason(ipaddress.ip_address(address)) == reason
@@ -323,8 +391,9 @@ def test_refused_addresses(address, reason):
 # --- The server ---------------------------------------------------------------
 
 
-def test_captions_are_those_of_capjax_sample(server, trained, examples,
-                                             expected):
+def test_captions_are_those_of_capjax_sample(
+  server, trained, examples, expected
+):
   url, _ = server
   for i, path in enumerate(examples):
     status, _, raw = post_image(url, read(path))
@@ -335,7 +404,7 @@ def test_captions_are_those_of_capjax_sample(server, trained, examples,
     assert 'attention' not in raw
     # Chunked, as `curl -T -` sends it.
     data = read(path)
-    chunked = (data[k:k + 100] for k in range(0, len(data), 100))
+    chunked = (data[k : k + 100] for k in range(0, len(data), 100))
     assert post_image(url, chunked)[2]['caption'] == expected[1][i]
     body, content_type = multipart({'image': read(path), 'beam_size': b'3'})
     status, _, form = post_image(url, body, '?attention=true', content_type)
@@ -349,14 +418,18 @@ def test_captions_are_those_of_capjax_sample(server, trained, examples,
   # Log-probabilities and max_len as the decoder gives them.
   extractor = inference.make_extractor(trained)
   features = extractor([images_lib.load_image(p) for p in examples])
-  captions = decoding.caption_features(trained.params, features,
-                                       model=trained.model, max_len=3)
+  captions = decoding.caption_features(
+    trained.params, features, model=trained.model, max_len=3
+  )
   for i, path in enumerate(examples):
     _, _, short = post_image(url, read(path), '?max_len=3')
-    assert short['token_ids'] == np.trim_zeros(
-        np.asarray(captions.tokens_BT[i]), 'b').tolist()
+    assert (
+      short['token_ids']
+      == np.trim_zeros(np.asarray(captions.tokens_BT[i]), 'b').tolist()
+    )
     assert short['log_prob'] == pytest.approx(
-        float(captions.log_prob_B[i]), rel=1e-4)
+      float(captions.log_prob_B[i]), rel=1e-4
+    )
   # A beam search's max_len is rounded up to a compiled bucket.
   _, _, beam = post_image(url, read(examples[0]), '?max_len=3&beam_size=2')
   assert (beam['max_len'], beam['beam_size']) == (16, 2)
@@ -370,8 +443,10 @@ def test_model_health_readiness_metrics_and_page(server, trained):
   assert model['model']['units'] == 32
   assert model['vocab']['size'] == trained.vocab.size
   assert model['extractor']['name'] == 'patches'
-  assert (model['extractor']['num_locations'],
-          model['extractor']['feature_dim']) == (16, 784)
+  assert (
+    model['extractor']['num_locations'],
+    model['extractor']['feature_dim'],
+  ) == (16, 784)
   assert model['decoding']['batch_sizes'] == [1, 2, 4, 8]
   assert model['decoding']['beam_max_len_buckets'] == [16, 32, 47]
   assert model['limits']['url_fetch'] is True
@@ -382,11 +457,14 @@ def test_model_health_readiness_metrics_and_page(server, trained):
   assert request(url, 'GET', '/readyz')[:3:2] == (200, {'status': 'ready'})
   status, headers, metrics = request(url, 'GET', '/metrics')
   assert status == 200 and headers['Content-Type'].startswith('text/plain')
-  for name in (b'capjax_http_requests_total{route="/v1/model",status="200"}',
-               b'capjax_http_request_duration_seconds_bucket',
-               b'capjax_decoder_batch_size_bucket',
-               b'capjax_decoder_queue_length', b'capjax_xla_compiles',
-               b'capjax_ready 1.0'):
+  for name in (
+    b'capjax_http_requests_total{route="/v1/model",status="200"}',
+    b'capjax_http_request_duration_seconds_bucket',
+    b'capjax_decoder_batch_size_bucket',
+    b'capjax_decoder_queue_length',
+    b'capjax_xla_compiles',
+    b'capjax_ready 1.0',
+  ):
     assert name in metrics, name
   status, headers, page = request(url, 'GET', '/')
   assert status == 200 and b'/v1/captions' in page
@@ -407,8 +485,9 @@ def test_parallel_clients_get_their_own_captions(server, examples, expected):
 
   def caption(job):
     i, beam_size = job
-    status, _, answer = post_image(url, read(examples[i]),
-                                   f'?beam_size={beam_size}')
+    status, _, answer = post_image(
+      url, read(examples[i]), f'?beam_size={beam_size}'
+    )
     assert status == 200, answer
     return answer['caption']
 
@@ -435,8 +514,9 @@ def _raw_exchange(url, data: bytes) -> bytes:
 def _headers_only(url, headers):
   """Sends a POST's headers but none of its body; returns status and JSON."""
   parts = urllib.parse.urlsplit(url)
-  connection = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=30)
+  connection = http.client.HTTPConnection(
+    parts.hostname, parts.port, timeout=30
+  )
   try:
     connection.putrequest('POST', '/v1/captions')
     for name, value in headers.items():
@@ -448,8 +528,7 @@ def _headers_only(url, headers):
     connection.close()
 
 
-def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
-                                                              examples):
+def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server, examples):
   url, log = server
   png = read(examples[0])
   jpeg = encoded(Image.open(examples[0]).convert('RGB'), 'JPEG')
@@ -460,87 +539,209 @@ def test_bad_input_gets_4xx_json_and_the_server_stays_healthy(server,
   two_images_form = multipart([('image', png), ('image', png)])
   chunks = lambda: (b'x' * 100_000 for _ in range(12))
   cases = [
-      ('empty body', ('POST', '/v1/captions', b'',
-                      {'Content-Type': 'image/png'}), 400, 'empty'),
-      ('not an image', ('POST', '/v1/captions', b'hello' * 100,
-                        {'Content-Type': 'image/jpeg'}), 415, 'not an image'),
-      ('truncated JPEG', ('POST', '/v1/captions', jpeg[:len(jpeg) // 2],
-                          {'Content-Type': 'image/jpeg'}), 400, 'unreadable'),
-      ('truncated PNG', ('POST', '/v1/captions', png[:200],
-                         {'Content-Type': 'image/png'}), 400, 'unreadable'),
-      ('forged size', ('POST', '/v1/captions', hostile_images.png_claiming_size(5000, 5000),
-                       {'Content-Type': 'image/png'}), 413,
-       'image of 5000x5000 pixels is over the limit of 4,000,000 pixels'),
-      ('decompression bomb', ('POST', '/v1/captions',
-                              hostile_images.png_claiming_size(100_000, 100_000),
-                              {'Content-Type': 'image/png'}), 413,
-       'decompression bomb'),
-      ('too many pixels', ('POST', '/v1/captions', big_png,
-                           {'Content-Type': 'image/png'}), 413, 'pixels'),
-      ('body too long', ('POST', '/v1/captions', too_long,
-                         {'Content-Type': 'image/png'}), 413, 'limit'),
-      ('chunked body too long', ('POST', '/v1/captions', chunks(),
-                                 {'Content-Type': 'image/png'}), 413,
-       'limit'),
-      ('text', ('POST', '/v1/captions', png, {'Content-Type': 'text/plain'}),
-       415, 'Content-Type'),
-      ('no content type', ('POST', '/v1/captions', png, {}), 415,
-       'Content-Type'),
-      ('form without image', ('POST', '/v1/captions', no_image_form[0],
-                              {'Content-Type': no_image_form[1]}), 400,
-       "one 'image' field, got 0"),
-      ('form with two images', ('POST', '/v1/captions', two_images_form[0],
-                                {'Content-Type': two_images_form[1]}), 400,
-       "one 'image' field, got 2"),
-      ('malformed form', ('POST', '/v1/captions', b'--b\r\nnope',
-                          {'Content-Type': 'multipart/form-data; boundary=b'}),
-       400, 'malformed'),
-      ('bad JSON', ('POST', '/v1/captions', b'{"url":',
-                    {'Content-Type': 'application/json'}), 400, 'JSON'),
-      ('not http', ('POST', '/v1/captions', b'{"url": "file:///etc/passwd"}',
-                    {'Content-Type': 'application/json'}), 400, 'http'),
-      ('unknown path', ('GET', '/v2/nothing', None, {}), 404, 'no endpoint'),
-      ('wrong method', ('GET', '/v1/captions', None, {}), 405, 'POST'),
-      ('other method', ('PUT', '/v1/captions', png, {}), 405, 'POST'),
+    (
+      'empty body',
+      ('POST', '/v1/captions', b'', {'Content-Type': 'image/png'}),
+      400,
+      'empty',
+    ),
+    (
+      'not an image',
+      ('POST', '/v1/captions', b'hello' * 100, {'Content-Type': 'image/jpeg'}),
+      415,
+      'not an image',
+    ),
+    (
+      'truncated JPEG',
+      (
+        'POST',
+        '/v1/captions',
+        jpeg[: len(jpeg) // 2],
+        {'Content-Type': 'image/jpeg'},
+      ),
+      400,
+      'unreadable',
+    ),
+    (
+      'truncated PNG',
+      ('POST', '/v1/captions', png[:200], {'Content-Type': 'image/png'}),
+      400,
+      'unreadable',
+    ),
+    (
+      'forged size',
+      (
+        'POST',
+        '/v1/captions',
+        hostile_images.png_claiming_size(5000, 5000),
+        {'Content-Type': 'image/png'},
+      ),
+      413,
+      'image of 5000x5000 pixels is over the limit of 4,000,000 pixels',
+    ),
+    (
+      'decompression bomb',
+      (
+        'POST',
+        '/v1/captions',
+        hostile_images.png_claiming_size(100_000, 100_000),
+        {'Content-Type': 'image/png'},
+      ),
+      413,
+      'decompression bomb',
+    ),
+    (
+      'too many pixels',
+      ('POST', '/v1/captions', big_png, {'Content-Type': 'image/png'}),
+      413,
+      'pixels',
+    ),
+    (
+      'body too long',
+      ('POST', '/v1/captions', too_long, {'Content-Type': 'image/png'}),
+      413,
+      'limit',
+    ),
+    (
+      'chunked body too long',
+      ('POST', '/v1/captions', chunks(), {'Content-Type': 'image/png'}),
+      413,
+      'limit',
+    ),
+    (
+      'text',
+      ('POST', '/v1/captions', png, {'Content-Type': 'text/plain'}),
+      415,
+      'Content-Type',
+    ),
+    ('no content type', ('POST', '/v1/captions', png, {}), 415, 'Content-Type'),
+    (
+      'form without image',
+      (
+        'POST',
+        '/v1/captions',
+        no_image_form[0],
+        {'Content-Type': no_image_form[1]},
+      ),
+      400,
+      "one 'image' field, got 0",
+    ),
+    (
+      'form with two images',
+      (
+        'POST',
+        '/v1/captions',
+        two_images_form[0],
+        {'Content-Type': two_images_form[1]},
+      ),
+      400,
+      "one 'image' field, got 2",
+    ),
+    (
+      'malformed form',
+      (
+        'POST',
+        '/v1/captions',
+        b'--b\r\nnope',
+        {'Content-Type': 'multipart/form-data; boundary=b'},
+      ),
+      400,
+      'malformed',
+    ),
+    (
+      'bad JSON',
+      (
+        'POST',
+        '/v1/captions',
+        b'{"url":',
+        {'Content-Type': 'application/json'},
+      ),
+      400,
+      'JSON',
+    ),
+    (
+      'not http',
+      (
+        'POST',
+        '/v1/captions',
+        b'{"url": "file:///etc/passwd"}',
+        {'Content-Type': 'application/json'},
+      ),
+      400,
+      'http',
+    ),
+    ('unknown path', ('GET', '/v2/nothing', None, {}), 404, 'no endpoint'),
+    ('wrong method', ('GET', '/v1/captions', None, {}), 405, 'POST'),
+    ('other method', ('PUT', '/v1/captions', png, {}), 405, 'POST'),
   ]
   for query, message in [
-      ('beam_size=0', 'beam_size must be an integer from 1 to 3'),
-      ('beam_size=abc', 'beam_size'), ('beam_size=99', 'beam_size'),
-      ('beam_size=1.5', 'beam_size'), ('max_len=0', 'max_len'),
-      ('max_len=' + '9' * 5000, 'max_len'), ('attention=maybe', 'attention'),
-      ('colour=red', 'unknown parameter'),
-      ('a=1&b=2&c=3&d=4', 'too many parameters'),
-      ('beam_size=1&beam_size=2', 'given twice')]:
-    cases.append((query, ('POST', f'/v1/captions?{query}', png,
-                          {'Content-Type': 'image/png'}), 400, message))
+    ('beam_size=0', 'beam_size must be an integer from 1 to 3'),
+    ('beam_size=abc', 'beam_size'),
+    ('beam_size=99', 'beam_size'),
+    ('beam_size=1.5', 'beam_size'),
+    ('max_len=0', 'max_len'),
+    ('max_len=' + '9' * 5000, 'max_len'),
+    ('attention=maybe', 'attention'),
+    ('colour=red', 'unknown parameter'),
+    ('a=1&b=2&c=3&d=4', 'too many parameters'),
+    ('beam_size=1&beam_size=2', 'given twice'),
+  ]:
+    cases.append(
+      (
+        query,
+        ('POST', f'/v1/captions?{query}', png, {'Content-Type': 'image/png'}),
+        400,
+        message,
+      )
+    )
   # Refused before any connection is made, whatever the host answers.
   for target, reason in [
-      ('127.0.0.1', 'loopback'), ('localhost:8081', 'loopback'),
-      ('[::1]', 'loopback'), ('10.0.0.1', 'private'),
-      ('169.254.169.254/latest/meta-data/', 'link-local')]:
+    ('127.0.0.1', 'loopback'),
+    ('localhost:8081', 'loopback'),
+    ('[::1]', 'loopback'),
+    ('10.0.0.1', 'private'),
+    ('169.254.169.254/latest/meta-data/', 'link-local'),
+  ]:
     body = json.dumps({'url': f'http://{target}'}).encode()
-    cases.append((f'fetch {target}', ('POST', '/v1/captions', body,
-                                      {'Content-Type': 'application/json'}),
-                  403, f'a {reason} address'))
+    cases.append(
+      (
+        f'fetch {target}',
+        ('POST', '/v1/captions', body, {'Content-Type': 'application/json'}),
+        403,
+        f'a {reason} address',
+      )
+    )
 
   for name, args, status, message in cases:
     got, headers, answer = request(url, *args)
     assert (got, message in answer.get('error', '')) == (status, True), (
-        name, answer)
+      name,
+      answer,
+    )
     assert headers['Connection'] == 'close', name
   # Requests cut short or malformed below HTTP's usual clients.
-  assert _headers_only(url, {'Content-Type': 'image/png',
-                             'Content-Length': '10000000000'})[0] == 413
+  assert (
+    _headers_only(
+      url, {'Content-Type': 'image/png', 'Content-Length': '10000000000'}
+    )[0]
+    == 413
+  )
   assert _headers_only(url, {'Content-Type': 'image/png'})[0] == 411
-  assert _headers_only(url, {'Content-Type': 'image/png',
-                             'Content-Length': '-1'})[0] == 400
+  assert (
+    _headers_only(url, {'Content-Type': 'image/png', 'Content-Length': '-1'})[0]
+    == 400
+  )
   assert b'"error"' in _raw_exchange(url, b'GARBAGE\r\n\r\n')
-  answer = _raw_exchange(url, b'GET /healthz HTTP/1.1\r\nX: %s\r\n\r\n'
-                         % (b'a' * 70_000))
+  answer = _raw_exchange(
+    url, b'GET /healthz HTTP/1.1\r\nX: %s\r\n\r\n' % (b'a' * 70_000)
+  )
   assert answer.startswith(b'HTTP/1.1 431') and b'"error"' in answer
-  answer = _raw_exchange(url, b'POST /v1/captions HTTP/1.1\r\nHost: '
-                         b'127.0.0.1\r\nContent-Type: image/png\r\n'
-                         b'Content-Length: 500\r\n\r\nshort')
+  answer = _raw_exchange(
+    url,
+    b'POST /v1/captions HTTP/1.1\r\nHost: '
+    b'127.0.0.1\r\nContent-Type: image/png\r\n'
+    b'Content-Length: 500\r\n\r\nshort',
+  )
   assert answer.startswith(b'HTTP/1.1 400') and b'body ended' in answer
 
   status, _, health = request(url, 'GET', '/healthz')
@@ -602,18 +803,22 @@ class _HeldBack:
 def held_back_server(trained):
   """An app in this process whose decoder waits; one waiting request at most."""
   extractor = inference.make_extractor(trained)
-  options = service_lib.Options(max_batch_size=2, max_queue=1,
-                                max_beam_size=1)
-  held = _HeldBack(service_lib.GreedyDecoder(
-      trained, extractor, decoding.max_caption_tokens(trained.config),
-      service_lib.batch_sizes(options.max_batch_size)))
+  options = service_lib.Options(max_batch_size=2, max_queue=1, max_beam_size=1)
+  held = _HeldBack(
+    service_lib.GreedyDecoder(
+      trained,
+      extractor,
+      decoding.max_caption_tokens(trained.config),
+      service_lib.batch_sizes(options.max_batch_size),
+    )
+  )
   service = service_lib.Service(trained, extractor, options, greedy=held)
   app = app_lib.create_app(service=service)
   sock = server_lib.bind('127.0.0.1', 0)
-  server = server_lib.make_server(app, protocol.Limits(),
-                                  shutdown_timeout_s=2)
-  thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]},
-                            daemon=True)
+  server = server_lib.make_server(app, protocol.Limits(), shutdown_timeout_s=2)
+  thread = threading.Thread(
+    target=server.run, kwargs={'sockets': [sock]}, daemon=True
+  )
   thread.start()
   url = f'http://127.0.0.1:{sock.getsockname()[1]}'
   deadline = time.monotonic() + 120
@@ -631,7 +836,8 @@ def held_back_server(trained):
 
 
 def test_full_queue_answers_503_and_rows_join_a_running_decoder(
-    held_back_server, examples, expected):
+  held_back_server, examples, expected
+):
   url, service, held = held_back_server
   png = read(examples[0])
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -651,26 +857,34 @@ def test_full_queue_answers_503_and_rows_join_a_running_decoder(
       assert (status, answer['caption']) == (200, expected[1][0])
   # The waiting request joined the first one's decoder between two steps.
   metrics = request(url, 'GET', '/metrics')[2].decode()
-  rows = [line for line in metrics.splitlines()
-          if line.startswith('capjax_decoder_rows_per_step_bucket{le="1.0"}')
-          or line.startswith('capjax_decoder_rows_per_step_count')]
+  rows = [
+    line
+    for line in metrics.splitlines()
+    if line.startswith('capjax_decoder_rows_per_step_bucket{le="1.0"}')
+    or line.startswith('capjax_decoder_rows_per_step_count')
+  ]
   at_most_one, calls = (float(line.split()[-1]) for line in rows)
   assert calls > at_most_one
 
 
 def test_url_fetch_is_off_by_default(held_back_server):
   url = held_back_server[0]
-  status, _, answer = request(url, 'POST', '/v1/captions',
-                              b'{"url": "http://127.0.0.1/"}',
-                              {'Content-Type': 'application/json'})
+  status, _, answer = request(
+    url,
+    'POST',
+    '/v1/captions',
+    b'{"url": "http://127.0.0.1/"}',
+    {'Content-Type': 'application/json'},
+  )
   assert status == 403 and '--allow_url_fetch' in answer['error']
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
   """A loopback web server: /image, /big, /slow and /redirect?to=URL."""
+
   image = b''
 
-  def do_GET(self):  # pylint: disable=invalid-name
+  def do_GET(self):
     path, _, query = self.path.partition('?')
     if path == '/redirect':
       self.send_response(302)
@@ -708,13 +922,16 @@ def _loopback_only(address):
 
 
 def test_fetch_url_follows_redirects_but_checks_each(files_url, examples):
-  fetch = functools.partial(fetch_lib.fetch_url, max_bytes=1000,
-                            timeout_s=1.0, refuse=_loopback_only)
+  fetch = functools.partial(
+    fetch_lib.fetch_url, max_bytes=1000, timeout_s=1.0, refuse=_loopback_only
+  )
   image = read(examples[0])
   assert len(image) < 1000
   assert fetch(f'{files_url}/redirect?to=/image') == image
-  for target in ('http://169.254.169.254/latest/meta-data/',
-                 'http://10.0.0.1/'):
+  for target in (
+    'http://169.254.169.254/latest/meta-data/',
+    'http://10.0.0.1/',
+  ):
     with pytest.raises(requests.RequestError) as error:
       fetch(f'{files_url}/redirect?to={target}')
     assert error.value.status == 403
@@ -738,17 +955,24 @@ _CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 
 def test_page_captions_an_upload_in_chromium(server, examples, expected):
   playwright_api = pytest.importorskip(
-      'playwright.sync_api',
-      reason='the page test needs `pip install playwright`')
+    'playwright.sync_api', reason='the page test needs `pip install playwright`'
+  )
   if not os.path.exists(_CHROMIUM):
     pytest.skip('the page test needs Chromium (apt-get install chromium)')
   url, _ = server
   with playwright_api.sync_playwright() as p:
     browser = p.chromium.launch(
-        executable_path=_CHROMIUM,
-        args=['--no-sandbox', '--disable-gpu', '--disable-quic',
-              '--no-first-run', '--disable-background-networking',
-              '--disable-component-update', '--disable-sync'])
+      executable_path=_CHROMIUM,
+      args=[
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--no-first-run',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+      ],
+    )
     try:
       page = browser.new_page()
       requested, errors = [], []
@@ -760,8 +984,7 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       page.click('#submit')
       # A selector wait, not wait_for_function: polling a JavaScript string
       # needs eval, which the page's Content-Security-Policy forbids.
-      page.wait_for_selector('#panels canvas', state='attached',
-                             timeout=30_000)
+      page.wait_for_selector('#panels canvas', state='attached', timeout=30_000)
       caption = page.inner_text('#caption')
       panels = page.locator('#panels figcaption').all_inner_texts()
       # A shape's panel is brighter somewhere than everywhere else.

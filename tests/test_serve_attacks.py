@@ -53,15 +53,23 @@ _HONEST_ADDRESS = '127.0.0.2'
 # An honest request's longest wait while an attack runs; alone it takes
 # milliseconds (a tiny model), and the attacks share the CPU with it.
 _HONEST_BOUND_S = 2.0
-_FLAGS = ['--max_batch_size=4', '--max_beam_size=3', '--max_connections=48',
-          '--max_connections_per_client=12', '--header_timeout_s=2',
-          '--body_timeout_s=3', '--keep_alive_s=2',
-          '--max_requests_per_connection=20', '--shutdown_timeout_s=5']
+_FLAGS = [
+  '--max_batch_size=4',
+  '--max_beam_size=3',
+  '--max_connections=48',
+  '--max_connections_per_client=12',
+  '--header_timeout_s=2',
+  '--body_timeout_s=3',
+  '--keep_alive_s=2',
+  '--max_requests_per_connection=20',
+  '--shutdown_timeout_s=5',
+]
 
 
 def _cache_env(tmp_path_factory):
   return serving.compilation_cache_env(
-      tmp_path_factory.getbasetemp() / 'jax-cache')
+    tmp_path_factory.getbasetemp() / 'jax-cache'
+  )
 
 
 @pytest.fixture(scope='module')
@@ -69,8 +77,10 @@ def attacked(trained_workdir, tmp_path_factory):
   """(URL, log file, process) of a server with small timeouts."""
   log = tmp_path_factory.mktemp('attacked') / 'serve.log'
   process, url = serving.start_subprocess(
-      ['--workdir', str(trained_workdir), *_FLAGS], str(log),
-      env=_cache_env(tmp_path_factory))
+    ['--workdir', str(trained_workdir), *_FLAGS],
+    str(log),
+    env=_cache_env(tmp_path_factory),
+  )
   yield url, log, process
   process.terminate()
   assert process.wait(timeout=30) == 0
@@ -87,8 +97,9 @@ def _address(url):
 
 
 def _connect(url, source='127.0.0.1', timeout=10.0):
-  return socket.create_connection(_address(url), timeout=timeout,
-                                  source_address=(source, 0))
+  return socket.create_connection(
+    _address(url), timeout=timeout, source_address=(source, 0)
+  )
 
 
 def _read_all(sock, timeout=10.0) -> bytes:
@@ -123,8 +134,7 @@ def honest(url, png, path='/v1/captions', source=_HONEST_ADDRESS):
 def assert_served(url, png):
   for path in ('/healthz', '/v1/captions'):
     status, seconds = honest(url, png, path)
-    assert status == 200 and seconds < _HONEST_BOUND_S, (path, status,
-                                                         seconds)
+    assert status == 200 and seconds < _HONEST_BOUND_S, (path, status, seconds)
 
 
 def _metric(url, name) -> float:
@@ -134,8 +144,11 @@ def _metric(url, name) -> float:
   connection.request('GET', '/metrics')
   text = connection.getresponse().read().decode()
   connection.close()
-  return sum(float(line.split()[-1]) for line in text.splitlines()
-             if line.startswith(name))
+  return sum(
+    float(line.split()[-1])
+    for line in text.splitlines()
+    if line.startswith(name)
+  )
 
 
 # --- F1: holding connections --------------------------------------------------
@@ -148,7 +161,8 @@ def test_slowloris_gets_408_and_cannot_starve_others(attacked, png):
   for _ in range(30):
     slow.append(_connect(url))
   request = b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ' + (
-      b'a' * 100)
+    b'a' * 100
+  )
 
   def dribble(sock):
     for byte in request:
@@ -177,8 +191,7 @@ def test_slowloris_gets_408_and_cannot_starve_others(attacked, png):
     s.close()
   statuses = sorted(a[9:12] for a in answers)
   # The address's share of 12 was held, then timed out; the rest refused.
-  assert statuses.count(b'408') == 12 and statuses.count(b'503') == 18, (
-      statuses)
+  assert statuses.count(b'408') == 12 and statuses.count(b'503') == 18, statuses
   assert _metric(url, 'capjax_connections_refused_total{reason="header_') > 0
 
 
@@ -206,8 +219,10 @@ def test_idle_connections_are_closed_and_capped(attacked, png):
 def test_slow_body_gets_408(attacked, png):
   url = attacked[0]
   sock = _connect(url)
-  sock.sendall(b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-               b'Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n')
+  sock.sendall(
+    b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+    b'Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n'
+  )
   start = time.monotonic()
   try:
     for _ in range(12):
@@ -246,8 +261,9 @@ def test_huge_images_decode_one_at_a_time(attacked, png):
   def post_bomb(_):
     host, port = _address(url)
     connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.request('POST', '/v1/captions', bomb,
-                       {'Content-Type': 'image/png'})
+    connection.request(
+      'POST', '/v1/captions', bomb, {'Content-Type': 'image/png'}
+    )
     status = connection.getresponse().status
     connection.close()
     return status
@@ -275,8 +291,11 @@ def test_new_decoding_parameters_compile_nothing(attacked, png):
     beam_size, max_len = pair
     connection = http.client.HTTPConnection(host, port, timeout=60)
     connection.request(
-        'POST', f'/v1/captions?beam_size={beam_size}&max_len={max_len}', png,
-        {'Content-Type': 'image/png'})
+      'POST',
+      f'/v1/captions?beam_size={beam_size}&max_len={max_len}',
+      png,
+      {'Content-Type': 'image/png'},
+    )
     answer = json.loads(connection.getresponse().read())
     connection.close()
     return answer
@@ -310,19 +329,24 @@ def _exchange(url, data: bytes, half_close: bool = False) -> bytes:
 
 def test_ambiguous_framing_is_refused(attacked, png):
   url = attacked[0]
-  smuggled = (b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-              b'Content-Type: image/png\r\nContent-Length: 4\r\n'
-              b'Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n'
-              b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+  smuggled = (
+    b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+    b'Content-Type: image/png\r\nContent-Length: 4\r\n'
+    b'Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n'
+    b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'
+  )
   answer = _exchange(url, smuggled)
   assert answer.startswith(b'HTTP/1.1 400') and answer.count(b'HTTP/1.1') == 1
-  post = (b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-          b'Content-Type: image/png\r\n')
+  post = (
+    b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+    b'Content-Type: image/png\r\n'
+  )
   for headers, status in [
-      (b'Content-Length: 3\r\nContent-Length: 5\r\n', b'400'),
-      (b'Transfer-Encoding: notchunked\r\n', b'400'),
-      (b'Transfer-Encoding: chunked, chunked\r\n', b'400'),
-      (b'Transfer-Encoding: gzip, chunked\r\n', b'501')]:
+    (b'Content-Length: 3\r\nContent-Length: 5\r\n', b'400'),
+    (b'Transfer-Encoding: notchunked\r\n', b'400'),
+    (b'Transfer-Encoding: chunked, chunked\r\n', b'400'),
+    (b'Transfer-Encoding: gzip, chunked\r\n', b'501'),
+  ]:
     answer = _exchange(url, post + headers + b'\r\n3\r\nabc\r\n0\r\n\r\n')
     assert answer.startswith(b'HTTP/1.1 ' + status), (headers, answer)
     assert b'"error"' in answer
@@ -331,8 +355,9 @@ def test_ambiguous_framing_is_refused(attacked, png):
   sock = _connect(url)
   sock.sendall(pair)
   time.sleep(0.5)
-  sock.sendall(b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-               b'Connection: close\r\n\r\n')
+  sock.sendall(
+    b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n'
+  )
   assert _read_all(sock).count(b'HTTP/1.1 200') == 3
   sock.close()
   assert_served(url, png)
@@ -343,8 +368,12 @@ def test_deep_json_is_a_4xx(attacked, png):
   host, port = _address(url)
   for depth, status in ((100_000, 413), (5_000, 400)):
     connection = http.client.HTTPConnection(host, port, timeout=30)
-    connection.request('POST', '/v1/captions', b'[' * depth + b']' * depth,
-                       {'Content-Type': 'application/json'})
+    connection.request(
+      'POST',
+      '/v1/captions',
+      b'[' * depth + b']' * depth,
+      {'Content-Type': 'application/json'},
+    )
     assert connection.getresponse().status == status
     connection.close()
   assert 'Traceback' not in log.read_text()
@@ -359,7 +388,7 @@ def _damaged(rng: random.Random, data: bytes, times: int) -> bytes:
     if action < 0.4 and data:
       data[position] = rng.randrange(256)
     elif action < 0.7:
-      del data[position:position + rng.randint(1, 50)]
+      del data[position : position + rng.randint(1, 50)]
     else:
       data[position:position] = os.urandom(rng.randint(1, 50))
   return bytes(data)
@@ -377,11 +406,16 @@ def test_no_input_gets_a_500(attacked, png):
   jpeg = io.BytesIO()
   Image.open(io.BytesIO(png)).convert('RGB').save(jpeg, 'JPEG')
   jpeg = jpeg.getvalue()
-  form = (b'--b\r\nContent-Disposition: form-data; name="image"; '
-          b'filename="x"\r\n\r\n' + jpeg + b'\r\n--b--\r\n')
-  bodies = [('image/jpeg', jpeg), ('image/png', png),
-            ('multipart/form-data; boundary=b', form),
-            ('application/json', b'{"url": "http://127.0.0.1/", "max_len": 3}')]
+  form = (
+    b'--b\r\nContent-Disposition: form-data; name="image"; '
+    b'filename="x"\r\n\r\n' + jpeg + b'\r\n--b--\r\n'
+  )
+  bodies = [
+    ('image/jpeg', jpeg),
+    ('image/png', png),
+    ('multipart/form-data; boundary=b', form),
+    ('application/json', b'{"url": "http://127.0.0.1/", "max_len": 3}'),
+  ]
   statuses = collections.Counter()
   for _ in range(120):
     content_type, body = rng.choice(bodies)
@@ -390,20 +424,22 @@ def test_no_input_gets_a_500(attacked, png):
     if part == 'body':
       body = _damaged(rng, body, rng.randint(1, 2))
     elif part == 'type':
-      content_type = _damaged(rng, content_type.encode(), 2).decode(
-          'latin-1')
+      content_type = _damaged(rng, content_type.encode(), 2).decode('latin-1')
     elif part == 'query':
       query = b'?' + _damaged(rng, query[1:] or b'max_len=3', 3)
-    request = (b'POST /v1/captions%s HTTP/1.1\r\nHost: 127.0.0.1\r\n'
-               b'Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s'
-               % (query, content_type.encode('latin-1'), len(body), body))
+    request = (
+      b'POST /v1/captions%s HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+      b'Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s'
+      % (query, content_type.encode('latin-1'), len(body), body)
+    )
     if part == 'raw':
       request = _damaged(rng, request, rng.randint(1, 6))
     # Half-closed: a request cut short ends now, not at its timeout.
     statuses[_exchange(url, request, half_close=True)[9:12]] += 1
   print(sorted(statuses.items()))
   assert not [s for s in statuses if s.startswith(b'5') and s != b'503'], (
-      statuses)
+    statuses
+  )
   assert statuses[b'200'] and statuses[b'400'] and len(statuses) > 3
   assert 'Traceback' not in log.read_text()
   assert_served(url, png)
@@ -415,8 +451,10 @@ def test_no_input_gets_a_500(attacked, png):
 def test_browser_and_header_rules(attacked, png):
   url = attacked[0]
   host, port = _address(url)
-  form = (b'--b\r\nContent-Disposition: form-data; name="image"; '
-          b'filename="x"\r\n\r\n' + png + b'\r\n--b--\r\n')
+  form = (
+    b'--b\r\nContent-Disposition: form-data; name="image"; '
+    b'filename="x"\r\n\r\n' + png + b'\r\n--b--\r\n'
+  )
 
   def ask(method, path, body=None, headers=None):
     connection = http.client.HTTPConnection(host, port, timeout=30)
@@ -428,12 +466,33 @@ def test_browser_and_header_rules(attacked, png):
 
   form_type = {'Content-Type': 'multipart/form-data; boundary=b'}
   # A page elsewhere posting a form needs no preflight: refused by Origin.
-  assert ask('POST', '/v1/captions', form,
-             {**form_type, 'Origin': 'http://evil.example'})[0] == 403
-  assert ask('POST', '/v1/captions', form,
-             {**form_type, 'Sec-Fetch-Site': 'cross-site'})[0] == 403
-  assert ask('POST', '/v1/captions', form,
-             {**form_type, 'Origin': f'http://{host}:{port}'})[0] == 200
+  assert (
+    ask(
+      'POST',
+      '/v1/captions',
+      form,
+      {**form_type, 'Origin': 'http://evil.example'},
+    )[0]
+    == 403
+  )
+  assert (
+    ask(
+      'POST',
+      '/v1/captions',
+      form,
+      {**form_type, 'Sec-Fetch-Site': 'cross-site'},
+    )[0]
+    == 403
+  )
+  assert (
+    ask(
+      'POST',
+      '/v1/captions',
+      form,
+      {**form_type, 'Origin': f'http://{host}:{port}'},
+    )[0]
+    == 200
+  )
   # DNS rebinding: a name of the attacker's, resolving to this server.
   assert ask('GET', '/v1/model', None, {'Host': 'evil.example'})[0] == 400
   status, headers, body = ask('HEAD', '/')
@@ -442,8 +501,9 @@ def test_browser_and_header_rules(attacked, png):
   status, headers, _ = ask('GET', '/')
   assert headers['Cache-Control'] == 'no-store'
   assert "frame-ancestors 'none'" in headers['Content-Security-Policy']
-  two = form.replace(b'--b--\r\n', form[:form.index(b'\r\n--b--')] +
-                     b'\r\n--b--\r\n')
+  two = form.replace(
+    b'--b--\r\n', form[: form.index(b'\r\n--b--')] + b'\r\n--b--\r\n'
+  )
   assert ask('POST', '/v1/captions', two, form_type)[0] == 400
   assert_served(url, png)
 
@@ -458,8 +518,9 @@ def _post_until_refused(url, png, results, stop):
   while not stop.is_set():
     start = time.monotonic()
     try:
-      connection.request('POST', '/v1/captions', png,
-                          {'Content-Type': 'image/png'})
+      connection.request(
+        'POST', '/v1/captions', png, {'Content-Type': 'image/png'}
+      )
       response = connection.getresponse()
       response.read()
       outcome = response.status
@@ -478,13 +539,21 @@ def _post_until_refused(url, png, results, stop):
 def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
   log = tmp_path_factory.mktemp('sigterm') / 'serve.log'
   process, url = serving.start_subprocess(
-      ['--workdir', str(trained_workdir), '--max_batch_size=4',
-       '--max_beam_size=1', '--shutdown_timeout_s=5'], str(log),
-      env=_cache_env(tmp_path_factory))
+    [
+      '--workdir',
+      str(trained_workdir),
+      '--max_batch_size=4',
+      '--max_beam_size=1',
+      '--shutdown_timeout_s=5',
+    ],
+    str(log),
+    env=_cache_env(tmp_path_factory),
+  )
   results, stop = [], threading.Event()
-  clients = [threading.Thread(target=_post_until_refused,
-                              args=(url, png, results, stop))
-             for _ in range(8)]
+  clients = [
+    threading.Thread(target=_post_until_refused, args=(url, png, results, stop))
+    for _ in range(8)
+  ]
   for c in clients:
     c.start()
   time.sleep(1.5)
@@ -495,13 +564,16 @@ def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
   stop.set()
   for c in clients:
     c.join()
-  in_flight = [outcome for start, end, outcome in results
-               if start < signalled < end]
+  in_flight = [
+    outcome for start, end, outcome in results if start < signalled < end
+  ]
   answered = [o for o in in_flight if o in (200, 503)]
-  print(f'SIGTERM: exit {returncode} after {took:.2f} s; {len(answered)} of '
-        f'{len(in_flight)} requests in flight answered '
-        f'({in_flight.count(200)} captions); '
-        f'{sum(o == 200 for _, _, o in results)} captions in all')
+  print(
+    f'SIGTERM: exit {returncode} after {took:.2f} s; {len(answered)} of '
+    f'{len(in_flight)} requests in flight answered '
+    f'({in_flight.count(200)} captions); '
+    f'{sum(o == 200 for _, _, o in results)} captions in all'
+  )
   assert returncode == 0 and took < 5 + 2
   assert in_flight and answered == in_flight
   assert 'Traceback' not in log.read_text()
@@ -509,13 +581,21 @@ def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigint_stops_a_server_started_in_the_background(
-    trained_workdir, png, tmp_path_factory):
+  trained_workdir, png, tmp_path_factory
+):
   log = tmp_path_factory.mktemp('sigint') / 'serve.log'
   # A shell starts `cmd &` with SIGINT ignored; the server must still stop.
   process, url = serving.start_subprocess(
-      ['--workdir', str(trained_workdir), '--max_batch_size=2',
-       '--max_beam_size=1'], str(log), env=_cache_env(tmp_path_factory),
-      ignore_sigint=True)
+    [
+      '--workdir',
+      str(trained_workdir),
+      '--max_batch_size=2',
+      '--max_beam_size=1',
+    ],
+    str(log),
+    env=_cache_env(tmp_path_factory),
+    ignore_sigint=True,
+  )
   assert honest(url, png, source='127.0.0.1')[0] == 200
   process.send_signal(signal.SIGINT)
   try:

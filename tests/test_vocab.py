@@ -5,23 +5,35 @@ import json
 import numpy as np
 import pytest
 
+from capjax.configs import default
 from capjax.data import datasets
 from capjax.data import vocab as vocab_lib
-from capjax.configs import default
 
 
 def test_tokenize_lowercases_and_turns_filters_into_separators():
   assert vocab_lib.tokenize('A man\'s Dog-walk,(OK)  <b>\n"x"!') == [
-      'a', "man's", 'dog', 'walk', 'ok', '<b>', 'x']
+    'a',
+    "man's",
+    'dog',
+    'walk',
+    'ok',
+    '<b>',
+    'x',
+  ]
   assert vocab_lib.tokenize('a.b/c@d=e~f`g{h}i|j_k^l[m]n\\o') == list(
-      'abcdefghijklmno')
+    'abcdefghijklmno'
+  )
   assert vocab_lib.tokenize(' \t.,!\n') == []
 
 
 def test_special_ids_come_first():
   vocab = vocab_lib.Vocab(['cat'])
   assert (vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id) == (
-      0, 1, 2, 3)
+    0,
+    1,
+    2,
+    3,
+  )
   assert vocab.words == ['<pad>', '<start>', '<end>', '<unk>', 'cat']
   assert vocab.size == len(vocab) == 5
 
@@ -81,8 +93,14 @@ def test_save_load_round_trip(tmp_path):
   vocab.save(path)
   loaded = vocab_lib.Vocab.load(path)
   assert loaded == vocab
-  assert loaded.words == ['<pad>', '<start>', '<end>', '<unk>', 'words',
-                          'ünïcode']
+  assert loaded.words == [
+    '<pad>',
+    '<start>',
+    '<end>',
+    '<unk>',
+    'words',
+    'ünïcode',
+  ]
   path.write_text(json.dumps({'tokens': ['a']}))
   with pytest.raises(ValueError, match='not a capjax vocabulary'):
     vocab_lib.Vocab.load(path)
@@ -117,10 +135,11 @@ def test_word_order_matches_the_tutorial_keras_tokenizer(shared_data):
   captions = captions[:3000]
   # The tutorial's tokenizer, on its '<start> ... <end>' captions.
   tokenizer = tf.keras.preprocessing.text.Tokenizer(
-      num_words=5000, oov_token='<unk>',
-      filters='!"#$%&()*+.,-/:;=?@[\\]^_`{|}~ ')
+    num_words=5000, oov_token='<unk>', filters='!"#$%&()*+.,-/:;=?@[\\]^_`{|}~ '
+  )
   tokenizer.fit_on_texts([f'<start> {c} <end>' for c in captions])
-  keras_words = [w for w in tokenizer.word_index
-                 if w not in vocab_lib.SPECIAL_TOKENS]
+  keras_words = [
+    w for w in tokenizer.word_index if w not in vocab_lib.SPECIAL_TOKENS
+  ]
   vocab = vocab_lib.Vocab.build(captions, top_k=len(keras_words))
   assert vocab.words[4:] == keras_words

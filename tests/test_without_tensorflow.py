@@ -31,7 +31,7 @@ _LOADED = 'TensorFlow modules loaded: '
 
 # Runs a program as `python -m` does, after `patch`; at exit (absl's app.run
 # ends with sys.exit) it prints the TensorFlow modules that were imported.
-_RUN_AND_REPORT = '''
+_RUN_AND_REPORT = """
 import atexit, runpy, sys
 atexit.register(lambda: print({loaded!r} + repr(sorted(
     {{'tensorflow', 'keras', 'tensorflow_datasets'}} & set(sys.modules))),
@@ -39,11 +39,11 @@ atexit.register(lambda: print({loaded!r} + repr(sorted(
 {patch}
 sys.argv = [{program!r}] + sys.argv[1:]
 runpy.run_module({program!r}, run_name='__main__', alter_sys=True)
-'''
+"""
 
 # The server is built (model, extractor, image pool, app) but, instead of
 # serving, prepares one real image as each upload is: decoded and resized.
-_SERVE_ONE_IMAGE = '''
+_SERVE_ONE_IMAGE = """
 from capjax import inference
 from capjax.data import images
 from capjax.serving import server
@@ -55,23 +55,32 @@ def prepare_one_image(app, sock, *args, **kwargs):
   prepared = made[0].prepare(images.load_image({image!r}))
   print('prepared', prepared.shape, prepared.dtype, file=sys.stderr)
 server.serve = prepare_one_image
-'''
+"""
 
 
 def _val_split(tmp_path: pathlib.Path, shared_data: pathlib.Path) -> str:
   """A coco_json split of 4 real val2017 images, in tmp_path."""
-  val = json.loads((shared_data / 'coco-mini' / 'annotations' /
-                    'captions_val2017.json').read_text())
+  val = json.loads(
+    (
+      shared_data / 'coco-mini' / 'annotations' / 'captions_val2017.json'
+    ).read_text()
+  )
   images = val['images'][:4]
   ids = {i['id'] for i in images}
-  (tmp_path / 'four.json').write_text(json.dumps({
-      'images': images,
-      'annotations': [a for a in val['annotations'] if a['image_id'] in ids]}))
+  (tmp_path / 'four.json').write_text(
+    json.dumps(
+      {
+        'images': images,
+        'annotations': [a for a in val['annotations'] if a['image_id'] in ids],
+      }
+    )
+  )
   return f'four.json:{shared_data}/coco-mini/val2017'
 
 
-def _write_workdir(workdir: pathlib.Path, data_dir: pathlib.Path,
-                   split: str) -> None:
+def _write_workdir(
+  workdir: pathlib.Path, data_dir: pathlib.Path, split: str
+) -> None:
   """A workdir of random parameters on JAX InceptionV3 features, with a
   store of random features for `split`."""
   config = default.get_config()
@@ -83,23 +92,37 @@ def _write_workdir(workdir: pathlib.Path, data_dir: pathlib.Path,
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 50)
   shape_LD = (inception.NUM_LOCATIONS, inception.FEATURE_DIM)
   state = state_lib.create_train_state(
-      captioner.from_config(config, vocab.size),
-      state_lib.make_optimizer(config), shape_LD, config.seed)
+    captioner.from_config(config, vocab.size),
+    state_lib.make_optimizer(config),
+    shape_LD,
+    config.seed,
+  )
   workdir.mkdir()
   workdir_lib.save_config(workdir, config)
   vocab.save(workdir / workdir_lib.VOCAB_FILE)
-  workdir_lib.save_json(workdir / workdir_lib.FEATURES_FILE, {
-      'extractor': _EXTRACTOR, 'num_locations': shape_LD[0],
-      'feature_dim': shape_LD[1]})
+  workdir_lib.save_json(
+    workdir / workdir_lib.FEATURES_FILE,
+    {
+      'extractor': _EXTRACTOR,
+      'num_locations': shape_LD[0],
+      'feature_dim': shape_LD[1],
+    },
+  )
   manager = checkpoints.manager(workdir)
   manager.save(0, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()
-  features_NLD = np.random.default_rng(0).normal(
-      size=(len(records), *shape_LD)).astype(np.float32)
+  features_NLD = (
+    np.random.default_rng(0)
+    .normal(size=(len(records), *shape_LD))
+    .astype(np.float32)
+  )
   feature_store.write_feature_store(
-      feature_store.store_dir(workdir / 'features', split), features_NLD,
-      [r.image_id for r in records], _EXTRACTOR)
+    feature_store.store_dir(workdir / 'features', split),
+    features_NLD,
+    [r.image_id for r in records],
+    _EXTRACTOR,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -113,9 +136,13 @@ def inception_workdir(tmp_path_factory, shared_data):
 
 def _run(program: str, args, patch: str = '') -> subprocess.CompletedProcess:
   code = _RUN_AND_REPORT.format(loaded=_LOADED, patch=patch, program=program)
-  result = subprocess.run([sys.executable, '-c', code, *args],
-                          capture_output=True, text=True, timeout=600,
-                          cwd=testing_lib.REPO_ROOT)
+  result = subprocess.run(
+    [sys.executable, '-c', code, *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=testing_lib.REPO_ROOT,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'{_LOADED}[]' in result.stderr, result.stderr[-3000:]
   return result
@@ -129,13 +156,18 @@ def test_sample_captions_a_real_image(inception_workdir):
 
 def test_evaluate(inception_workdir):
   workdir, split, _ = inception_workdir
-  result = _run('capjax.evaluate', [f'--workdir={workdir}', f'--split={split}',
-                                    '--num_images=2'])
+  result = _run(
+    'capjax.evaluate',
+    [f'--workdir={workdir}', f'--split={split}', '--num_images=2'],
+  )
   assert 'CIDEr' in result.stdout
 
 
 def test_serve_loads_and_prepares_a_real_image(inception_workdir):
   workdir, _, image = inception_workdir
-  result = _run('capjax.serve', [f'--workdir={workdir}', '--port=0'],
-                patch=_SERVE_ONE_IMAGE.format(image=image))
+  result = _run(
+    'capjax.serve',
+    [f'--workdir={workdir}', '--port=0'],
+    patch=_SERVE_ONE_IMAGE.format(image=image),
+  )
   assert 'prepared (299, 299, 3) float32' in result.stderr

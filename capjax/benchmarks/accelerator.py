@@ -23,10 +23,11 @@ spent, the remaining ones are skipped and say so (the budget is checked
 before each row, so allow for one row more).
 """
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,24 +41,25 @@ from capjax.model import decoding
 
 BEAM_SIZE = 3
 PRECISION_ROW = 'float32 logits, max |difference| from capjax on the CPU'
-DTYPES = {'float32': (jnp.float32, torch.float32),
-          'bfloat16': (jnp.bfloat16, torch.bfloat16)}
+DTYPES = {
+  'float32': (jnp.float32, torch.float32),
+  'bfloat16': (jnp.bfloat16, torch.bfloat16),
+}
 SKIPPED = {
-    "the TensorFlow tutorial's training and evaluate() "
-    '(capjax.benchmarks.tutorial)': 'needs TensorFlow',
-    'training on the Flickr8k caption lengths (capjax.benchmarks.training)':
-        'needs TensorFlow, capjax.configs (ml_collections) and the data',
-    'input pipeline (capjax.benchmarks.pipeline)': 'needs TensorFlow',
-    'feature extraction (capjax.benchmarks.extraction)': 'needs TensorFlow',
-    'CIDEr-D against pycocoevalcap (capjax.benchmarks.cider)':
-        'needs pycocoevalcap',
-    'SCST step (capjax.benchmarks.scst)': 'needs capjax.configs '
-                                          '(ml_collections)'}
+  "the TensorFlow tutorial's training and evaluate() "
+  '(capjax.benchmarks.tutorial)': 'needs TensorFlow',
+  'training on the Flickr8k caption lengths (capjax.benchmarks.training)': 'needs TensorFlow, capjax.configs (ml_collections) and the data',
+  'input pipeline (capjax.benchmarks.pipeline)': 'needs TensorFlow',
+  'feature extraction (capjax.benchmarks.extraction)': 'needs TensorFlow',
+  'CIDEr-D against pycocoevalcap (capjax.benchmarks.cider)': 'needs pycocoevalcap',
+  'SCST step (capjax.benchmarks.scst)': 'needs capjax.configs (ml_collections)',
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What the check runs."""
+
   sizes: workload.Sizes
   length: int  # T of the training rows
   train_batches: tuple[int, ...]
@@ -67,21 +69,38 @@ class Plan:
   repeats: int
 
 
-FULL = Plan(workload.TUTORIAL, length=32, train_batches=(64, 256, 1024),
-            decode_batches=(1, 64, 1024), beam_batch=64, max_len=32, repeats=5)
+FULL = Plan(
+  workload.TUTORIAL,
+  length=32,
+  train_batches=(64, 256, 1024),
+  decode_batches=(1, 64, 1024),
+  beam_batch=64,
+  max_len=32,
+  repeats=5,
+)
 # A dry run on a CPU in seconds: every row, tiny sizes.
-QUICK = Plan(workload.Sizes(vocab_size=50, embedding_dim=16, units=32,
-                            num_locations=8, feature_dim=24),
-             length=8, train_batches=(4,), decode_batches=(1, 4),
-             beam_batch=4, max_len=6, repeats=2)
+QUICK = Plan(
+  workload.Sizes(
+    vocab_size=50, embedding_dim=16, units=32, num_locations=8, feature_dim=24
+  ),
+  length=8,
+  train_batches=(4,),
+  decode_batches=(1, 4),
+  beam_batch=4,
+  max_len=6,
+  repeats=2,
+)
 
 
 def _error(e: Exception) -> str:
   return f'{type(e).__name__}: {str(e).strip()[:300]}'
 
 
-def _add_torch(fns: dict[str, Callable[[], Any]], errors: dict[str, str],
-               make_fn: Callable[[bool], Callable[[], Any]]) -> None:
+def _add_torch(
+  fns: dict[str, Callable[[], Any]],
+  errors: dict[str, str],
+  make_fn: Callable[[bool], Callable[[], Any]],
+) -> None:
   """Adds PyTorch eager and compiled fns, each run once untimed; a failure
   (torch.compile's, typically) drops that fn and keeps the reason."""
   for name, compile_ in (('torch_eager', False), ('torch_compiled', True)):
@@ -89,18 +108,24 @@ def _add_torch(fns: dict[str, Callable[[], Any]], errors: dict[str, str],
       fn = make_fn(compile_)
       fn()  # the first call compiles
     # Whatever stops one PyTorch variant drops its figure, not the check.
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       errors[name] = _error(e)
     else:
       fns[name] = fn
 
 
-def _rates(batch_size: int, fns: dict[str, Callable[[], Any]],
-           errors: dict[str, str], repeats: int) -> dict[str, Any]:
+def _rates(
+  batch_size: int,
+  fns: dict[str, Callable[[], Any]],
+  errors: dict[str, str],
+  repeats: int,
+) -> dict[str, Any]:
   """Captions/s of each fn, and why any PyTorch variant is missing."""
   seconds = harness.interleaved_medians(fns, repeats)
-  return {**{k: batch_size / s for k, s in seconds.items()},
-          **({'errors': errors} if errors else {})}
+  return {
+    **{k: batch_size / s for k, s in seconds.items()},
+    **({'errors': errors} if errors else {}),
+  }
 
 
 class _Check:
@@ -112,26 +137,34 @@ class _Check:
     self.device = torch_tutorial.default_device()
     self.model = workload.model(plan.sizes)
     self.params = jax.jit(self.model.init)(
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, plan.sizes.num_locations, plan.sizes.feature_dim)),
-        jnp.zeros((1, 2), jnp.int32))['params']
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, plan.sizes.num_locations, plan.sizes.feature_dim)),
+      jnp.zeros((1, 2), jnp.int32),
+    )['params']
 
   def inputs(self, batch_size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return (workload.random_features(rng, batch_size, self.plan.sizes),
-            workload.random_tokens(rng, self.plan.length, batch_size,
-                                   self.plan.sizes.vocab_size))
+    return (
+      workload.random_features(rng, batch_size, self.plan.sizes),
+      workload.random_tokens(
+        rng, self.plan.length, batch_size, self.plan.sizes.vocab_size
+      ),
+    )
 
   @functools.cache
   def capjax_trainer(self, dtype: str) -> workload.CapjaxTrainer:
     return workload.CapjaxTrainer(self.plan.sizes, DTYPES[dtype][0])
 
   @functools.cache
-  def torch_trainer(self, dtype: str, compile_: bool
-                    ) -> torch_tutorial.TorchTrainer:
-    return torch_tutorial.TorchTrainer(compile_, sizes=self.plan.sizes,
-                                       dtype=DTYPES[dtype][1],
-                                       device=self.device)
+  def torch_trainer(
+    self, dtype: str, compile_: bool
+  ) -> torch_tutorial.TorchTrainer:
+    return torch_tutorial.TorchTrainer(
+      compile_,
+      sizes=self.plan.sizes,
+      dtype=DTYPES[dtype][1],
+      device=self.device,
+    )
 
   @functools.cache
   def torch_decoder(self, compile_: bool) -> torch_tutorial.TorchCaptioner:
@@ -147,33 +180,58 @@ class _Check:
     fns, errors = {'capjax': lambda: trainer(batch)}, {}
     features_t = torch.from_numpy(features).to(self.device)
     tokens_t = torch.from_numpy(tokens).long().to(self.device)
-    _add_torch(fns, errors, lambda c: torch_tutorial.synchronized(
+    _add_torch(
+      fns,
+      errors,
+      lambda c: torch_tutorial.synchronized(
         functools.partial(self.torch_trainer(dtype, c), features_t, tokens_t),
-        self.device))
+        self.device,
+      ),
+    )
     return _rates(batch_size, fns, errors, self.plan.repeats)
 
   def greedy(self, batch_size: int) -> dict[str, Any]:
     features, _ = self.inputs(batch_size, seed=1)
     features_j = jnp.asarray(features)
-    fns = {'capjax': lambda: decoding.greedy_captions(
-        self.params, features_j, model=self.model,
-        max_len=self.plan.max_len).tokens_BT}
+    fns = {
+      'capjax': lambda: (
+        decoding.greedy_captions(
+          self.params, features_j, model=self.model, max_len=self.plan.max_len
+        ).tokens_BT
+      )
+    }
     errors = {}
     features_t = torch.from_numpy(features).to(self.device)
     # .cpu() waits for the device, as the loop's stopping test does.
-    _add_torch(fns, errors, lambda c: lambda: torch_tutorial.greedy_captions(
-        self.torch_decoder(c), features_t, self.plan.max_len).cpu())
+    _add_torch(
+      fns,
+      errors,
+      lambda c: (
+        lambda: torch_tutorial.greedy_captions(
+          self.torch_decoder(c), features_t, self.plan.max_len
+        ).cpu()
+      ),
+    )
     return _rates(batch_size, fns, errors, self.plan.repeats)
 
   def beam(self) -> dict[str, Any]:
     features, _ = self.inputs(self.plan.beam_batch, seed=1)
     features_j = jnp.asarray(features)
-    fn = lambda: decoding.beam_captions(
-        self.params, features_j, model=self.model, max_len=self.plan.max_len,
-        beam_size=BEAM_SIZE).tokens_BKT
-    return _rates(self.plan.beam_batch, {'capjax': fn},
-                  {'torch': 'the PyTorch baseline has no beam search'},
-                  self.plan.repeats)
+    fn = lambda: (
+      decoding.beam_captions(
+        self.params,
+        features_j,
+        model=self.model,
+        max_len=self.plan.max_len,
+        beam_size=BEAM_SIZE,
+      ).tokens_BKT
+    )
+    return _rates(
+      self.plan.beam_batch,
+      {'capjax': fn},
+      {'torch': 'the PyTorch baseline has no beam search'},
+      self.plan.repeats,
+    )
 
   def precision(self) -> dict[str, Any]:
     """Largest |difference| of float32 logits from capjax's on the CPU."""
@@ -184,31 +242,54 @@ class _Check:
     with jax.default_matmul_precision('highest'):
       highest = logits(variables, features, tokens)
     # Committed to the CPU, the arguments take the computation there.
-    on_cpu = logits(*jax.device_put((variables, features, tokens),
-                                    jax.devices('cpu')[0]))
+    on_cpu = logits(
+      *jax.device_put((variables, features, tokens), jax.devices('cpu')[0])
+    )
     torch_model = torch_tutorial.from_capjax_params(self.params).to(self.device)
     with torch.no_grad():
-      torch_logits = torch_model(
+      torch_logits = (
+        torch_model(
           torch.from_numpy(features).to(self.device),
-          torch.from_numpy(tokens).long().to(self.device)).cpu().numpy()
+          torch.from_numpy(tokens).long().to(self.device),
+        )
+        .cpu()
+        .numpy()
+      )
     diff = lambda x: float(np.abs(x - on_cpu).max())
-    return {'capjax_default_precision': diff(on_device),
-            'capjax_highest_precision': diff(highest),
-            'torch': diff(torch_logits),
-            'default_matmul_precision': str(jax.config.jax_default_matmul_precision)}
+    return {
+      'capjax_default_precision': diff(on_device),
+      'capjax_highest_precision': diff(highest),
+      'torch': diff(torch_logits),
+      'default_matmul_precision': str(jax.config.jax_default_matmul_precision),
+    }
 
 
 def _rows(check: _Check) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
   """(name, fn) of each row, the most important first."""
   plan = check.plan
   rows = [(PRECISION_ROW, check.precision)]
-  rows += [(f'training, T={plan.length}, batch {b}, {dtype}',
-            functools.partial(check.training, b, dtype))
-           for dtype in DTYPES for b in plan.train_batches]
-  rows += [(f'greedy decoding, batch {b}, {plan.max_len} tokens',
-            functools.partial(check.greedy, b)) for b in plan.decode_batches]
-  rows.append((f'beam search, {BEAM_SIZE} beams, batch {plan.beam_batch}, '
-               f'{plan.max_len} tokens', check.beam))
+  rows += [
+    (
+      f'training, T={plan.length}, batch {b}, {dtype}',
+      functools.partial(check.training, b, dtype),
+    )
+    for dtype in DTYPES
+    for b in plan.train_batches
+  ]
+  rows += [
+    (
+      f'greedy decoding, batch {b}, {plan.max_len} tokens',
+      functools.partial(check.greedy, b),
+    )
+    for b in plan.decode_batches
+  ]
+  rows.append(
+    (
+      f'beam search, {BEAM_SIZE} beams, batch {plan.beam_batch}, '
+      f'{plan.max_len} tokens',
+      check.beam,
+    )
+  )
   return rows
 
 
@@ -220,65 +301,105 @@ def run(plan: Plan, time_budget_s: float) -> dict[str, Any]:
   for name, fn in _rows(check):
     row_start = time.perf_counter()
     if row_start - start > time_budget_s:
-      results.append({'row': name, 'skipped': f'the time budget '
-                                              f'({time_budget_s:g} s) was spent'})
+      results.append(
+        {
+          'row': name,
+          'skipped': f'the time budget ({time_budget_s:g} s) was spent',
+        }
+      )
     else:
       # Compilation included: what sizes the budget.
-      results.append({'row': name, **fn(),
-                      'row_s': time.perf_counter() - row_start})
-  return {'rows': results, 'skipped': SKIPPED, 'settings': {
+      results.append(
+        {'row': name, **fn(), 'row_s': time.perf_counter() - row_start}
+      )
+  return {
+    'rows': results,
+    'skipped': SKIPPED,
+    'settings': {
       'plan': {**dataclasses.asdict(plan), 'sizes': plan.sizes._asdict()},
       'time_budget_s': time_budget_s,
       'elapsed_s': time.perf_counter() - start,
-      'jax': jax.__version__, 'jax_device': jax.devices()[0].device_kind,
-      'torch': torch.__version__, 'torch_device': str(check.device),
-      'processor': harness.processor_name()}}
+      'jax': jax.__version__,
+      'jax_device': jax.devices()[0].device_kind,
+      'torch': torch.__version__,
+      'torch_device': str(check.device),
+      'processor': harness.processor_name(),
+    },
+  }
 
 
 def _figure(row: dict[str, Any], key: str) -> str:
   if 'skipped' in row:
     return 'skipped'
-  return f'{row[key]:.1f}' if key in row else 'failed' if key in row.get(
-      'errors', {}) else ''
+  return (
+    f'{row[key]:.1f}'
+    if key in row
+    else 'failed'
+    if key in row.get('errors', {})
+    else ''
+  )
 
 
 def _ratio(row: dict[str, Any], key: str) -> str:
   if 'capjax' not in row or key not in row:
     return ''
-  return f"{row['capjax'] / row[key]:.1f}x"
+  return f'{row["capjax"] / row[key]:.1f}x'
 
 
 def markdown(report: dict[str, Any]) -> str:
   """The table, the precision row, the skipped rows and the settings."""
-  lines = ['| captions/s | capjax | PyTorch eager | PyTorch compiled '
-           '| capjax / eager | capjax / compiled |', '|---|---|---|---|---|---|']
+  lines = [
+    '| captions/s | capjax | PyTorch eager | PyTorch compiled '
+    '| capjax / eager | capjax / compiled |',
+    '|---|---|---|---|---|---|',
+  ]
   precision = None
   for row in report['rows']:
     if row['row'] == PRECISION_ROW:
       precision = row
       continue
-    lines.append('| ' + ' | '.join([
-        row['row'], _figure(row, 'capjax'), _figure(row, 'torch_eager'),
-        _figure(row, 'torch_compiled'), _ratio(row, 'torch_eager'),
-        _ratio(row, 'torch_compiled')]) + ' |')
+    lines.append(
+      '| '
+      + ' | '.join(
+        [
+          row['row'],
+          _figure(row, 'capjax'),
+          _figure(row, 'torch_eager'),
+          _figure(row, 'torch_compiled'),
+          _ratio(row, 'torch_eager'),
+          _ratio(row, 'torch_compiled'),
+        ]
+      )
+      + ' |'
+    )
   lines.append('')
   if precision is None or 'skipped' in precision:
     lines.append(f'{PRECISION_ROW}: skipped.')
   else:
     lines.append(
-        f"{PRECISION_ROW}: capjax on the device "
-        f"{precision['capjax_default_precision']:.2e} at JAX's default matmul "
-        f"precision ({precision['default_matmul_precision']}), "
-        f"{precision['capjax_highest_precision']:.2e} at 'highest'; PyTorch "
-        f"on its device {precision['torch']:.2e}.")
-  errors = [f"{row['row']}, {name}: {error}" for row in report['rows']
-            for name, error in row.get('errors', {}).items()]
-  lines += ['', 'Not measured:'] + [f'- {e}' for e in errors] + [
-      f'- {name}: {reason}' for name, reason in report['skipped'].items()]
+      f'{PRECISION_ROW}: capjax on the device '
+      f"{precision['capjax_default_precision']:.2e} at JAX's default matmul "
+      f'precision ({precision["default_matmul_precision"]}), '
+      f"{precision['capjax_highest_precision']:.2e} at 'highest'; PyTorch "
+      f'on its device {precision["torch"]:.2e}.'
+    )
+  errors = [
+    f'{row["row"]}, {name}: {error}'
+    for row in report['rows']
+    for name, error in row.get('errors', {}).items()
+  ]
+  lines += (
+    ['', 'Not measured:']
+    + [f'- {e}' for e in errors]
+    + [f'- {name}: {reason}' for name, reason in report['skipped'].items()]
+  )
   s = report['settings']
-  lines += ['', f"capjax on {s['jax_device']} (JAX {s['jax']}), PyTorch "
-            f"{s['torch']} on {s['torch_device']}; {s['processor']}. Medians "
-            f"of {s['plan']['repeats']} interleaved runs; "
-            + ', '.join(f'{k}={v}' for k, v in s['plan']['sizes'].items())
-            + f"; {s['elapsed_s']:.0f} s in all."]
+  lines += [
+    '',
+    f'capjax on {s["jax_device"]} (JAX {s["jax"]}), PyTorch '
+    f'{s["torch"]} on {s["torch_device"]}; {s["processor"]}. Medians '
+    f'of {s["plan"]["repeats"]} interleaved runs; '
+    + ', '.join(f'{k}={v}' for k, v in s['plan']['sizes'].items())
+    + f'; {s["elapsed_s"]:.0f} s in all.',
+  ]
   return '\n'.join(lines) + '\n'

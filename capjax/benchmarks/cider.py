@@ -31,8 +31,11 @@ def _captions() -> list[list[str]] | None:
   token_file = data / 'flickr8k' / 'Flickr8k.token.txt' if data else None
   if token_file is None or not token_file.exists():
     return None
-  captions = [c for c in datasets.read_flickr_tokens(token_file).values()
-              if len(c) >= REFERENCES]
+  captions = [
+    c
+    for c in datasets.read_flickr_tokens(token_file).values()
+    if len(c) >= REFERENCES
+  ]
   return [c[:REFERENCES] for c in captions[:IMAGES]]
 
 
@@ -40,7 +43,7 @@ def _ids(captions: list[str], vocab: vocab_lib.Vocab) -> np.ndarray:
   rows = np.zeros((len(captions), MAX_LEN), np.int32)
   for row, caption in zip(rows, captions):
     ids = vocab.encode(caption, MAX_LEN)
-    row[:len(ids)] = ids
+    row[: len(ids)] = ids
   return rows
 
 
@@ -52,8 +55,10 @@ def bench_cider(repeats: int) -> dict[str, float] | None:
   vocab = vocab_lib.Vocab.build((c for r in references for c in r), 10_000)
   words = lambda caption: vocab.decode(vocab.encode(caption, MAX_LEN))
   # Candidate k of image i: caption k of image i + k + 1.
-  candidates = [[references[(i + k + 1) % IMAGES][k] for k in range(SAMPLES)]
-                for i in range(IMAGES)]
+  candidates = [
+    [references[(i + k + 1) % IMAGES][k] for k in range(SAMPLES)]
+    for i in range(IMAGES)
+  ]
   references_BRT = np.stack([_ids(r, vocab) for r in references])
   candidates_BKT = np.stack([_ids(c, vocab) for c in candidates])
   doc_freqs = cider.document_frequencies(references_BRT, vocab.size)
@@ -71,12 +76,22 @@ def bench_cider(repeats: int) -> dict[str, float] | None:
         scores.append(Cider().compute_score(gts, res)[1])
     return np.stack(scores, axis=1)
 
-  seconds = harness.interleaved_medians({
-      'capjax': lambda: score(candidates_BKT, references_BRT, mask_BR,
-                              doc_freqs),
-      'pycocoevalcap': pycocoevalcap_scores}, repeats)
-  gap = np.abs(np.asarray(score(candidates_BKT, references_BRT, mask_BR,
-                                doc_freqs)) - pycocoevalcap_scores()).max()
-  return {'capjax_s': seconds['capjax'],
-          'pycocoevalcap_s': seconds['pycocoevalcap'],
-          'candidates': IMAGES * SAMPLES, 'max_abs_difference': float(gap)}
+  seconds = harness.interleaved_medians(
+    {
+      'capjax': lambda: score(
+        candidates_BKT, references_BRT, mask_BR, doc_freqs
+      ),
+      'pycocoevalcap': pycocoevalcap_scores,
+    },
+    repeats,
+  )
+  gap = np.abs(
+    np.asarray(score(candidates_BKT, references_BRT, mask_BR, doc_freqs))
+    - pycocoevalcap_scores()
+  ).max()
+  return {
+    'capjax_s': seconds['capjax'],
+    'pycocoevalcap_s': seconds['pycocoevalcap'],
+    'candidates': IMAGES * SAMPLES,
+    'max_abs_difference': float(gap),
+  }

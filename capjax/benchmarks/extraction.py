@@ -35,18 +35,21 @@ def _write_jpegs(tmp: pathlib.Path, num_images: int) -> str:
   for i in range(num_images):
     pixels = ramp + rng.integers(0, 55, size=(480, 640, 3))
     Image.fromarray(pixels.astype(np.uint8)).save(
-        image_dir / f'{i}.jpg', quality=90)
+      image_dir / f'{i}.jpg', quality=90
+    )
   annotations = {
-      'images': [{'id': i, 'file_name': f'{i}.jpg'}
-                 for i in range(num_images)],
-      'annotations': [{'id': i, 'image_id': i, 'caption': 'noise'}
-                      for i in range(num_images)]}
+    'images': [{'id': i, 'file_name': f'{i}.jpg'} for i in range(num_images)],
+    'annotations': [
+      {'id': i, 'image_id': i, 'caption': 'noise'} for i in range(num_images)
+    ],
+  }
   (tmp / 'jpegs.json').write_text(json.dumps(annotations))
   return 'jpegs.json:jpegs'
 
 
-def bench_extraction(tmp: pathlib.Path, patch_images: int,
-                     inception_images: int) -> dict[str, float]:
+def bench_extraction(
+  tmp: pathlib.Path, patch_images: int, inception_images: int
+) -> dict[str, float]:
   """Images/s of `patches` and of `inception_v3` on JAX and on Keras."""
   config = default.get_config()
   config.data_dir = str(tmp / 'shapes')
@@ -59,5 +62,6 @@ def bench_extraction(tmp: pathlib.Path, patch_images: int,
   for backend in ('jax', 'keras'):
     config.extractor_backend = backend
     results[f'inception_v3_{backend}'] = _extraction_rate(
-        config, split, tmp / f'f_inception_{backend}')
+      config, split, tmp / f'f_inception_{backend}'
+    )
   return results

@@ -27,19 +27,32 @@ from capjax.benchmarks import workload
 
 def train_flops(length: int) -> float:
   """Model FLOPs of one train step on captions of `length` tokens."""
-  b, l, d, e, u, v = (workload.BATCH_SIZE, workload.NUM_LOCATIONS,
-                      workload.FEATURE_DIM, workload.EMBEDDING_DIM,
-                      workload.UNITS, workload.VOCAB_SIZE)
+  b, l, d, e, u, v = (
+    workload.BATCH_SIZE,
+    workload.NUM_LOCATIONS,
+    workload.FEATURE_DIM,
+    workload.EMBEDDING_DIM,
+    workload.UNITS,
+    workload.VOCAB_SIZE,
+  )
   steps = length - 1
   per_step = b * u * u + b * l * u + b * l * e + b * e * 3 * u + b * u * 3 * u
-  forward_with_input_grads = (b * l * e * u + b * steps * e * 3 * u
-                              + steps * per_step + b * steps * u * u
-                              + b * steps * u * v)
+  forward_with_input_grads = (
+    b * l * e * u
+    + b * steps * e * 3 * u
+    + steps * per_step
+    + b * steps * u * u
+    + b * steps * u * v
+  )
   return 2 * (2 * b * l * d * e + 3 * forward_with_input_grads)
 
 
 def tutorial_train_flops(length: int) -> float:
   """The same count for the tutorial, which applies W1 at every step."""
-  b, l, e, u = (workload.BATCH_SIZE, workload.NUM_LOCATIONS,
-                workload.EMBEDDING_DIM, workload.UNITS)
+  b, l, e, u = (
+    workload.BATCH_SIZE,
+    workload.NUM_LOCATIONS,
+    workload.EMBEDDING_DIM,
+    workload.UNITS,
+  )
   return train_flops(length) + 2 * 3 * (length - 2) * b * l * e * u

@@ -1,10 +1,11 @@
 """Timing that is fair on a noisy machine: interleaved medians, and the machine's peak."""
 
+from collections.abc import Callable
 import pathlib
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ import numpy as np
 _PEAK_MATMUL_SIZE = 2048
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]],
-                        repeats: int) -> dict[str, float]:
+def interleaved_medians(
+  fns: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, float]:
   """Median wall seconds of each fn(), the fns taking turns.
 
   Each fn is called once untimed first (compilation, tracing, caches); its
@@ -39,7 +41,8 @@ def matmul_peak_flops(repeats: int) -> float:
   dot = jax.jit(jnp.dot)
   # Several products per timing, so that dispatch is negligible on a GPU too.
   seconds = interleaved_medians(
-      {'dot': lambda: [dot(a, a) for _ in range(4)]}, max(repeats, 5))['dot']
+    {'dot': lambda: [dot(a, a) for _ in range(4)]}, max(repeats, 5)
+  )['dot']
   return 4 * 2 * n**3 / seconds
 
 
@@ -47,8 +50,8 @@ def processor_name() -> str:
   """The CPU's model name where Linux tells it, else the architecture."""
   try:
     for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-        if line.startswith('model name'):
-          return line.partition(':')[2].strip()
+      if line.startswith('model name'):
+        return line.partition(':')[2].strip()
   except OSError:
     pass
   return platform.machine()

@@ -28,13 +28,14 @@ SAMPLES, REFERENCES, MAX_LEN = 5, 5, 24
 
 def _references(rng: np.random.Generator) -> np.ndarray:
   """(B, R, MAX_LEN + 1) random captions of 8 to MAX_LEN - 1 words."""
-  tokens = rng.integers(4, workload.VOCAB_SIZE, size=(
-      workload.BATCH_SIZE, REFERENCES, MAX_LEN + 1)).astype(np.int32)
+  tokens = rng.integers(
+    4, workload.VOCAB_SIZE, size=(workload.BATCH_SIZE, REFERENCES, MAX_LEN + 1)
+  ).astype(np.int32)
   tokens[..., 0] = 1
   lengths = rng.integers(8, MAX_LEN, size=tokens.shape[:2])
   for index in np.ndindex(*tokens.shape[:2]):
     tokens[index][lengths[index]] = 2
-    tokens[index][lengths[index] + 1:] = 0
+    tokens[index][lengths[index] + 1 :] = 0
   return tokens
 
 
@@ -45,8 +46,11 @@ class _Stepper:
     config = default.get_config()
     tx = state_lib.make_optimizer(config)
     self._state = state_lib.create_train_state(
-        workload.model(), tx, (workload.NUM_LOCATIONS, workload.FEATURE_DIM),
-        config.seed)
+      workload.model(),
+      tx,
+      (workload.NUM_LOCATIONS, workload.FEATURE_DIM),
+      config.seed,
+    )
     self._step = jax.jit(functools.partial(step_fn, tx=tx), donate_argnums=0)
     self._args = args
 
@@ -63,31 +67,49 @@ def bench_scst(repeats: int) -> dict[str, float]:
   features = jnp.asarray(workload.random_features(rng, workload.BATCH_SIZE))
   references = _references(rng)
   doc_freqs = cider.document_frequencies(references, workload.VOCAB_SIZE)
-  batch = {'features': features, 'references': jnp.asarray(references),
-           'reference_mask': jnp.ones(references.shape[:2], bool)}
-  scst_step = functools.partial(scst.scst_step, model=model,
-                                num_samples=SAMPLES, max_len=MAX_LEN)
-  tokens = np.stack([workload.random_tokens(rng, MAX_LEN + 1)
-                     for _ in range(SAMPLES)], axis=1).reshape(-1, MAX_LEN + 1)
-  xent_batch = {'features': jnp.repeat(features, SAMPLES, axis=0),
-                'tokens': jnp.asarray(tokens)}
+  batch = {
+    'features': features,
+    'references': jnp.asarray(references),
+    'reference_mask': jnp.ones(references.shape[:2], bool),
+  }
+  scst_step = functools.partial(
+    scst.scst_step, model=model, num_samples=SAMPLES, max_len=MAX_LEN
+  )
+  tokens = np.stack(
+    [workload.random_tokens(rng, MAX_LEN + 1) for _ in range(SAMPLES)], axis=1
+  ).reshape(-1, MAX_LEN + 1)
+  xent_batch = {
+    'features': jnp.repeat(features, SAMPLES, axis=0),
+    'tokens': jnp.asarray(tokens),
+  }
   constant = lambda candidates_BCT, batch, args: jnp.ones(
-      candidates_BCT.shape[:2])
+    candidates_BCT.shape[:2]
+  )
   steps = {
-      'scst_greedy': _Stepper(functools.partial(scst_step, baseline='greedy'),
-                              batch, doc_freqs),
-      'scst_mean': _Stepper(functools.partial(scst_step, baseline='mean'),
-                            batch, doc_freqs),
-      'scst_greedy_no_reward': _Stepper(functools.partial(
-          scst_step, baseline='greedy', reward_fn=constant), batch, None),
-      'xent': _Stepper(functools.partial(
-          step_lib.train_step, model=model, attention_penalty=0.0),
-                       xent_batch),
+    'scst_greedy': _Stepper(
+      functools.partial(scst_step, baseline='greedy'), batch, doc_freqs
+    ),
+    'scst_mean': _Stepper(
+      functools.partial(scst_step, baseline='mean'), batch, doc_freqs
+    ),
+    'scst_greedy_no_reward': _Stepper(
+      functools.partial(scst_step, baseline='greedy', reward_fn=constant),
+      batch,
+      None,
+    ),
+    'xent': _Stepper(
+      functools.partial(
+        step_lib.train_step, model=model, attention_penalty=0.0
+      ),
+      xent_batch,
+    ),
   }
   for step in steps.values():
     step()  # compiles
   seconds = harness.interleaved_medians(steps, repeats)
   return {f'{name}_s': s for name, s in seconds.items()} | {
-      'captions': workload.BATCH_SIZE * SAMPLES, 'max_len': MAX_LEN,
-      'reward_share': 1 - (seconds['scst_greedy_no_reward']
-                           / seconds['scst_greedy'])}
+    'captions': workload.BATCH_SIZE * SAMPLES,
+    'max_len': MAX_LEN,
+    'reward_share': 1
+    - (seconds['scst_greedy_no_reward'] / seconds['scst_greedy']),
+  }

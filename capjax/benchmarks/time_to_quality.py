@@ -64,6 +64,7 @@ def flickr_config(data_dir: str, feature_dir: str) -> ml_collections.ConfigDict:
 @dataclasses.dataclass
 class Curve:
   """One trainer's validation loss against its training time."""
+
   steps: list[int] = dataclasses.field(default_factory=list)
   seconds: list[float] = dataclasses.field(default_factory=list)
   val_loss: list[float] = dataclasses.field(default_factory=list)
@@ -85,25 +86,37 @@ class _CapjaxTrainer:
   """capjax's jitted train and eval steps on given initial parameters."""
 
   def __init__(self, model: captioner.Captioner, params: Any):
-    tx = state_lib.adam(workload.LEARNING_RATE, b1=workload.ADAM_B1,
-                        b2=workload.ADAM_B2, eps=workload.ADAM_EPS,
-                        grad_clip_norm=0.0)
+    tx = state_lib.adam(
+      workload.LEARNING_RATE,
+      b1=workload.ADAM_B1,
+      b2=workload.ADAM_B2,
+      eps=workload.ADAM_EPS,
+      grad_clip_norm=0.0,
+    )
     self._state = state_lib.TrainState(
-        step=jnp.array(0, jnp.int32), params=params,
-        opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-    self._train = jax.jit(functools.partial(
-        step_lib.train_step, model=model, tx=tx, attention_penalty=0.0),
-                          donate_argnums=0)
+      step=jnp.array(0, jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.PRNGKey(0),
+    )
+    self._train = jax.jit(
+      functools.partial(
+        step_lib.train_step, model=model, tx=tx, attention_penalty=0.0
+      ),
+      donate_argnums=0,
+    )
     self._eval = jax.jit(functools.partial(step_lib.eval_step, model=model))
 
   def train(self, features: np.ndarray, tokens: np.ndarray) -> None:
     self._state, metrics = self._train(
-        self._state, {'features': features, 'tokens': tokens})
+      self._state, {'features': features, 'tokens': tokens}
+    )
     jax.block_until_ready(metrics)
 
   def loss_sums(self, features: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    sums = self._eval(self._state.params,
-                      {'features': features, 'tokens': tokens})
+    sums = self._eval(
+      self._state.params, {'features': features, 'tokens': tokens}
+    )
     return np.array([float(sums['loss_sum']), float(sums['token_count'])])
 
 
@@ -112,11 +125,13 @@ def _tutorial_loss_sums(trainer: tutorial.TutorialTrainer):
 
   @tf.function
   def loss_sums(features, tokens):
-    logits, _ = tf_reference.teacher_forced(trainer.encoder, trainer.decoder,
-                                            features, tokens)
+    logits, _ = tf_reference.teacher_forced(
+      trainer.encoder, trainer.decoder, features, tokens
+    )
     targets = tokens[:, 1:]
     per_token = tf.keras.losses.sparse_categorical_crossentropy(
-        targets, logits, from_logits=True)
+      targets, logits, from_logits=True
+    )
     mask = tf.cast(targets != 0, per_token.dtype)
     return tf.stack([tf.reduce_sum(per_token * mask), tf.reduce_sum(mask)])
 
@@ -131,17 +146,20 @@ def _validation_loss(loss_sums, batches: list[dict[str, np.ndarray]]) -> float:
 # capjax's variants: the tutorial's model and batches, then capjax's own
 # defaults on top of the same initial weights.
 VARIANTS = {
-    'capjax': {},
-    'capjax_carried_grouped': {'carry_gru_state': True,
-                               'group_by_length': True},
+  'capjax': {},
+  'capjax_carried_grouped': {'carry_gru_state': True, 'group_by_length': True},
 }
 
 
-def bench_time_to_quality(config: ml_collections.ConfigDict, *,
-                          target_loss: float, max_seconds: float,
-                          eval_every: int, max_steps: int | None = None,
-                          variants: dict[str, dict] | None = None
-                          ) -> dict[str, Any]:
+def bench_time_to_quality(
+  config: ml_collections.ConfigDict,
+  *,
+  target_loss: float,
+  max_seconds: float,
+  eval_every: int,
+  max_steps: int | None = None,
+  variants: dict[str, dict] | None = None,
+) -> dict[str, Any]:
   """Seconds each trainer takes to reach `target_loss` (module docstring).
 
   `variants` (default VARIANTS) names the capjax trainers and the config
@@ -152,27 +170,36 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
   variants = VARIANTS if variants is None else variants
   with tempfile.TemporaryDirectory() as workdir:
     data = loop.prepare_data(config, pathlib.Path(workdir), write_files=False)
-  train = input_pipeline.make_examples(data.train_store, data.train_records,
-                                       data.vocab, config.max_caption_len)
+  train = input_pipeline.make_examples(
+    data.train_store, data.train_records, data.vocab, config.max_caption_len
+  )
   tutorial_length = int(train.lengths.max())
   val = input_pipeline.EvalBatches(
-      input_pipeline.make_examples(data.eval_store, data.eval_records,
-                                   data.vocab, config.max_caption_len),
-      batch_size=config.batch_size, bucket_lengths=config.bucket_lengths)
+    input_pipeline.make_examples(
+      data.eval_store, data.eval_records, data.vocab, config.max_caption_len
+    ),
+    batch_size=config.batch_size,
+    bucket_lengths=config.bucket_lengths,
+  )
   val_batches = [val.batch(i) for i in range(val.num_batches)]
   for b in val_batches:
     b['features'] = b['features'].astype(np.float32)
 
   num_locations, feature_dim = data.feature_shape_LD
-  sizes = workload.Sizes(vocab_size=len(data.vocab),
-                         embedding_dim=config.embedding_dim,
-                         units=config.units, num_locations=num_locations,
-                         feature_dim=feature_dim)
+  sizes = workload.Sizes(
+    vocab_size=len(data.vocab),
+    embedding_dim=config.embedding_dim,
+    units=config.units,
+    num_locations=num_locations,
+    feature_dim=feature_dim,
+  )
   tf_trainer = tutorial.TutorialTrainer(sizes, seed=config.seed)
   params = tutorial_weights.params_from_tutorial(
-      tf_reference.weights(tf_trainer.encoder, tf_trainer.decoder))
+    tf_reference.weights(tf_trainer.encoder, tf_trainer.decoder)
+  )
   tutorial_batches = input_pipeline.train_batches(
-      config, data.train_store, data.train_records, data.vocab)
+    config, data.train_store, data.train_records, data.vocab
+  )
 
   def tutorial_train(step: int) -> float:
     batch = tutorial_batches.batch(step)
@@ -180,8 +207,9 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
     # The tutorial pads every caption to the longest (a bucket may be
     # longer still: its tail is padding).
     tokens_BT = batch['tokens'][:, :tutorial_length]
-    tokens = tf.constant(np.pad(
-        tokens_BT, ((0, 0), (0, tutorial_length - tokens_BT.shape[1]))))
+    tokens = tf.constant(
+      np.pad(tokens_BT, ((0, 0), (0, tutorial_length - tokens_BT.shape[1])))
+    )
     start = time.perf_counter()
     tf_trainer(features, tokens)
     return time.perf_counter() - start
@@ -191,13 +219,16 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
   for name, overrides in variants.items():
     variant = config.copy_and_resolve_references()
     variant.update(overrides)
-    model = captioner.Captioner(vocab_size=sizes.vocab_size,
-                                embedding_dim=sizes.embedding_dim,
-                                units=sizes.units,
-                                carry_gru_state=variant.carry_gru_state)
+    model = captioner.Captioner(
+      vocab_size=sizes.vocab_size,
+      embedding_dim=sizes.embedding_dim,
+      units=sizes.units,
+      carry_gru_state=variant.carry_gru_state,
+    )
     trainer = _CapjaxTrainer(model, jax.tree_util.tree_map(jnp.asarray, params))
     batches = input_pipeline.train_batches(
-        variant, data.train_store, data.train_records, data.vocab)
+      variant, data.train_store, data.train_records, data.vocab
+    )
 
     def capjax_train(step, trainer=trainer, batches=batches) -> float:
       batch = batches.batch(step)
@@ -213,8 +244,10 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
   seconds = {name: 0.0 for name in train_fns}
   for name, curve in curves.items():
     curve.add(0, 0.0, _validation_loss(evaluate[name], val_batches))
-  logging.info('time to quality: initial validation losses %s',
-               {n: round(c.val_loss[0], 4) for n, c in curves.items()})
+  logging.info(
+    'time to quality: initial validation losses %s',
+    {n: round(c.val_loss[0], 4) for n, c in curves.items()},
+  )
 
   # The trainers take turns step by step, so that all see the same load.
   active = set(curves)
@@ -223,29 +256,48 @@ def bench_time_to_quality(config: ml_collections.ConfigDict, *,
     for name in sorted(active):
       seconds[name] += train_fns[name](step)
     step += 1
-    out_of_budget = {name for name in active if seconds[name] >= max_seconds
-                     or (max_steps is not None and step >= max_steps)}
+    out_of_budget = {
+      name
+      for name in active
+      if seconds[name] >= max_seconds
+      or (max_steps is not None and step >= max_steps)
+    }
     if step % eval_every == 0 or out_of_budget:
       for name in sorted(active):
-        curves[name].add(step, seconds[name],
-                         _validation_loss(evaluate[name], val_batches))
-      logging.info('time to quality, step %d: %s', step, ', '.join(
+        curves[name].add(
+          step, seconds[name], _validation_loss(evaluate[name], val_batches)
+        )
+      logging.info(
+        'time to quality, step %d: %s',
+        step,
+        ', '.join(
           f'{n} {c.val_loss[-1]:.3f} after {c.seconds[-1]:.0f} s'
-          for n, c in curves.items()))
+          for n, c in curves.items()
+        ),
+      )
     active -= out_of_budget | {
-        name for name in active
-        if curves[name].first_at_or_below(target_loss) is not None}
+      name
+      for name in active
+      if curves[name].first_at_or_below(target_loss) is not None
+    }
 
-  result = {'target_loss': target_loss, 'max_seconds': max_seconds,
-            'eval_every': eval_every, 'batch_size': config.batch_size,
-            'train_captions': len(train), 'val_captions': val.num_examples,
-            'tutorial_length': tutorial_length,
-            'feature_shape': [num_locations, feature_dim],
-            'vocab_size': sizes.vocab_size,
-            'variants': {name: dict(o) for name, o in variants.items()}}
+  result = {
+    'target_loss': target_loss,
+    'max_seconds': max_seconds,
+    'eval_every': eval_every,
+    'batch_size': config.batch_size,
+    'train_captions': len(train),
+    'val_captions': val.num_examples,
+    'tutorial_length': tutorial_length,
+    'feature_shape': [num_locations, feature_dim],
+    'vocab_size': sizes.vocab_size,
+    'variants': {name: dict(o) for name, o in variants.items()},
+  }
   for name, curve in curves.items():
     reached = curve.first_at_or_below(target_loss)
-    result[name] = {'steps_to_target': reached and reached[0],
-                    'seconds_to_target': reached and reached[1],
-                    'curve': dataclasses.asdict(curve)}
+    result[name] = {
+      'steps_to_target': reached and reached[0],
+      'seconds_to_target': reached and reached[1],
+      'curve': dataclasses.asdict(curve),
+    }
   return result

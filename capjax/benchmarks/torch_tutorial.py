@@ -18,7 +18,8 @@ Nothing here imports TensorFlow or a config: it runs where only JAX and
 PyTorch are installed.
 """
 
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -32,8 +33,11 @@ from capjax.data import vocab as vocab_lib
 Tensor = torch.Tensor
 _Result = TypeVar('_Result')
 
-PAD, START, END = (vocab_lib.Vocab.pad_id, vocab_lib.Vocab.start_id,
-                   vocab_lib.Vocab.end_id)
+PAD, START, END = (
+  vocab_lib.Vocab.pad_id,
+  vocab_lib.Vocab.start_id,
+  vocab_lib.Vocab.end_id,
+)
 
 
 def default_device() -> torch.device:
@@ -51,8 +55,9 @@ class Attention(nn.Module):
     # No bias, as in capjax: softmax ignores a shift shared by all positions.
     self.V = nn.Linear(units, 1, bias=False)
 
-  def forward(self, values_BLE: Tensor, keys_BLU: Tensor,
-              h_BU: Tensor) -> tuple[Tensor, Tensor]:
+  def forward(
+    self, values_BLE: Tensor, keys_BLU: Tensor, h_BU: Tensor
+  ) -> tuple[Tensor, Tensor]:
     """Context (B, E) and weights (B, L); keys_BLU is W1(values_BLE)."""
     score_BL = self.V(torch.tanh(keys_BLU + self.W2(h_BU)[:, None]))[..., 0]
     attention_BL = torch.softmax(score_BL, dim=1)
@@ -70,8 +75,13 @@ class DecoderCell(nn.Module):
     # (W_hn h + b_hn), and every gate has its own recurrent bias.
     self.gru = nn.GRUCell(2 * embedding_dim, units)
 
-  def forward(self, values_BLE: Tensor, keys_BLU: Tensor, h_BU: Tensor,
-              embedded_BE: Tensor) -> tuple[Tensor, Tensor]:
+  def forward(
+    self,
+    values_BLE: Tensor,
+    keys_BLU: Tensor,
+    h_BU: Tensor,
+    embedded_BE: Tensor,
+  ) -> tuple[Tensor, Tensor]:
     """The new state (B, U) and the attention weights (B, L)."""
     context_BE, attention_BL = self.attention(values_BLE, keys_BLU, h_BU)
     h_BU = self.gru(torch.cat([context_BE, embedded_BE], dim=1), h_BU)
@@ -81,8 +91,9 @@ class DecoderCell(nn.Module):
 class TorchCaptioner(nn.Module):
   """capjax's default Captioner (the GRU state carried) in PyTorch."""
 
-  def __init__(self, vocab_size: int, embedding_dim: int, units: int,
-               feature_dim: int):
+  def __init__(
+    self, vocab_size: int, embedding_dim: int, units: int, feature_dim: int
+  ):
     super().__init__()
     self.encoder = nn.Linear(feature_dim, embedding_dim)
     self.embedding = nn.Embedding(vocab_size, embedding_dim)
@@ -99,8 +110,12 @@ class TorchCaptioner(nn.Module):
     """fc2(fc1(h)), no activation between, as in capjax and the tutorial."""
     return self.fc2(self.fc1(h_xU))
 
-  def forward(self, features_BLD: Tensor, tokens_BT: Tensor,
-              batch_sizes: Sequence[int] | None = None) -> Tensor:
+  def forward(
+    self,
+    features_BLD: Tensor,
+    tokens_BT: Tensor,
+    batch_sizes: Sequence[int] | None = None,
+  ) -> Tensor:
     """Teacher forcing from the zero state, predicting tokens[:, 1:].
 
     Returns logits (B, T-1, V); with batch_sizes (rows sorted by decreasing
@@ -112,11 +127,13 @@ class TorchCaptioner(nn.Module):
     embedded_BTE = self.embedding(tokens_BT)
     h_BU = values_BLE.new_zeros(len(tokens_BT), self.cell.gru.hidden_size)
     states = []
-    for t, live in enumerate(batch_sizes or
-                             [len(tokens_BT)] * (tokens_BT.shape[1] - 1)):
+    for t, live in enumerate(
+      batch_sizes or [len(tokens_BT)] * (tokens_BT.shape[1] - 1)
+    ):
       # Rows sorted by decreasing length: slicing drops the finished ones.
-      h_BU, _ = self.cell(values_BLE[:live], keys_BLU[:live], h_BU[:live],
-                          embedded_BTE[:live, t])
+      h_BU, _ = self.cell(
+        values_BLE[:live], keys_BLU[:live], h_BU[:live], embedded_BTE[:live, t]
+      )
       states.append(h_BU)
     if batch_sizes:
       return self.head(torch.cat(states))
@@ -132,7 +149,8 @@ def from_capjax_params(params: Any) -> TorchCaptioner:
   them (r, z, n), in one weight_ih over the input [context; token].
   """
   p = jax.tree_util.tree_map(
-      lambda x: torch.from_numpy(np.array(x, np.float32)), params)
+    lambda x: torch.from_numpy(np.array(x, np.float32)), params
+  )
 
   def r_z_n(x_x3U):
     z, r, n = x_x3U.chunk(3, dim=-1)
@@ -144,12 +162,16 @@ def from_capjax_params(params: Any) -> TorchCaptioner:
 
   gru = p['gru']
   vocab_size, embedding_dim = p['embedding']['embedding'].shape
-  model = TorchCaptioner(vocab_size, embedding_dim,
-                         units=gru['recurrent_kernel'].shape[0],
-                         feature_dim=p['encoder']['fc']['kernel'].shape[0])
+  model = TorchCaptioner(
+    vocab_size,
+    embedding_dim,
+    units=gru['recurrent_kernel'].shape[0],
+    feature_dim=p['encoder']['fc']['kernel'].shape[0],
+  )
   input_kernel = torch.cat([gru['context_kernel'], gru['token_kernel']])
   # Strict: every PyTorch parameter is set, each from one capjax parameter.
-  model.load_state_dict({
+  model.load_state_dict(
+    {
       **linear('encoder', p['encoder']['fc']),
       'embedding.weight': p['embedding']['embedding'],
       **linear('cell.attention.W1', p['attention']['W1']),
@@ -159,7 +181,10 @@ def from_capjax_params(params: Any) -> TorchCaptioner:
       'cell.gru.weight_hh': r_z_n(gru['recurrent_kernel']).T,
       'cell.gru.bias_ih': r_z_n(gru['input_bias']),
       'cell.gru.bias_hh': r_z_n(gru['recurrent_bias']),
-      **linear('fc1', p['fc1']), **linear('fc2', p['fc2'])})
+      **linear('fc1', p['fc1']),
+      **linear('fc2', p['fc2']),
+    }
+  )
   return model
 
 
@@ -169,13 +194,21 @@ def caption_loss(logits_xV: Tensor, targets_x: Tensor) -> Tensor:
   Logits (..., V) and targets (...) of any matching leading shape, padded
   (B, T-1) or packed (N,); <pad> targets count for nothing.
   """
-  loss_sum = F.cross_entropy(logits_xV.flatten(0, -2), targets_x.flatten(),
-                             ignore_index=PAD, reduction='sum')
+  loss_sum = F.cross_entropy(
+    logits_xV.flatten(0, -2),
+    targets_x.flatten(),
+    ignore_index=PAD,
+    reduction='sum',
+  )
   return loss_sum / (targets_x != PAD).sum().clamp(min=1)
 
 
-def sorted_caption_loss(model: TorchCaptioner, features_BLD: Tensor,
-                        tokens_BT: Tensor, lengths_B: Tensor) -> Tensor:
+def sorted_caption_loss(
+  model: TorchCaptioner,
+  features_BLD: Tensor,
+  tokens_BT: Tensor,
+  lengths_B: Tensor,
+) -> Tensor:
   """`caption_loss` computed sgrvinod's way: sorted by length, live rows only.
 
   lengths_B counts each caption's tokens, <start> and <end> included.
@@ -184,8 +217,9 @@ def sorted_caption_loss(model: TorchCaptioner, features_BLD: Tensor,
   order_B = order_B.to(tokens_BT.device)
   features_BLD, tokens_BT = features_BLD[order_B], tokens_BT[order_B]
   # A caption of n tokens makes n - 1 predictions, <end> the last target.
-  packed = nn.utils.rnn.pack_padded_sequence(tokens_BT[:, 1:], lengths_B - 1,
-                                             batch_first=True)
+  packed = nn.utils.rnn.pack_padded_sequence(
+    tokens_BT[:, 1:], lengths_B - 1, batch_first=True
+  )
   logits_NV = model(features_BLD, tokens_BT, packed.batch_sizes.tolist())
   return caption_loss(logits_NV, packed.data)
 
@@ -196,8 +230,9 @@ def compile_cell(model: TorchCaptioner) -> None:
   # model, dtype and grad mode, and the batch of 1 (which dynamic shapes
   # still specialise), adds one. Past the default limit of 8, PyTorch runs
   # the rest eagerly without a word, and "compiled" figures would be eager.
-  torch._dynamo.config.cache_size_limit = max(  # pylint: disable=protected-access
-      torch._dynamo.config.cache_size_limit, 64)  # pylint: disable=protected-access
+  torch._dynamo.config.cache_size_limit = max(  # noqa: SLF001
+    torch._dynamo.config.cache_size_limit, 64
+  )  # noqa: SLF001
   model.cell.compile(dynamic=True)
 
 
@@ -214,42 +249,61 @@ class TorchTrainer:
   dtype option).
   """
 
-  def __init__(self, compile: bool,  # pylint: disable=redefined-builtin
-               params: Any = None, sizes: workload.Sizes = workload.TUTORIAL,
-               dtype: torch.dtype = torch.float32,
-               device: torch.device | None = None):
+  def __init__(
+    self,
+    compile: bool,  # noqa: A002
+    params: Any = None,
+    sizes: workload.Sizes = workload.TUTORIAL,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+  ):
     self.device = device or default_device()
-    model = (TorchCaptioner(sizes.vocab_size, sizes.embedding_dim, sizes.units,
-                            sizes.feature_dim)
-             if params is None else from_capjax_params(params))
+    model = (
+      TorchCaptioner(
+        sizes.vocab_size, sizes.embedding_dim, sizes.units, sizes.feature_dim
+      )
+      if params is None
+      else from_capjax_params(params)
+    )
     self.model = model.to(self.device)
     if compile:
       compile_cell(self.model)
-    self._autocast = torch.autocast(self.device.type, dtype=dtype,
-                                    enabled=dtype != torch.float32)
+    self._autocast = torch.autocast(
+      self.device.type, dtype=dtype, enabled=dtype != torch.float32
+    )
     self.optimizer = torch.optim.Adam(
-        self.model.parameters(), lr=workload.LEARNING_RATE,
-        betas=(workload.ADAM_B1, workload.ADAM_B2), eps=workload.ADAM_EPS)
+      self.model.parameters(),
+      lr=workload.LEARNING_RATE,
+      betas=(workload.ADAM_B1, workload.ADAM_B2),
+      eps=workload.ADAM_EPS,
+    )
 
-  def __call__(self, features_BLD: Tensor, tokens_BT: Tensor,
-               lengths_B: Tensor | None = None) -> Tensor:
+  def __call__(
+    self,
+    features_BLD: Tensor,
+    tokens_BT: Tensor,
+    lengths_B: Tensor | None = None,
+  ) -> Tensor:
     """Steps on a batch and returns its loss; lengths_B (tokens per caption)
     selects the sort-by-length trick."""
     self.optimizer.zero_grad()
     with self._autocast:
       if lengths_B is None:
-        loss = caption_loss(self.model(features_BLD, tokens_BT),
-                            tokens_BT[:, 1:])
+        loss = caption_loss(
+          self.model(features_BLD, tokens_BT), tokens_BT[:, 1:]
+        )
       else:
-        loss = sorted_caption_loss(self.model, features_BLD, tokens_BT,
-                                   lengths_B)
+        loss = sorted_caption_loss(
+          self.model, features_BLD, tokens_BT, lengths_B
+        )
     loss.backward()
     self.optimizer.step()
     return loss.detach()
 
 
-def synchronized(fn: Callable[[], _Result],
-                 device: torch.device) -> Callable[[], _Result]:
+def synchronized(
+  fn: Callable[[], _Result], device: torch.device
+) -> Callable[[], _Result]:
   """fn, returning only once the device has finished its work: timers (and
   capjax.benchmarks.harness) cannot wait for PyTorch's CUDA queue."""
   if device.type != 'cuda':
@@ -264,8 +318,9 @@ def synchronized(fn: Callable[[], _Result],
 
 
 @torch.inference_mode()
-def greedy_captions(model: TorchCaptioner, features_BLD: Tensor,
-                    max_len: int) -> Tensor:
+def greedy_captions(
+  model: TorchCaptioner, features_BLD: Tensor, max_len: int
+) -> Tensor:
   """Greedy decoding the PyTorch way: a Python loop over tokens, argmax each.
 
   As capjax's greedy search: <pad> and <start> are never chosen, positions

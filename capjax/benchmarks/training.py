@@ -36,26 +36,33 @@ def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
     return None
   captions = datasets.read_flickr_tokens(flickr / 'Flickr8k.token.txt')
   names = (flickr / 'Flickr_8k.trainImages.txt').read_text().split()
-  pairs = [(len(vocab_lib.tokenize(c)) + 2, i)
-           for i, n in enumerate(names) for c in captions.get(n, ())]
+  pairs = [
+    (len(vocab_lib.tokenize(c)) + 2, i)
+    for i, n in enumerate(names)
+    for c in captions.get(n, ())
+  ]
   return tuple(np.array(column, np.int32) for column in zip(*pairs))
 
 
-def bucket_frequencies(lengths: np.ndarray, image_index: np.ndarray,
-                       config) -> dict[int, float]:
+def bucket_frequencies(
+  lengths: np.ndarray, image_index: np.ndarray, config
+) -> dict[int, float]:
   """How often each bucket pads capjax's training batches of these captions.
 
   The batches are those capjax.data.schedule makes with the config's
   buckets, shuffling and length grouping, over two epochs.
   """
   batch_schedule = schedule.BatchSchedule(
-      lengths, image_index, batch_size=workload.BATCH_SIZE, seed=config.seed,
-      bucket_lengths=config.bucket_lengths,
-      shuffle_buffer=config.shuffle_buffer,
-      group_by_length=config.group_by_length)
+    lengths,
+    image_index,
+    batch_size=workload.BATCH_SIZE,
+    seed=config.seed,
+    bucket_lengths=config.bucket_lengths,
+    shuffle_buffer=config.shuffle_buffer,
+    group_by_length=config.group_by_length,
+  )
   steps = 2 * batch_schedule.steps_per_epoch
-  counts = np.bincount([batch_schedule.caption_length(s)
-                        for s in range(steps)])
+  counts = np.bincount([batch_schedule.caption_length(s) for s in range(steps)])
   return {t: float(counts[t] / steps) for t in np.flatnonzero(counts).tolist()}
 
 
@@ -68,17 +75,23 @@ def bench_training(repeats: int) -> dict[str, Any]:
   features_jax, features_tf = jnp.asarray(features), tf.constant(features)
   flickr8k = flickr8k_train_captions()
   if flickr8k is None:
-    logging.warning('Flickr8k captions not found ($CAPJAX_TEST_DATA or '
-                    '../shared/data): skipping the real-lengths row')
+    logging.warning(
+      'Flickr8k captions not found ($CAPJAX_TEST_DATA or '
+      '../shared/data): skipping the real-lengths row'
+    )
     mixes, tutorial_length = {}, None
   else:
     lengths, image_index = flickr8k
     config = default.get_config()
     grouped = config.copy_and_resolve_references()
     grouped.group_by_length = True
-    mixes = {name: bucket_frequencies(lengths, image_index, c)
-             for name, c in (('flickr8k_lengths', config),
-                             ('flickr8k_lengths_grouped', grouped))}
+    mixes = {
+      name: bucket_frequencies(lengths, image_index, c)
+      for name, c in (
+        ('flickr8k_lengths', config),
+        ('flickr8k_lengths_grouped', grouped),
+      )
+    }
     tutorial_length = int(lengths.max())
 
   def time_length(length, tutorial=True):
@@ -92,12 +105,18 @@ def bench_training(repeats: int) -> dict[str, Any]:
     return harness.interleaved_medians(fns, repeats)
 
   step_s = {t: time_length(t) for t in LENGTHS}
-  results = {'fixed_length': {
-      t: {'capjax_captions_per_s': workload.BATCH_SIZE / s['capjax'],
-          'tutorial_captions_per_s': workload.BATCH_SIZE / s['tutorial'],
-          'capjax_step_s': s['capjax'], 'tutorial_step_s': s['tutorial'],
-          'capjax_model_flops': flops.train_flops(t)}
-      for t, s in step_s.items()}}
+  results = {
+    'fixed_length': {
+      t: {
+        'capjax_captions_per_s': workload.BATCH_SIZE / s['capjax'],
+        'tutorial_captions_per_s': workload.BATCH_SIZE / s['tutorial'],
+        'capjax_step_s': s['capjax'],
+        'tutorial_step_s': s['tutorial'],
+        'capjax_model_flops': flops.train_flops(t),
+      }
+      for t, s in step_s.items()
+    }
+  }
   if mixes:
     for t in sorted({t for buckets in mixes.values() for t in buckets}):
       if t not in step_s:
@@ -106,11 +125,12 @@ def bench_training(repeats: int) -> dict[str, Any]:
     for name, buckets in mixes.items():
       capjax_s = sum(f * step_s[t]['capjax'] for t, f in buckets.items())
       results[name] = {
-          'capjax_captions_per_s': workload.BATCH_SIZE / capjax_s,
-          'tutorial_captions_per_s': workload.BATCH_SIZE / tutorial_s,
-          'capjax_bucket_frequencies': buckets,
-          'capjax_bucket_step_s': {t: step_s[t]['capjax'] for t in buckets},
-          'tutorial_length': tutorial_length,
-          'num_captions': len(lengths),
-          'mean_length': float(lengths.mean())}
+        'capjax_captions_per_s': workload.BATCH_SIZE / capjax_s,
+        'tutorial_captions_per_s': workload.BATCH_SIZE / tutorial_s,
+        'capjax_bucket_frequencies': buckets,
+        'capjax_bucket_step_s': {t: step_s[t]['capjax'] for t in buckets},
+        'tutorial_length': tutorial_length,
+        'num_captions': len(lengths),
+        'mean_length': float(lengths.mean()),
+      }
   return results

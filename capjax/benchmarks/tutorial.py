@@ -17,11 +17,18 @@ class TutorialTrainer:
 
   def __init__(self, sizes: workload.Sizes = workload.TUTORIAL, seed: int = 0):
     self.encoder, self.decoder = tf_reference.build(
-        sizes.vocab_size, sizes.embedding_dim, sizes.units, sizes.feature_dim,
-        sizes.num_locations, carry_gru_state=False, seed=seed)
+      sizes.vocab_size,
+      sizes.embedding_dim,
+      sizes.units,
+      sizes.feature_dim,
+      sizes.num_locations,
+      carry_gru_state=False,
+      seed=seed,
+    )
     self._optimizer = tf.keras.optimizers.Adam()
     self._cross_entropy = tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction='none')
+      from_logits=True, reduction='none'
+    )
     # One trace per caption length, as the tutorial's own function retraced.
     self._step = tf.function(self._train_step)
 
@@ -39,9 +46,10 @@ class TutorialTrainer:
       for i in range(1, tokens.shape[1]):
         logits, hidden, _ = self.decoder(dec_input, encoded, hidden)
         loss += self._loss(tokens[:, i], logits)
-        dec_input = tokens[:, i:i + 1]
-    variables = (self.encoder.trainable_variables
-                 + self.decoder.trainable_variables)
+        dec_input = tokens[:, i : i + 1]
+    variables = (
+      self.encoder.trainable_variables + self.decoder.trainable_variables
+    )
     gradients = tape.gradient(loss, variables)
     self._optimizer.apply_gradients(zip(gradients, variables))
     return loss
@@ -56,8 +64,13 @@ def make_tutorial_evaluate(max_len: int):
   Returns features_NLD -> tokens_NT, one image at a time as the tutorial.
   """
   encoder, decoder = tf_reference.build(
-      workload.VOCAB_SIZE, workload.EMBEDDING_DIM, workload.UNITS, workload.FEATURE_DIM, workload.NUM_LOCATIONS,
-      carry_gru_state=False)
+    workload.VOCAB_SIZE,
+    workload.EMBEDDING_DIM,
+    workload.UNITS,
+    workload.FEATURE_DIM,
+    workload.NUM_LOCATIONS,
+    carry_gru_state=False,
+  )
 
   def evaluate(features_NLD: np.ndarray) -> np.ndarray:
     tokens_NT = np.zeros((len(features_NLD), max_len), np.int32)

@@ -26,8 +26,13 @@ class Sizes(NamedTuple):
   feature_dim: int  # D
 
 
-TUTORIAL = Sizes(vocab_size=5001, embedding_dim=256, units=512,
-                 num_locations=64, feature_dim=2048)
+TUTORIAL = Sizes(
+  vocab_size=5001,
+  embedding_dim=256,
+  units=512,
+  num_locations=64,
+  feature_dim=2048,
+)
 VOCAB_SIZE, EMBEDDING_DIM, UNITS, NUM_LOCATIONS, FEATURE_DIM = TUTORIAL
 BATCH_SIZE = 64
 
@@ -35,26 +40,36 @@ BATCH_SIZE = 64
 LEARNING_RATE, ADAM_B1, ADAM_B2, ADAM_EPS = 1e-3, 0.9, 0.999, 1e-7
 
 
-def model(sizes: Sizes = TUTORIAL,
-          dtype: Any = jnp.float32) -> captioner.Captioner:
-  return captioner.Captioner(vocab_size=sizes.vocab_size,
-                             embedding_dim=sizes.embedding_dim,
-                             units=sizes.units, dtype=dtype)
+def model(
+  sizes: Sizes = TUTORIAL, dtype: Any = jnp.float32
+) -> captioner.Captioner:
+  return captioner.Captioner(
+    vocab_size=sizes.vocab_size,
+    embedding_dim=sizes.embedding_dim,
+    units=sizes.units,
+    dtype=dtype,
+  )
 
 
-def random_features(rng: np.random.Generator, n: int,
-                    sizes: Sizes = TUTORIAL) -> np.ndarray:
+def random_features(
+  rng: np.random.Generator, n: int, sizes: Sizes = TUTORIAL
+) -> np.ndarray:
   """Non-negative (n, L, D) float32 grids, like InceptionV3's ReLU outputs."""
-  return np.abs(rng.normal(
-      size=(n, sizes.num_locations, sizes.feature_dim))).astype(np.float32)
+  return np.abs(
+    rng.normal(size=(n, sizes.num_locations, sizes.feature_dim))
+  ).astype(np.float32)
 
 
-def random_tokens(rng: np.random.Generator, length: int,
-                  batch_size: int = BATCH_SIZE,
-                  vocab_size: int = VOCAB_SIZE) -> np.ndarray:
+def random_tokens(
+  rng: np.random.Generator,
+  length: int,
+  batch_size: int = BATCH_SIZE,
+  vocab_size: int = VOCAB_SIZE,
+) -> np.ndarray:
   """(B, length) ids of real words, no padding: the cost depends on T only."""
-  tokens = rng.integers(vocab_lib.Vocab.end_id + 1, vocab_size,
-                        size=(batch_size, length))
+  tokens = rng.integers(
+    vocab_lib.Vocab.end_id + 1, vocab_size, size=(batch_size, length)
+  )
   tokens[:, 0] = vocab_lib.Vocab.start_id
   return tokens.astype(np.int32)
 
@@ -64,21 +79,29 @@ class CapjaxTrainer:
 
   def __init__(self, sizes: Sizes = TUTORIAL, dtype: Any = jnp.float32):
     self.model = model(sizes, dtype)
-    tx = state_lib.adam(LEARNING_RATE, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
-                        grad_clip_norm=0.0)
+    tx = state_lib.adam(
+      LEARNING_RATE, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, grad_clip_norm=0.0
+    )
     self._state = state_lib.create_train_state(
-        self.model, tx, (sizes.num_locations, sizes.feature_dim), seed=0)
+      self.model, tx, (sizes.num_locations, sizes.feature_dim), seed=0
+    )
     self._step = jax.jit(
-        functools.partial(step_lib.train_step, model=self.model, tx=tx,
-                          attention_penalty=0.0), donate_argnums=0)
+      functools.partial(
+        step_lib.train_step, model=self.model, tx=tx, attention_penalty=0.0
+      ),
+      donate_argnums=0,
+    )
 
   def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
     self._state, _ = self._step(self._state, batch)
     return self._state.params
 
 
-def batch(features_BLD: np.ndarray, tokens_BT: np.ndarray
-          ) -> dict[str, jax.Array]:
+def batch(
+  features_BLD: np.ndarray, tokens_BT: np.ndarray
+) -> dict[str, jax.Array]:
   """A CapjaxTrainer's batch, on JAX's default device."""
-  return {'features': jnp.asarray(features_BLD),
-          'tokens': jnp.asarray(tokens_BT, jnp.int32)}
+  return {
+    'features': jnp.asarray(features_BLD),
+    'tokens': jnp.asarray(tokens_BT, jnp.int32),
+  }

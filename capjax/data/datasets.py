@@ -28,8 +28,8 @@ Splits join with '+', e.g. 'train+restval'. Image ids are strings: the COCO id,
 or the Flickr file name without extension.
 """
 
-from collections.abc import Iterator
 import collections
+from collections.abc import Iterator
 import os
 import pathlib
 from typing import NamedTuple
@@ -46,13 +46,25 @@ _TFDS_CACHE_FORMAT = 'capjax.tfds_captions/1'
 DEFAULT_SHAPES_DIR = pathlib.Path('~/.cache/capjax/shapes')
 
 _COCO_YEARS = ('', '2017', '2014')
-_FLICKR_TOKEN_FILES = ('Flickr8k.token.txt', 'captions.txt',
-                       'results_20130124.token')
-_FLICKR_IMAGE_DIRS = ('Flicker8k_Dataset', 'Flickr8k_Dataset',
-                      'flickr30k-images', 'Images', 'images')
+_FLICKR_TOKEN_FILES = (
+  'Flickr8k.token.txt',
+  'captions.txt',
+  'results_20130124.token',
+)
+_FLICKR_IMAGE_DIRS = (
+  'Flicker8k_Dataset',
+  'Flickr8k_Dataset',
+  'flickr30k-images',
+  'Images',
+  'images',
+)
 PathLike = str | os.PathLike[str]
-_FLICKR_SPLIT_LISTS = {'train': 'train', 'val': 'dev', 'dev': 'dev',
-                       'test': 'test'}
+_FLICKR_SPLIT_LISTS = {
+  'train': 'train',
+  'val': 'dev',
+  'dev': 'dev',
+  'test': 'test',
+}
 
 
 class Record(NamedTuple):
@@ -61,6 +73,7 @@ class Record(NamedTuple):
   `image` is the image file's path, or None for sources that stream their
   images (tfds_coco); `iter_images` yields the images of any source.
   """
+
   image_id: str
   image: str | None
   captions: tuple[str, ...]
@@ -70,8 +83,9 @@ def split_parts(split: str) -> list[str]:
   """'train+restval' -> ['train', 'restval']."""
   parts = [p.strip() for p in split.split('+')]
   if not all(parts):
-    raise errors.UserError(f'bad split {split!r}: use names joined with "+", e.g. '
-                           '"train+restval"')
+    raise errors.UserError(
+      f'bad split {split!r}: use names joined with "+", e.g. "train+restval"'
+    )
   return parts
 
 
@@ -95,8 +109,9 @@ def load_split(config, split: str) -> list[Record]:
   seen = set()
   for r in records:
     if r.image_id in seen:
-      raise errors.UserError(f'image {r.image_id!r} appears twice in split '
-                             f'{split!r}')
+      raise errors.UserError(
+        f'image {r.image_id!r} appears twice in split {split!r}'
+      )
     seen.add(r.image_id)
   return records
 
@@ -118,9 +133,11 @@ def iter_images(config, split: str) -> Iterator[tuple[str, str | bytes]]:
     records = _load_part(config, part)
     for image_dir in sorted({pathlib.Path(r.image).parent for r in records}):
       if not image_dir.is_dir():
-        raise errors.UserError(f'image directory {image_dir} of split {part!r} not '
-                               f'found; put the images of {config.dataset!r} '
-                               'there')
+        raise errors.UserError(
+          f'image directory {image_dir} of split {part!r} not '
+          f'found; put the images of {config.dataset!r} '
+          'there'
+        )
     for r in records:
       yield r.image_id, r.image
 
@@ -134,15 +151,18 @@ def _load_part(config, split: str) -> list[Record]:
     return _flickr_split(config.data_dir, split)
   if config.dataset == 'tfds_coco':
     return _tfds_coco_records(config, split)
-  raise errors.UserError(f'unknown dataset {config.dataset!r}; set config.dataset to '
-                         f'one of {DATASETS}')
+  raise errors.UserError(
+    f'unknown dataset {config.dataset!r}; set config.dataset to '
+    f'one of {DATASETS}'
+  )
 
 
 # --- COCO-format JSON ---------------------------------------------------------
 
 
-def coco_json_records(annotation_file: PathLike,
-                      image_dir: PathLike) -> list[Record]:
+def coco_json_records(
+  annotation_file: PathLike, image_dir: PathLike
+) -> list[Record]:
   """Records of a COCO-format caption file, images in `image_dir`.
 
   The file holds `images` ({id, file_name}) and `annotations` ({image_id,
@@ -159,42 +179,56 @@ def coco_json_records(annotation_file: PathLike,
     records, seen = [], set()
     for image in data['images']:
       if image['id'] in seen:
-        raise errors.UserError(f'{annotation_file}: image id {image["id"]} is listed '
-                               'twice')
+        raise errors.UserError(
+          f'{annotation_file}: image id {image["id"]} is listed twice'
+        )
       seen.add(image['id'])
       if captions.get(image['id']):
-        records.append(Record(str(image['id']),
-                              str(image_dir / image['file_name']),
-                              tuple(captions[image['id']])))
+        records.append(
+          Record(
+            str(image['id']),
+            str(image_dir / image['file_name']),
+            tuple(captions[image['id']]),
+          )
+        )
   except (KeyError, TypeError, AttributeError) as e:
-    raise errors.UserError(f'{annotation_file} is not a COCO caption file: needs '
-                           '"images" with id and file_name and "annotations" with '
-                           f'image_id and caption ({e!r})') from None
+    raise errors.UserError(
+      f'{annotation_file} is not a COCO caption file: needs '
+      '"images" with id and file_name and "annotations" with '
+      f'image_id and caption ({e!r})'
+    ) from None
   return records
 
 
-def _coco_json_files(data_dir: str,
-                     split: str) -> tuple[pathlib.Path, pathlib.Path]:
+def _coco_json_files(
+  data_dir: str, split: str
+) -> tuple[pathlib.Path, pathlib.Path]:
   """(annotation file, image directory) of a split, see the module docstring."""
   if ':' in split:
-    annotation_file, image_dir = (pathlib.Path(data_dir) / p
-                                  for p in split.split(':', 1))
+    annotation_file, image_dir = (
+      pathlib.Path(data_dir) / p for p in split.split(':', 1)
+    )
     if not annotation_file.is_file():
       raise errors.UserError(f'annotation file {annotation_file} not found')
     return annotation_file, image_dir
   if not data_dir:
-    raise errors.UserError("dataset 'coco_json' needs config.data_dir, the directory "
-                           'holding annotations/ and the image directories')
+    raise errors.UserError(
+      "dataset 'coco_json' needs config.data_dir, the directory "
+      'holding annotations/ and the image directories'
+    )
   tried = []
   for year in _COCO_YEARS:
-    annotation_file = (pathlib.Path(data_dir) / 'annotations'
-                       / f'captions_{split}{year}.json')
+    annotation_file = (
+      pathlib.Path(data_dir) / 'annotations' / f'captions_{split}{year}.json'
+    )
     if annotation_file.is_file():
       return annotation_file, pathlib.Path(data_dir) / f'{split}{year}'
     tried.append(str(annotation_file))
-  raise errors.UserError(f'no caption file for split {split!r}: tried '
-                         f'{", ".join(tried)}. Name the files explicitly with a '
-                         'split "ANNOTATIONS.json:IMAGE_DIR".')
+  raise errors.UserError(
+    f'no caption file for split {split!r}: tried '
+    f'{", ".join(tried)}. Name the files explicitly with a '
+    'split "ANNOTATIONS.json:IMAGE_DIR".'
+  )
 
 
 # --- Flickr8k / Flickr30k -----------------------------------------------------
@@ -213,29 +247,41 @@ def read_flickr_tokens(token_file: PathLike) -> dict[str, list[str]]:
       key, sep, caption = line.rstrip('\n').partition('\t')
       name, hash_sign, _ = key.rpartition('#')
       if not sep or not hash_sign:
-        raise errors.UserError(f'{token_file}:{line_number}: expected '
-                               f'"name.jpg#n<TAB>caption", got {line.strip()!r}')
+        raise errors.UserError(
+          f'{token_file}:{line_number}: expected '
+          f'"name.jpg#n<TAB>caption", got {line.strip()!r}'
+        )
       captions[name].append(caption.strip())
   return dict(captions)
 
 
-def flickr_records(token_file: PathLike, image_names: list[str] | None,
-                   image_dir: PathLike) -> list[Record]:
+def flickr_records(
+  token_file: PathLike, image_names: list[str] | None, image_dir: PathLike
+) -> list[Record]:
   """Records of the images `image_names` (all if None) of a token file."""
   captions = read_flickr_tokens(token_file)
   if image_names is None:
     image_names = list(captions)
   missing = [n for n in image_names if n not in captions]
   if missing:
-    logging.warning('%d images have no captions in %s and are left out, e.g. '
-                    '%s', len(missing), token_file, missing[0])
-  return [Record(pathlib.Path(n).stem, str(pathlib.Path(image_dir) / n),
-                 tuple(captions[n]))
-          for n in image_names if n in captions]
+    logging.warning(
+      '%d images have no captions in %s and are left out, e.g. %s',
+      len(missing),
+      token_file,
+      missing[0],
+    )
+  return [
+    Record(
+      pathlib.Path(n).stem, str(pathlib.Path(image_dir) / n), tuple(captions[n])
+    )
+    for n in image_names
+    if n in captions
+  ]
 
 
-def _first_existing(directory: pathlib.Path,
-                    names: tuple[str, ...]) -> pathlib.Path | None:
+def _first_existing(
+  directory: pathlib.Path, names: tuple[str, ...]
+) -> pathlib.Path | None:
   for name in names:
     if (directory / name).exists():
       return directory / name
@@ -244,28 +290,40 @@ def _first_existing(directory: pathlib.Path,
 
 def _flickr_split(data_dir: str, split: str) -> list[Record]:
   if not data_dir or not pathlib.Path(data_dir).is_dir():
-    raise errors.UserError("dataset 'flickr' needs config.data_dir, the directory "
-                           f'of the Flickr token file (got {data_dir!r})')
+    raise errors.UserError(
+      "dataset 'flickr' needs config.data_dir, the directory "
+      f'of the Flickr token file (got {data_dir!r})'
+    )
   data_dir = pathlib.Path(data_dir)
   token_file = _first_existing(data_dir, _FLICKR_TOKEN_FILES)
   if token_file is None:
-    raise errors.UserError(f'no Flickr caption file in {data_dir}: expected one of '
-                           f'{", ".join(_FLICKR_TOKEN_FILES)}')
-  image_dir = (_first_existing(data_dir, _FLICKR_IMAGE_DIRS)
-               or data_dir / _FLICKR_IMAGE_DIRS[0])
+    raise errors.UserError(
+      f'no Flickr caption file in {data_dir}: expected one of '
+      f'{", ".join(_FLICKR_TOKEN_FILES)}'
+    )
+  image_dir = (
+    _first_existing(data_dir, _FLICKR_IMAGE_DIRS)
+    or data_dir / _FLICKR_IMAGE_DIRS[0]
+  )
   if split == 'all':
     return flickr_records(token_file, None, image_dir)
   if split not in _FLICKR_SPLIT_LISTS:
-    raise errors.UserError(f'unknown Flickr split {split!r}; use one of '
-                           f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"')
+    raise errors.UserError(
+      f'unknown Flickr split {split!r}; use one of '
+      f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"'
+    )
   pattern = f'Flickr_*.{_FLICKR_SPLIT_LISTS[split]}Images.txt'
   lists = sorted(data_dir.glob(pattern))
   if len(lists) != 1:
     raise errors.UserError(
-        f'expected one split list {data_dir / pattern} for split {split!r}, '
-        f'found {len(lists)}; use split "all" for every image of {token_file}')
-  names = [line.strip() for line in
-           lists[0].read_text(encoding='utf-8').splitlines() if line.strip()]
+      f'expected one split list {data_dir / pattern} for split {split!r}, '
+      f'found {len(lists)}; use split "all" for every image of {token_file}'
+    )
+  names = [
+    line.strip()
+    for line in lists[0].read_text(encoding='utf-8').splitlines()
+    if line.strip()
+  ]
   return flickr_records(token_file, names, image_dir)
 
 
@@ -280,14 +338,16 @@ def shapes_dir(config) -> pathlib.Path:
 
 def _shapes_records(config, split: str) -> list[Record]:
   if split not in shapes.SPLITS:
-    raise errors.UserError(f'unknown shapes split {split!r}; use one of '
-                           f'{shapes.SPLITS}')
+    raise errors.UserError(
+      f'unknown shapes split {split!r}; use one of {shapes.SPLITS}'
+    )
   directory = shapes_dir(config)
   if not shapes.is_written(directory, split, config.shapes):
     logging.info('Generating shapes split %r in %s', split, directory)
     shapes.write_split(directory, split, config.shapes)
-  return coco_json_records(shapes.annotation_path(directory, split),
-                           directory / split)
+  return coco_json_records(
+    shapes.annotation_path(directory, split), directory / split
+  )
 
 
 # --- TFDS coco_captions -------------------------------------------------------
@@ -295,10 +355,13 @@ def _shapes_records(config, split: str) -> list[Record]:
 
 def _tfds_coco_builder(config, split: str):
   if split not in TFDS_COCO_SPLITS:
-    raise errors.UserError(f'unknown coco_captions split {split!r}; use one of '
-                           f'{TFDS_COCO_SPLITS} (joined with "+")')
+    raise errors.UserError(
+      f'unknown coco_captions split {split!r}; use one of '
+      f'{TFDS_COCO_SPLITS} (joined with "+")'
+    )
   # Imported here: TFDS is slow to import and only this source needs it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
   return tfds.builder('coco_captions', data_dir=config.data_dir or None)
 
 
@@ -312,42 +375,63 @@ def _tfds_coco_records(config, split: str) -> list[Record]:
   """
   builder = _tfds_coco_builder(config, split)
   cache = pathlib.Path(builder.data_dir) / f'capjax_captions_{split}.json'
-  stamp = {'format': _TFDS_CACHE_FORMAT, 'version': str(builder.version),
-           'split': split}
+  stamp = {
+    'format': _TFDS_CACHE_FORMAT,
+    'version': str(builder.version),
+    'split': split,
+  }
   if cache.is_file():
     data = files.read_json(cache)
     if {k: data.get(k) for k in stamp} == stamp:
-      return [Record(image_id, None, tuple(captions))
-              for image_id, captions in data['records']]
-  records = [Record(image_id, None, captions) for image_id, _, captions
-             in _tfds_coco_examples(config, split, builder)]
+      return [
+        Record(image_id, None, tuple(captions))
+        for image_id, captions in data['records']
+      ]
+  records = [
+    Record(image_id, None, captions)
+    for image_id, _, captions in _tfds_coco_examples(config, split, builder)
+  ]
   try:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json_atomic(cache, dict(stamp, records=[
-        [r.image_id, list(r.captions)] for r in records]))
+    files.write_json_atomic(
+      cache,
+      dict(stamp, records=[[r.image_id, list(r.captions)] for r in records]),
+    )
   except OSError as e:
-    logging.warning('could not cache the captions of %r in %s (%s); they '
-                    'are read from TFDS at every start', split, cache, e)
+    logging.warning(
+      'could not cache the captions of %r in %s (%s); they '
+      'are read from TFDS at every start',
+      split,
+      cache,
+      e,
+    )
   return records
 
 
 def _tfds_coco_examples(
-    config, split: str,
-    builder=None) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+  config, split: str, builder=None
+) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
   """(image id, encoded image, captions) of a TFDS coco_captions split."""
   builder = builder or _tfds_coco_builder(config, split)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
   try:
     ds = builder.as_dataset(
-        split=split, shuffle_files=False,
-        decoders={'image': tfds.decode.SkipDecoding()})
+      split=split,
+      shuffle_files=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
   except AssertionError:  # TFDS's way of saying "not prepared"
     data_dir = config.data_dir or '~/tensorflow_datasets'
     raise errors.UserError(
-        f'TFDS coco_captions is not prepared in {builder.data_dir}: run '
-        f'`tfds build coco_captions --data_dir={data_dir}` first (it downloads '
-        'COCO 2014, about 20 GB of images), or set config.data_dir to the '
-        'TFDS data_dir that holds it') from None
+      f'TFDS coco_captions is not prepared in {builder.data_dir}: run '
+      f'`tfds build coco_captions --data_dir={data_dir}` first (it downloads '
+      'COCO 2014, about 20 GB of images), or set config.data_dir to the '
+      'TFDS data_dir that holds it'
+    ) from None
   for ex in tfds.as_numpy(ds):
-    yield (str(ex['image/id']), ex['image'],
-           tuple(t.decode('utf-8').strip() for t in ex['captions']['text']))
+    yield (
+      str(ex['image/id']),
+      ex['image'],
+      tuple(t.decode('utf-8').strip() for t in ex['captions']['text']),
+    )

@@ -45,10 +45,10 @@ class Processes:
       on all (`capjax.training.parallel.agreed`). Every process calls it at
       the same points.
   """
+
   index: int = 0
   count: int = 1
-  agree: Callable[[str, Callable[[], Any]], Any] = (
-      lambda activity, fn: fn())
+  agree: Callable[[str, Callable[[], Any]], Any] = lambda activity, fn: fn()
 
   def owns(self, k: int) -> bool:
     """Whether shard k is this process's to extract."""
@@ -69,8 +69,9 @@ class _Progress:
     self._start = self._last = time.monotonic()
     self.done = self.skipped = self.failed = 0
 
-  def update(self, done: int = 0, skipped: int = 0, failed: int = 0,
-             final: bool = False) -> None:
+  def update(
+    self, done: int = 0, skipped: int = 0, failed: int = 0, final: bool = False
+  ) -> None:
     self.done += done
     self.skipped += skipped
     self.failed += failed
@@ -78,19 +79,30 @@ class _Progress:
     if final or now - self._last >= _LOG_EVERY_SECONDS:
       self._last = now
       rate = self.done / max(now - self._start, 1e-9)
-      logging.info('%s: %d images extracted (%.1f images/s), %d unreadable, '
-                   '%d already done%s', self._name, self.done, rate,
-                   self.failed, self.skipped, ', finished' if final else '')
+      logging.info(
+        '%s: %d images extracted (%.1f images/s), %d unreadable, '
+        '%d already done%s',
+        self._name,
+        self.done,
+        rate,
+        self.failed,
+        self.skipped,
+        ', finished' if final else '',
+      )
 
 
-def _prepare(extractor: extractors.Extractor,
-             source: str | bytes) -> np.ndarray:
+def _prepare(
+  extractor: extractors.Extractor, source: str | bytes
+) -> np.ndarray:
   return extractor.prepare(images.load_image(source))
 
 
 def _extract_chunk(
-    extractor: extractors.Extractor, chunk: Sequence[tuple[str, str | bytes]],
-    batch_size: int, pool: concurrent.futures.Executor, progress: _Progress
+  extractor: extractors.Extractor,
+  chunk: Sequence[tuple[str, str | bytes]],
+  batch_size: int,
+  pool: concurrent.futures.Executor,
+  progress: _Progress,
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
   """(ids, features_NLD, failures) of the readable images of a chunk.
 
@@ -113,7 +125,7 @@ def _extract_chunk(
         ids.append(image_id)
       # Whatever an image's bytes make the decoder raise, one bad image must
       # not stop a long extraction: it is reported and skipped.
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001
         failed.append((image_id, f'{type(e).__name__}: {e}'))
     if prepared:
       features.append(extractor.features_fn(np.stack(prepared)))
@@ -123,23 +135,32 @@ def _extract_chunk(
 
 
 def _log_failures(writer: feature_store.StoreWriter, part: str) -> None:
-  failures = [(f['image_id'], f['error'])
-              for s in writer.shards for f in s['failed']]
+  failures = [
+    (f['image_id'], f['error']) for s in writer.shards for f in s['failed']
+  ]
   if not failures:
     return
-  listed = '\n'.join(f'  {i}: {e}' for i, e in
-                     failures[:_MAX_FAILURES_LISTED])
+  listed = '\n'.join(f'  {i}: {e}' for i, e in failures[:_MAX_FAILURES_LISTED])
   more = len(failures) - _MAX_FAILURES_LISTED
   logging.warning(
-      '%d images of %r could not be read and were skipped:\n%s%s',
-      len(failures), part, listed,
-      f'\n  ... and {more} more (see {writer.directory}/'
-      f'{feature_store.METADATA_FILE})' if more > 0 else '')
+    '%d images of %r could not be read and were skipped:\n%s%s',
+    len(failures),
+    part,
+    listed,
+    f'\n  ... and {more} more (see {writer.directory}/'
+    f'{feature_store.METADATA_FILE})'
+    if more > 0
+    else '',
+  )
 
 
-def _extract_own_shards(config, part: str, extractor: extractors.Extractor,
-                        writer: feature_store.StoreWriter,
-                        processes: Processes) -> int:
+def _extract_own_shards(
+  config,
+  part: str,
+  extractor: extractors.Extractor,
+  writer: feature_store.StoreWriter,
+  processes: Processes,
+) -> int:
   """Writes the part's shards that are this process's; the shard count."""
   name = f'features of {part!r}'
   if processes.count > 1:
@@ -147,8 +168,9 @@ def _extract_own_shards(config, part: str, extractor: extractors.Extractor,
   progress = _Progress(name)
   num_chunks = 0
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    for k, chunk in enumerate(_chunks(datasets.iter_images(config, part),
-                                      config.shard_size)):
+    for k, chunk in enumerate(
+      _chunks(datasets.iter_images(config, part), config.shard_size)
+    ):
       num_chunks += 1
       if not processes.owns(k):
         continue
@@ -156,16 +178,20 @@ def _extract_own_shards(config, part: str, extractor: extractors.Extractor,
         progress.update(skipped=len(chunk))
         continue
       ids, features_NLD, failed = _extract_chunk(
-          extractor, chunk, config.extract_batch_size, pool, progress)
+        extractor, chunk, config.extract_batch_size, pool, progress
+      )
       writer.write_shard(k, ids, features_NLD, failed)
   progress.update(final=True)
   return num_chunks
 
 
-def extract_split(config, split: str, feature_dir: feature_store.PathLike,
-                  extractor: extractors.Extractor | None = None,
-                  processes: Processes = Processes()
-                  ) -> feature_store.FeatureStore:
+def extract_split(
+  config,
+  split: str,
+  feature_dir: feature_store.PathLike,
+  extractor: extractors.Extractor | None = None,
+  processes: Processes = Processes(),
+) -> feature_store.FeatureStore:
   """Extracts a split's features into `feature_dir`, resuming if interrupted.
 
   Each part of a '+'-joined split gets its own store (`store_dir`). Shards
@@ -186,33 +212,51 @@ def extract_split(config, split: str, feature_dir: feature_store.PathLike,
   """
   extractor = extractor or extractors.make_extractor(config)
   for part in datasets.split_parts(split):
-    _extract_part(config, part, feature_store.store_dir(feature_dir, part),
-                  extractor, processes)
+    _extract_part(
+      config,
+      part,
+      feature_store.store_dir(feature_dir, part),
+      extractor,
+      processes,
+    )
   return feature_store.FeatureStore.open_split(feature_dir, split)
 
 
-def _extract_part(config, part: str, directory: feature_store.PathLike,
-                  extractor: extractors.Extractor,
-                  processes: Processes) -> None:
+def _extract_part(
+  config,
+  part: str,
+  directory: feature_store.PathLike,
+  extractor: extractors.Extractor,
+  processes: Processes,
+) -> None:
   """One part's store, written by every process, completed by process 0."""
   writer = processes.agree(
-      f'opening the feature store of {part!r}',
-      lambda: feature_store.StoreWriter(
-          directory, extractor.info, extractor.num_locations,
-          extractor.feature_dim, config.shard_size))
+    f'opening the feature store of {part!r}',
+    lambda: feature_store.StoreWriter(
+      directory,
+      extractor.info,
+      extractor.num_locations,
+      extractor.feature_dim,
+      config.shard_size,
+    ),
+  )
   num_chunks = processes.agree(
-      f'extracting the features of {part!r}',
-      lambda: _extract_own_shards(config, part, extractor, writer, processes))
+    f'extracting the features of {part!r}',
+    lambda: _extract_own_shards(config, part, extractor, writer, processes),
+  )
   # `agree` returned: every shard exists, so one process lists them.
   is_first = processes.index == 0
-  processes.agree(f'completing the feature store of {part!r}',
-                  lambda: writer.finish(num_chunks) if is_first else None)
+  processes.agree(
+    f'completing the feature store of {part!r}',
+    lambda: writer.finish(num_chunks) if is_first else None,
+  )
   if is_first:
     _log_failures(writer, part)
 
 
-def open_or_extract(config, split: str, feature_dir: feature_store.PathLike
-                    ) -> feature_store.FeatureStore:
+def open_or_extract(
+  config, split: str, feature_dir: feature_store.PathLike
+) -> feature_store.FeatureStore:
   """A split's feature store; `shapes`, cheap to featurise, extracts its own.
 
   Raises:
@@ -224,11 +268,13 @@ def open_or_extract(config, split: str, feature_dir: feature_store.PathLike
   except errors.UserError as e:
     if config.dataset != 'shapes':
       raise errors.UserError(
-          f'{e}; extract them with the same config: `python -m '
-          f'capjax.features --config <config> --split {split} '
-          f'--feature_dir {feature_dir}`') from None
-  logging.info('extracting %s features of the shapes %r split',
-               config.extractor, split)
+        f'{e}; extract them with the same config: `python -m '
+        f'capjax.features --config <config> --split {split} '
+        f'--feature_dir {feature_dir}`'
+      ) from None
+  logging.info(
+    'extracting %s features of the shapes %r split', config.extractor, split
+  )
   return extract_split(config, split, feature_dir)
 
 
@@ -244,6 +290,7 @@ def check_made_by_config(store: feature_store.FeatureStore, config) -> None:
   wanted = extractors.config_extractor_info(config)
   if any(made.get(key) != value for key, value in wanted.items()):
     raise errors.UserError(
-        f'the features in the store were made by {made}, but the config asks '
-        f'for {wanted}: use another --config.feature_dir, or the settings '
-        'the store was made with')
+      f'the features in the store were made by {made}, but the config asks '
+      f'for {wanted}: use another --config.feature_dir, or the settings '
+      'the store was made with'
+    )

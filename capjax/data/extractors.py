@@ -30,8 +30,10 @@ PATCH_SIZE = 16
 
 _INCEPTION_SIZE = 299
 _INCEPTION_FILE = 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5'
-_INCEPTION_URL = ('https://storage.googleapis.com/tensorflow/'
-                  f'keras-applications/inception_v3/{_INCEPTION_FILE}')
+_INCEPTION_URL = (
+  'https://storage.googleapis.com/tensorflow/'
+  f'keras-applications/inception_v3/{_INCEPTION_FILE}'
+)
 _INCEPTION_MD5 = 'bcbd6486424b2319ff4ef7d526e38f63'
 
 
@@ -49,6 +51,7 @@ class Extractor:
     resize_fn: (image_HW3, S) -> (S, S, 3) float32: the tutorial's resize,
       by NumPy, which keeps TensorFlow out, or by TensorFlow (equal).
   """
+
   info: dict[str, Any]
   image_size: int
   num_locations: int
@@ -66,19 +69,25 @@ class Extractor:
 
   def describe(self) -> dict[str, Any]:
     """What a model trained on this extractor's features depends on."""
-    return {'extractor': self.info, 'num_locations': self.num_locations,
-            'feature_dim': self.feature_dim}
+    return {
+      'extractor': self.info,
+      'num_locations': self.num_locations,
+      'feature_dim': self.feature_dim,
+    }
 
 
 def make_extractor(config) -> Extractor:
   """The extractor named by config.extractor."""
   if config.extractor == 'inception_v3':
-    return inception_v3_extractor(config.extractor_weights,
-                                  config.extractor_backend)
+    return inception_v3_extractor(
+      config.extractor_weights, config.extractor_backend
+    )
   if config.extractor == 'patches':
     return patches_extractor(config.patch_grid)
-  raise errors.UserError(f'unknown extractor {config.extractor!r}; set '
-                         f'config.extractor to one of {EXTRACTORS}')
+  raise errors.UserError(
+    f'unknown extractor {config.extractor!r}; set '
+    f'config.extractor to one of {EXTRACTORS}'
+  )
 
 
 def config_extractor_info(config) -> dict[str, Any]:
@@ -110,15 +119,23 @@ def patches_extractor(patch_grid: int) -> Extractor:
     grid = images_NSS3.reshape(n, patch_grid, p, patch_grid, p, 3)
     grid = grid.transpose(0, 1, 3, 2, 4, 5)  # cells in row-major order
     pixels = grid.reshape(n, cells, p * p * 3) / 127.5 - 1.0
-    positions = np.broadcast_to(np.eye(cells, dtype=pixels.dtype),
-                                (n, cells, cells))
+    positions = np.broadcast_to(
+      np.eye(cells, dtype=pixels.dtype), (n, cells, cells)
+    )
     return np.concatenate([pixels, positions], axis=-1)
 
   return Extractor(
-      info={'name': 'patches', 'patch_grid': patch_grid, 'patch_size': p,
-            'positions': 'one_hot'},
-      image_size=patch_grid * p, num_locations=cells,
-      feature_dim=p * p * 3 + cells, features_fn=features_fn)
+    info={
+      'name': 'patches',
+      'patch_grid': patch_grid,
+      'patch_size': p,
+      'positions': 'one_hot',
+    },
+    image_size=patch_grid * p,
+    num_locations=cells,
+    feature_dim=p * p * 3 + cells,
+    features_fn=features_fn,
+  )
 
 
 def inception_weights_path() -> str:
@@ -129,23 +146,29 @@ def inception_weights_path() -> str:
       which file to put where.
   """
   cache_dir = pathlib.Path(
-      os.environ.get('KERAS_HOME', '~/.keras')).expanduser()
+    os.environ.get('KERAS_HOME', '~/.keras')
+  ).expanduser()
   path = cache_dir / 'models' / _INCEPTION_FILE
   if path.is_file():
     return str(path)
   # Keras (and so TensorFlow) only to download: the JAX backend reads the
   # cached file without it.
-  import keras  # pylint: disable=g-import-not-at-top
+  import keras  # noqa: PLC0415
+
   try:
-    return keras.utils.get_file(_INCEPTION_FILE, _INCEPTION_URL,
-                                cache_subdir='models', cache_dir=str(cache_dir),
-                                file_hash=_INCEPTION_MD5)
+    return keras.utils.get_file(
+      _INCEPTION_FILE,
+      _INCEPTION_URL,
+      cache_subdir='models',
+      cache_dir=str(cache_dir),
+      file_hash=_INCEPTION_MD5,
+    )
   # Keras reports download failures as a bare Exception.
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     raise errors.UserError(
-        f'the InceptionV3 ImageNet weights are not in {path} and could not '
-        f'be downloaded ({e}). Download {_INCEPTION_URL} and put it at '
-        f'{path}, or set config.extractor_weights to the path of that file.'
+      f'the InceptionV3 ImageNet weights are not in {path} and could not '
+      f'be downloaded ({e}). Download {_INCEPTION_URL} and put it at '
+      f'{path}, or set config.extractor_weights to the path of that file.'
     ) from None
 
 
@@ -158,8 +181,9 @@ def _weights_file(weights: str) -> str | None:
   if pathlib.Path(weights).is_file():
     return weights
   raise errors.UserError(
-      "extractor_weights must be 'imagenet', 'none' or an existing weights "
-      f'file, got {weights!r}')
+    "extractor_weights must be 'imagenet', 'none' or an existing weights "
+    f'file, got {weights!r}'
+  )
 
 
 def resolve_backend(backend: str) -> str:
@@ -169,16 +193,19 @@ def resolve_backend(backend: str) -> str:
   XLA; TensorFlow never sees the accelerators JAX uses.
   """
   if backend not in BACKENDS:
-    raise errors.UserError(f'config.extractor_backend must be one of '
-                           f'{BACKENDS}, got {backend!r}')
+    raise errors.UserError(
+      f'config.extractor_backend must be one of {BACKENDS}, got {backend!r}'
+    )
   if backend == 'auto':
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # noqa: PLC0415
+
     return 'keras' if jax.default_backend() == 'cpu' else 'jax'
   return backend
 
 
-def inception_v3_extractor(weights: str = 'imagenet',
-                           backend: str = 'auto') -> Extractor:
+def inception_v3_extractor(
+  weights: str = 'imagenet', backend: str = 'auto'
+) -> Extractor:
   """InceptionV3 features, 8x8x2048 -> (64, 2048).
 
   Args:
@@ -195,19 +222,27 @@ def inception_v3_extractor(weights: str = 'imagenet',
   # only JAX is installed, and start without TensorFlow's seconds.
   resize_fn = images.resize_bilinear if backend == 'jax' else images.resize
   return Extractor(
-      info={'name': 'inception_v3', 'weights': weights, 'backend': backend},
-      image_size=_INCEPTION_SIZE, num_locations=num_locations,
-      feature_dim=feature_dim, features_fn=features_fn, resize_fn=resize_fn)
+    info={'name': 'inception_v3', 'weights': weights, 'backend': backend},
+    image_size=_INCEPTION_SIZE,
+    num_locations=num_locations,
+    feature_dim=feature_dim,
+    features_fn=features_fn,
+    resize_fn=resize_fn,
+  )
 
 
 def _jax_inception(weights_file: str | None):
   """(features_fn, L, D) of capjax.model.inception."""
-  # pylint: disable=g-import-not-at-top
+  # noqa: PLC0415
   from capjax.model import inception
   from capjax.porting import keras_inception
+
   # pylint: enable=g-import-not-at-top
-  variables = (keras_inception.converted_params(weights_file) if weights_file
-               else inception.random_variables())
+  variables = (
+    keras_inception.converted_params(weights_file)
+    if weights_file
+    else inception.random_variables()
+  )
 
   def features_fn(images_NSS3):
     return np.asarray(inception.extract_features(variables, images_NSS3))
@@ -217,14 +252,20 @@ def _jax_inception(weights_file: str | None):
 
 def _keras_inception(weights_file: str | None):
   """(features_fn, L, D) of Keras' InceptionV3."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
+
   model = tf.keras.applications.InceptionV3(
-      include_top=False, weights=weights_file,
-      input_shape=(_INCEPTION_SIZE, _INCEPTION_SIZE, 3))
+    include_top=False,
+    weights=weights_file,
+    input_shape=(_INCEPTION_SIZE, _INCEPTION_SIZE, 3),
+  )
   _, height, width, dim = model.output_shape
 
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, _INCEPTION_SIZE, _INCEPTION_SIZE, 3], tf.float32)])
+  @tf.function(
+    input_signature=[
+      tf.TensorSpec([None, _INCEPTION_SIZE, _INCEPTION_SIZE, 3], tf.float32)
+    ]
+  )
   def grid_fn(images_NSS3):
     x = tf.keras.applications.inception_v3.preprocess_input(images_NSS3)
     return model(x, training=False)

@@ -45,8 +45,9 @@ RecordT = TypeVar('RecordT')
 def store_dir(feature_dir: PathLike, split: str) -> pathlib.Path:
   """The store directory of one split (not '+'-joined) in feature_dir."""
   if '+' in split:
-    raise errors.UserError(f'{split!r} joins splits; each part has its own '
-                           'store')
+    raise errors.UserError(
+      f'{split!r} joins splits; each part has its own store'
+    )
   return pathlib.Path(feature_dir) / file_name(split)
 
 
@@ -60,21 +61,30 @@ def resolve_feature_dir(config, workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(config.feature_dir or pathlib.Path(workdir) / 'features')
 
 
-def require_same_features(expected: dict[str, Any], got: dict[str, Any], *,
-                          expected_what: str, got_what: str) -> None:
+def require_same_features(
+  expected: dict[str, Any],
+  got: dict[str, Any],
+  *,
+  expected_what: str,
+  got_what: str,
+) -> None:
   """Raises unless two feature descriptions (`describe()`) are equal.
 
   A model works only on features made as those it was trained on: the same
   extractor and settings, the same L and D. The backend that computed them
   (JAX or Keras, equal within 1e-6 of the features' scale) does not count.
   """
-  comparable = lambda d: dict(d, extractor={
-      k: v for k, v in d['extractor'].items() if k != 'backend'})
+  comparable = lambda d: dict(
+    d, extractor={k: v for k, v in d['extractor'].items() if k != 'backend'}
+  )
   if comparable(expected) != comparable(got):
-    show = lambda d: (f'L={d["num_locations"]}, D={d["feature_dim"]}, '
-                      f'{d["extractor"]}')
-    raise errors.UserError(f'{got_what} ({show(got)}) do not match those of '
-                           f'{expected_what} ({show(expected)})')
+    show = lambda d: (
+      f'L={d["num_locations"]}, D={d["feature_dim"]}, {d["extractor"]}'
+    )
+    raise errors.UserError(
+      f'{got_what} ({show(got)}) do not match those of '
+      f'{expected_what} ({show(expected)})'
+    )
 
 
 def _read_metadata(directory: pathlib.Path) -> dict[str, Any]:
@@ -82,20 +92,27 @@ def _read_metadata(directory: pathlib.Path) -> dict[str, Any]:
   path = directory / METADATA_FILE
   if not path.is_file():
     raise errors.MissingFileError(
-        f'no feature store in {directory} ({METADATA_FILE} missing): extract '
-        'features first with `python -m capjax.features`')
+      f'no feature store in {directory} ({METADATA_FILE} missing): extract '
+      'features first with `python -m capjax.features`'
+    )
   metadata = files.read_json(path)
   if metadata.get('format') != _FORMAT:
-    raise errors.UserError(f'{path} is not a capjax feature store '
-                           f'(format {metadata.get("format")!r})')
+    raise errors.UserError(
+      f'{path} is not a capjax feature store '
+      f'(format {metadata.get("format")!r})'
+    )
   if not metadata['complete']:
-    raise errors.UserError(f'feature store {directory} is incomplete: rerun '
-                           'the extraction, it resumes where it stopped')
+    raise errors.UserError(
+      f'feature store {directory} is incomplete: rerun '
+      'the extraction, it resumes where it stopped'
+    )
   for shard in metadata['shards']:
     if not (directory / shard['file']).is_file():
-      raise errors.UserError(f'feature store {directory} lacks '
-                             f'{shard["file"]}; delete the store and extract '
-                             'again')
+      raise errors.UserError(
+        f'feature store {directory} lacks '
+        f'{shard["file"]}; delete the store and extract '
+        'again'
+      )
   return metadata
 
 
@@ -106,16 +123,20 @@ class FeatureStore:
   requested rows.
   """
 
-  def __init__(self, metadata: Sequence[dict[str, Any]],
-               directories: Sequence[pathlib.Path]):
+  def __init__(
+    self,
+    metadata: Sequence[dict[str, Any]],
+    directories: Sequence[pathlib.Path],
+  ):
     """Use `FeatureStore.open` or `FeatureStore.open_split`."""
     first = metadata[0]
     for m, d in zip(metadata[1:], directories[1:]):
       for key in ('extractor', 'num_locations', 'feature_dim', 'dtype'):
         if m[key] != first[key]:
           raise errors.UserError(
-              f'cannot join feature stores {directories[0]} and {d}: their '
-              f'{key} differ ({first[key]} vs {m[key]})')
+            f'cannot join feature stores {directories[0]} and {d}: their '
+            f'{key} differ ({first[key]} vs {m[key]})'
+          )
     self.extractor: dict[str, Any] = first['extractor']
     self.num_locations: int = first['num_locations']
     self.feature_dim: int = first['feature_dim']
@@ -134,8 +155,8 @@ class FeatureStore:
     self._index = {image_id: i for i, image_id in enumerate(ids)}
     if len(self._index) != len(ids):
       raise errors.UserError(
-          f'feature stores {", ".join(map(str, directories))} hold an image '
-          'twice')
+        f'feature stores {", ".join(map(str, directories))} hold an image twice'
+      )
     self._shards: dict[int, np.ndarray] = {}
 
   @classmethod
@@ -151,14 +172,18 @@ class FeatureStore:
   @classmethod
   def open_split(cls, feature_dir: PathLike, split: str) -> 'FeatureStore':
     """The stores of a split's parts ('train+restval') as one store."""
-    directories = [store_dir(feature_dir, p)
-                   for p in datasets.split_parts(split)]
+    directories = [
+      store_dir(feature_dir, p) for p in datasets.split_parts(split)
+    ]
     return cls([_read_metadata(d) for d in directories], directories)
 
   def describe(self) -> dict[str, Any]:
     """What a model trained on these features depends on (features.json)."""
-    return {'extractor': self.extractor, 'num_locations': self.num_locations,
-            'feature_dim': self.feature_dim}
+    return {
+      'extractor': self.extractor,
+      'num_locations': self.num_locations,
+      'feature_dim': self.feature_dim,
+    }
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -175,11 +200,13 @@ class FeatureStore:
     try:
       return np.array([self._index[i] for i in image_ids], np.int64)
     except KeyError as e:
-      raise errors.UserError(f'image {e.args[0]!r} is not in the feature '
-                             'store') from None
+      raise errors.UserError(
+        f'image {e.args[0]!r} is not in the feature store'
+      ) from None
 
-  def with_features(self, records: Sequence[RecordT],
-                    split: str = '') -> list[RecordT]:
+  def with_features(
+    self, records: Sequence[RecordT], split: str = ''
+  ) -> list[RecordT]:
     """The records whose images have features, warning about the others.
 
     Images that could not be read have no features and are left out.
@@ -187,9 +214,14 @@ class FeatureStore:
     kept = [r for r in records if r.image_id in self]
     if len(kept) < len(records):
       missing = next(r.image_id for r in records if r.image_id not in self)
-      logging.warning('%d of %d images%s have no features (unreadable) and '
-                      'are left out, e.g. %r', len(records) - len(kept),
-                      len(records), f' of {split!r}' if split else '', missing)
+      logging.warning(
+        '%d of %d images%s have no features (unreadable) and '
+        'are left out, e.g. %r',
+        len(records) - len(kept),
+        len(records),
+        f' of {split!r}' if split else '',
+        missing,
+      )
     return kept
 
   def _shard(self, k: int) -> np.ndarray:
@@ -200,8 +232,9 @@ class FeatureStore:
   def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """features_NLD (store dtype) of the rows `indices`, in their order."""
     indices = np.asarray(indices, np.int64)
-    out = np.empty((len(indices), self.num_locations, self.feature_dim),
-                   self.dtype)
+    out = np.empty(
+      (len(indices), self.num_locations, self.feature_dim), self.dtype
+    )
     if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
       raise ValueError(f'feature rows must be in [0, {len(self)})')
     order = np.argsort(indices, kind='stable')  # sequential reads per shard
@@ -214,10 +247,11 @@ class FeatureStore:
 
   def read_all(self) -> np.ndarray:
     """All features, (N, L, D) in the store's dtype."""
-    out = np.empty((len(self), self.num_locations, self.feature_dim),
-                   self.dtype)
+    out = np.empty(
+      (len(self), self.num_locations, self.feature_dim), self.dtype
+    )
     for k in range(len(self._paths)):
-      out[self._offsets[k]:self._offsets[k + 1]] = self._shard(k)
+      out[self._offsets[k] : self._offsets[k + 1]] = self._shard(k)
     return out
 
 
@@ -237,23 +271,35 @@ class StoreWriter:
   (`write_shard`); one of them calls `finish` once all are written.
   """
 
-  def __init__(self, directory: PathLike, extractor_info: dict[str, Any],
-               num_locations: int, feature_dim: int, shard_size: int):
+  def __init__(
+    self,
+    directory: PathLike,
+    extractor_info: dict[str, Any],
+    num_locations: int,
+    feature_dim: int,
+    shard_size: int,
+  ):
     if shard_size < 1:
       raise errors.UserError(f'shard_size must be >= 1, got {shard_size}')
     self.directory = pathlib.Path(directory)
-    header = {'format': _FORMAT, 'extractor': extractor_info,
-              'num_locations': num_locations, 'feature_dim': feature_dim,
-              'dtype': np.dtype(STORE_DTYPE).name, 'shard_size': shard_size}
+    header = {
+      'format': _FORMAT,
+      'extractor': extractor_info,
+      'num_locations': num_locations,
+      'feature_dim': feature_dim,
+      'dtype': np.dtype(STORE_DTYPE).name,
+      'shard_size': shard_size,
+    }
     path = self.directory / METADATA_FILE
     if path.is_file():
       self.metadata = files.read_json(path)
       old = {k: self.metadata.get(k) for k in header}
       if old != header:
         raise errors.UserError(
-            f'{self.directory} holds features made with other settings '
-            f'({old}, now {header}); use another feature_dir or delete '
-            f'{self.directory}')
+          f'{self.directory} holds features made with other settings '
+          f'({old}, now {header}); use another feature_dir or delete '
+          f'{self.directory}'
+        )
     else:
       # The header goes first, so that a rerun with other settings is
       # refused before it mixes its shards with these. Processes opening a
@@ -282,22 +328,32 @@ class StoreWriter:
     written = shard['image_ids'] + [f['image_id'] for f in shard['failed']]
     if sorted(written) != sorted(image_ids):
       raise errors.UserError(
-          f'{self.directory} was extracted from other images (shard {k} '
-          'differs from the data now); delete it or use another feature_dir')
+        f'{self.directory} was extracted from other images (shard {k} '
+        'differs from the data now); delete it or use another feature_dir'
+      )
     return True
 
-  def write_shard(self, k: int, image_ids: Sequence[str],
-                  features_NLD: np.ndarray,
-                  failed: Sequence[tuple[str, str]]) -> None:
+  def write_shard(
+    self,
+    k: int,
+    image_ids: Sequence[str],
+    features_NLD: np.ndarray,
+    failed: Sequence[tuple[str, str]],
+  ) -> None:
     """Writes shard k's features, then its record, which completes it."""
     file = _shard_file(k)
     tmp = self.directory / f'{file}.tmp'
     with open(tmp, 'wb') as f:
       np.save(f, np.asarray(features_NLD, STORE_DTYPE))
     tmp.replace(self.directory / file)
-    files.write_json_atomic(_record_path(self.directory, k), {
-        'file': file, 'image_ids': list(image_ids),
-        'failed': [{'image_id': i, 'error': e} for i, e in failed]})
+    files.write_json_atomic(
+      _record_path(self.directory, k),
+      {
+        'file': file,
+        'image_ids': list(image_ids),
+        'failed': [{'image_id': i, 'error': e} for i, e in failed],
+      },
+    )
 
   def finish(self, num_chunks: int) -> None:
     """Lists shards 0..num_chunks-1 in metadata.json and marks it complete.
@@ -311,8 +367,9 @@ class StoreWriter:
       written += 1
     if written > num_chunks:
       raise errors.UserError(
-          f'{self.directory} holds {written} shards but the data '
-          f'now makes {num_chunks}; delete it or use another feature_dir')
+        f'{self.directory} holds {written} shards but the data '
+        f'now makes {num_chunks}; delete it or use another feature_dir'
+      )
     if written < num_chunks:
       raise ValueError(f'shard {written} of {self.directory} is not written')
     self.metadata['shards'] = [self._record(k) for k in range(num_chunks)]
@@ -326,10 +383,13 @@ class StoreWriter:
     files.write_json_atomic(self.directory / METADATA_FILE, self.metadata)
 
 
-def write_feature_store(out_dir: PathLike, features_NLD: np.ndarray,
-                        image_ids: Sequence[str],
-                        extractor_info: dict[str, Any],
-                        shard_size: int = 1024) -> FeatureStore:
+def write_feature_store(
+  out_dir: PathLike,
+  features_NLD: np.ndarray,
+  image_ids: Sequence[str],
+  extractor_info: dict[str, Any],
+  shard_size: int = 1024,
+) -> FeatureStore:
   """Writes precomputed features as a store, e.g. grids of another extractor.
 
   Args:
@@ -343,24 +403,27 @@ def write_feature_store(out_dir: PathLike, features_NLD: np.ndarray,
     The written store, opened.
   """
   if features_NLD.ndim != 3:
-    raise errors.UserError(f'features must be (N, L, D), got shape '
-                           f'{features_NLD.shape}')
+    raise errors.UserError(
+      f'features must be (N, L, D), got shape {features_NLD.shape}'
+    )
   image_ids = [str(i) for i in image_ids]
   if len(image_ids) != len(features_NLD):
-    raise errors.UserError(f'{len(image_ids)} image ids for '
-                           f'{len(features_NLD)} feature grids')
+    raise errors.UserError(
+      f'{len(image_ids)} image ids for {len(features_NLD)} feature grids'
+    )
   if len(set(image_ids)) != len(image_ids):
     raise errors.UserError('image ids must be distinct')
   if 'name' not in extractor_info:
     raise errors.UserError("extractor_info needs a 'name'")
   _, num_locations, feature_dim = features_NLD.shape
-  writer = StoreWriter(out_dir, dict(extractor_info), num_locations,
-                       feature_dim, shard_size)
+  writer = StoreWriter(
+    out_dir, dict(extractor_info), num_locations, feature_dim, shard_size
+  )
   num_chunks = 0
   for k, start in enumerate(range(0, len(image_ids), shard_size)):
-    ids = image_ids[start:start + shard_size]
+    ids = image_ids[start : start + shard_size]
     if not writer.is_done(k, ids):
-      writer.write_shard(k, ids, features_NLD[start:start + shard_size], [])
+      writer.write_shard(k, ids, features_NLD[start : start + shard_size], [])
     num_chunks += 1
   writer.finish(num_chunks)
   return FeatureStore.open(out_dir)

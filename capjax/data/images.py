@@ -37,6 +37,7 @@ _HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 
 class ImageError(errors.UserError):
   """An image that cannot be used. `http_status` is the answer a server gives."""
+
   http_status = 400
 
 
@@ -46,11 +47,13 @@ class UnreadableImage(ImageError):
 
 class ImageTooLarge(ImageError):
   """More pixels than the limit allows."""
+
   http_status = 413
 
 
 class UnsupportedImage(ImageError):
   """Not an image, or not in one of `FORMATS`."""
+
   http_status = 415
 
 
@@ -72,13 +75,17 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
   if 'A' in image.getbands() or 'transparency' in image.info:
     image = image.convert('RGBA')
     image = Image.alpha_composite(
-        Image.new('RGBA', image.size, (255, 255, 255, 255)), image)
+      Image.new('RGBA', image.size, (255, 255, 255, 255)), image
+    )
   return np.asarray(image.convert('RGB'))
 
 
-def load_image(source: str | os.PathLike[str] | bytes, *,
-               max_pixels: int = MAX_PIXELS,
-               draft_size: int | None = None) -> np.ndarray:
+def load_image(
+  source: str | os.PathLike[str] | bytes,
+  *,
+  max_pixels: int = MAX_PIXELS,
+  draft_size: int | None = None,
+) -> np.ndarray:
   """Decodes an image file or its encoded bytes to RGB uint8 (H, W, 3).
 
   Args:
@@ -101,8 +108,10 @@ def load_image(source: str | os.PathLike[str] | bytes, *,
     with _open(source) as image:
       width, height = image.size
       if width * height > max_pixels:
-        raise ImageTooLarge(f'image of {width}x{height} pixels is over '
-                            f'the limit of {max_pixels:,} pixels')
+        raise ImageTooLarge(
+          f'image of {width}x{height} pixels is over '
+          f'the limit of {max_pixels:,} pixels'
+        )
       if draft_size and image.format == 'JPEG':
         image.draft('RGB', (draft_size, draft_size))
       image.load()  # decode now, so that a truncated file fails here
@@ -115,15 +124,16 @@ def load_image(source: str | os.PathLike[str] | bytes, *,
     raise UnsupportedImage('a directory, not an image') from None
   except Image.UnidentifiedImageError:
     raise UnsupportedImage(
-        'not an image, or not in a supported format '
-        f'({", ".join(FORMATS)})') from None
+      f'not an image, or not in a supported format ({", ".join(FORMATS)})'
+    ) from None
   except Image.DecompressionBombError as e:
     raise ImageTooLarge(str(e)) from None
   # PIL's decoders raise many types on malformed data: OSError for a
   # truncated file, but also SyntaxError, EOFError, struct.error, ValueError.
-  except Exception as e:  # pylint: disable=broad-except
-    raise UnreadableImage(f'unreadable image ({type(e).__name__}: '
-                          f'{e})') from None
+  except Exception as e:  # noqa: BLE001
+    raise UnreadableImage(
+      f'unreadable image ({type(e).__name__}: {e})'
+    ) from None
 
 
 def resize(image_HW3: np.ndarray, size: int) -> np.ndarray:
@@ -134,20 +144,23 @@ def resize(image_HW3: np.ndarray, size: int) -> np.ndarray:
   """
   # TensorFlow is imported where it is used: reading a store and the
   # --from_numpy path do not need its seconds of start-up.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
+
   return tf.image.resize(image_HW3, (size, size)).numpy()
 
 
-def _bilinear_taps(in_size: int, out_size: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bilinear_taps(
+  in_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(lower, upper, lerp) of each output pixel, as TF's ResizeBilinear.
 
   Half-pixel centres, every step in float32 as the kernel does it, so the
   weights are TF's own and not merely close to them.
   """
   scale = np.float32(in_size) / np.float32(out_size)
-  centres = ((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale
-             - np.float32(0.5))
+  centres = (
+    np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+  ) * scale - np.float32(0.5)
   floor = np.floor(centres)
   lower = np.maximum(floor, 0).astype(np.intp)
   upper = np.minimum(np.ceil(centres), in_size - 1).astype(np.intp)

@@ -27,12 +27,11 @@ TensorFlow (tf.data) runs the batch functions in parallel and prefetches;
 the calling program must hide its GPUs from TensorFlow where JAX uses them.
 """
 
-from collections.abc import Iterator, Sequence
 import collections
+from collections.abc import Callable, Iterator, Sequence
 import concurrent.futures
 import dataclasses
 import threading
-from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -62,6 +61,7 @@ class Examples:
     tokens: (N, max_len) int32 caption ids, <pad>-padded.
     lengths: (N,) int32 caption lengths with <start> and <end>.
   """
+
   store: feature_store.FeatureStore
   image_index: np.ndarray
   tokens: np.ndarray
@@ -71,10 +71,13 @@ class Examples:
     return len(self.image_index)
 
 
-def make_examples(store: feature_store.FeatureStore,
-                  records: Sequence[datasets.Record], vocab: vocab_lib.Vocab,
-                  max_len: int,
-                  captions_per_image: int | None = None) -> Examples:
+def make_examples(
+  store: feature_store.FeatureStore,
+  records: Sequence[datasets.Record],
+  vocab: vocab_lib.Vocab,
+  max_len: int,
+  captions_per_image: int | None = None,
+) -> Examples:
   """Tokenizes the captions of the records whose images have features.
 
   Args:
@@ -90,25 +93,32 @@ def make_examples(store: feature_store.FeatureStore,
     (images that could not be read) are left out, with a warning.
   """
   kept = store.with_features(records)
-  captions = [(i, c) for i, r in enumerate(kept)
-              for c in r.captions[:captions_per_image]]
+  captions = [
+    (i, c) for i, r in enumerate(kept) for c in r.captions[:captions_per_image]
+  ]
   rows = store.index_of([r.image_id for r in kept])
   tokens = np.zeros((len(captions), max_len), np.int32)
   lengths = np.zeros(len(captions), np.int32)
   for n, (_, caption) in enumerate(captions):
     ids = vocab.encode(caption, max_len)
-    tokens[n, :len(ids)] = ids
+    tokens[n, : len(ids)] = ids
     lengths[n] = len(ids)
-  image_index = rows[[i for i, _ in captions]] if captions else np.zeros(
-      0, np.int64)
+  image_index = (
+    rows[[i for i, _ in captions]] if captions else np.zeros(0, np.int64)
+  )
   return Examples(store, image_index, tokens, lengths)
 
 
 class TrainBatches:
   """The training batches of one process: the schedule's examples, with features."""
 
-  def __init__(self, examples: Examples, batch_schedule: schedule.BatchSchedule,
-               *, cache_features: bool):
+  def __init__(
+    self,
+    examples: Examples,
+    batch_schedule: schedule.BatchSchedule,
+    *,
+    cache_features: bool,
+  ):
     """See the module docstring.
 
     Args:
@@ -121,12 +131,14 @@ class TrainBatches:
     self._cache_features = cache_features
     self._lock = threading.Lock()
     self._blocks: collections.OrderedDict[
-        tuple[int, int], concurrent.futures.Future] = collections.OrderedDict()
+      tuple[int, int], concurrent.futures.Future
+    ] = collections.OrderedDict()
     self._reader = concurrent.futures.ThreadPoolExecutor(1)
     self._all_features: np.ndarray | None = None
 
-  def _read_block(self, epoch: int, block: int) -> tuple[np.ndarray,
-                                                         np.ndarray]:
+  def _read_block(
+    self, epoch: int, block: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """(sorted store rows, their features) this process needs in a block."""
     example_ids = self.schedule.block_examples(epoch, block)
     rows = np.unique(self._examples.image_index[example_ids])
@@ -134,9 +146,11 @@ class TrainBatches:
 
   def _block(self, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """A block's features, read once and the next block read ahead."""
-    following = ((epoch, block + 1)
-                 if block + 1 < self.schedule.num_blocks(epoch)
-                 else (epoch + 1, 0))
+    following = (
+      (epoch, block + 1)
+      if block + 1 < self.schedule.num_blocks(epoch)
+      else (epoch + 1, 0)
+    )
     with self._lock:
       for key in ((epoch, block), following):
         if key not in self._blocks:
@@ -148,25 +162,33 @@ class TrainBatches:
         self._blocks.popitem(last=False)
     return future.result()
 
-  def _features(self, epoch: int, positions: np.ndarray,
-                example_ids: np.ndarray) -> np.ndarray:
+  def _features(
+    self, epoch: int, positions: np.ndarray, example_ids: np.ndarray
+  ) -> np.ndarray:
     rows = self._examples.image_index[example_ids]
     store = self._examples.store
     if self._cache_features:
       with self._lock:
         if self._all_features is None:
-          logging.info('Reading all %d feature grids (%.1f GB) into memory '
-                       '(config.cache_features)', len(store),
-                       len(store) * store.num_locations * store.feature_dim
-                       * store.dtype.itemsize / 1e9)
+          logging.info(
+            'Reading all %d feature grids (%.1f GB) into memory '
+            '(config.cache_features)',
+            len(store),
+            len(store)
+            * store.num_locations
+            * store.feature_dim
+            * store.dtype.itemsize
+            / 1e9,
+          )
           self._all_features = store.read_all()
       return self._all_features[rows]
     blocks = self.schedule.blocks_of(epoch, positions)
     if blocks[0] == blocks[-1]:  # the usual case: one copy, no assembly
       block_rows, block_features = self._block(epoch, int(blocks[0]))
       return block_features[np.searchsorted(block_rows, rows)]
-    out = np.empty((len(rows), store.num_locations, store.feature_dim),
-                   store.dtype)
+    out = np.empty(
+      (len(rows), store.num_locations, store.feature_dim), store.dtype
+    )
     for block in np.unique(blocks):
       block_rows, block_features = self._block(epoch, int(block))
       sel = blocks == block
@@ -177,21 +199,35 @@ class TrainBatches:
     """This process's slice of the global batch of `step`."""
     positions, example_ids, length = self.schedule.rows(step)
     epoch = step // self.schedule.steps_per_epoch
-    return {'features': self._features(epoch, positions, example_ids),
-            'tokens': self._examples.tokens[example_ids, :length]}
+    return {
+      'features': self._features(epoch, positions, example_ids),
+      'tokens': self._examples.tokens[example_ids, :length],
+    }
 
   def iterator(self, start_step: int = 0) -> Iterator[Batch]:
     """Endless batches from `start_step` on."""
-    return tf_iterator(self.batch, start_step, None, ('features', 'tokens'),
-                        (self._examples.store.dtype, np.int32))
+    return tf_iterator(
+      self.batch,
+      start_step,
+      None,
+      ('features', 'tokens'),
+      (self._examples.store.dtype, np.int32),
+    )
 
 
 class EvalBatches:
   """The evaluation batches of one process, in a fixed order."""
 
-  def __init__(self, examples: Examples, *, batch_size: int,
-               bucket_lengths: Sequence[int], process_index: int = 0,
-               process_count: int = 1, num_examples: int = 0):
+  def __init__(
+    self,
+    examples: Examples,
+    *,
+    batch_size: int,
+    bucket_lengths: Sequence[int],
+    process_index: int = 0,
+    process_count: int = 1,
+    num_examples: int = 0,
+  ):
     """See the module docstring; num_examples > 0 keeps only the first ones."""
     schedule.check_process(process_index, process_count)
     self._local = schedule.local_batch_size(batch_size, process_count)
@@ -199,8 +235,9 @@ class EvalBatches:
     self._batch_size = batch_size
     self._buckets = tuple(bucket_lengths)
     self._process_index = process_index
-    self.num_examples = (min(num_examples, len(examples)) if num_examples > 0
-                         else len(examples))
+    self.num_examples = (
+      min(num_examples, len(examples)) if num_examples > 0 else len(examples)
+    )
     self.num_batches = -(-self.num_examples // batch_size)
 
   def batch(self, index: int) -> Batch:
@@ -209,14 +246,16 @@ class EvalBatches:
       raise ValueError(f'batch index {index} not in [0, {self.num_batches})')
     start = index * self._batch_size
     stop = min(start + self._batch_size, self.num_examples)
-    length = schedule.bucket_length(int(self._examples.lengths[start:stop].max()),
-                           self._buckets)
+    length = schedule.bucket_length(
+      int(self._examples.lengths[start:stop].max()), self._buckets
+    )
     local_start = start + self._process_index * self._local
     ids = np.arange(local_start, min(local_start + self._local, stop))
     store = self._examples.store
     real = len(ids)
-    features = np.zeros((self._local, store.num_locations, store.feature_dim),
-                        store.dtype)
+    features = np.zeros(
+      (self._local, store.num_locations, store.feature_dim), store.dtype
+    )
     tokens = np.zeros((self._local, length), np.int32)
     image_index = np.full(self._local, -1, np.int32)
     if real:
@@ -226,43 +265,62 @@ class EvalBatches:
       tokens[:real] = self._examples.tokens[ids, :length]
       image_index[:real] = rows
     mask = (np.arange(self._local) < real).astype(np.float32)
-    return {'features': features, 'tokens': tokens, 'mask': mask,
-            'image_index': image_index}
+    return {
+      'features': features,
+      'tokens': tokens,
+      'mask': mask,
+      'image_index': image_index,
+    }
 
   def iterator(self) -> Iterator[Batch]:
     """All evaluation batches, once."""
     return tf_iterator(
-        self.batch, 0, self.num_batches,
-        ('features', 'tokens', 'mask', 'image_index'),
-        (self._examples.store.dtype, np.int32, np.float32, np.int32))
+      self.batch,
+      0,
+      self.num_batches,
+      ('features', 'tokens', 'mask', 'image_index'),
+      (self._examples.store.dtype, np.int32, np.float32, np.int32),
+    )
 
 
-def tf_iterator(batch_fn: Callable[[int], Batch], start: int,
-                 stop: int | None, keys: Sequence[str],
-                 dtypes: Sequence[np.dtype]) -> Iterator[Batch]:
+def tf_iterator(
+  batch_fn: Callable[[int], Batch],
+  start: int,
+  stop: int | None,
+  keys: Sequence[str],
+  dtypes: Sequence[np.dtype],
+) -> Iterator[Batch]:
   """batch_fn(start), batch_fn(start + 1), ... made by tf.data in parallel."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
 
   def numpy_fn(step):
     batch = batch_fn(int(step))
     return tuple(batch[k] for k in keys)
 
   def tf_fn(step):
-    return tuple(tf.numpy_function(numpy_fn, [step],
-                                   [tf.as_dtype(d) for d in dtypes],
-                                   stateful=False))
+    return tuple(
+      tf.numpy_function(
+        numpy_fn, [step], [tf.as_dtype(d) for d in dtypes], stateful=False
+      )
+    )
 
   ds = tf.data.Dataset.range(start, stop if stop is not None else 2**62)
-  ds = ds.map(tf_fn, num_parallel_calls=_NUM_PARALLEL_BATCHES,
-              deterministic=True).prefetch(_PREFETCH_BATCHES)
+  ds = ds.map(
+    tf_fn, num_parallel_calls=_NUM_PARALLEL_BATCHES, deterministic=True
+  ).prefetch(_PREFETCH_BATCHES)
   for values in ds.as_numpy_iterator():
     yield dict(zip(keys, values))
 
 
-def train_batches(config, store: feature_store.FeatureStore,
-                  records: Sequence[datasets.Record], vocab: vocab_lib.Vocab,
-                  *, process_index: int = 0,
-                  process_count: int = 1) -> TrainBatches:
+def train_batches(
+  config,
+  store: feature_store.FeatureStore,
+  records: Sequence[datasets.Record],
+  vocab: vocab_lib.Vocab,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> TrainBatches:
   """The training batches of this process (see the module docstring).
 
   Args:
@@ -276,35 +334,57 @@ def train_batches(config, store: feature_store.FeatureStore,
   """
   examples = make_examples(store, records, vocab, config.max_caption_len)
   batch_schedule = schedule.BatchSchedule(
-      examples.lengths, examples.image_index, batch_size=config.batch_size,
-      seed=config.seed, bucket_lengths=config.bucket_lengths,
-      shuffle_buffer=config.shuffle_buffer,
-      group_by_length=config.group_by_length, process_index=process_index,
-      process_count=process_count)
-  return TrainBatches(examples, batch_schedule,
-                      cache_features=config.cache_features)
+    examples.lengths,
+    examples.image_index,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    bucket_lengths=config.bucket_lengths,
+    shuffle_buffer=config.shuffle_buffer,
+    group_by_length=config.group_by_length,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return TrainBatches(
+    examples, batch_schedule, cache_features=config.cache_features
+  )
 
 
-def train_iterator(config, store: feature_store.FeatureStore,
-                   records: Sequence[datasets.Record],
-                   vocab: vocab_lib.Vocab, *, start_step: int = 0,
-                   process_index: int = 0,
-                   process_count: int = 1) -> Iterator[Batch]:
+def train_iterator(
+  config,
+  store: feature_store.FeatureStore,
+  records: Sequence[datasets.Record],
+  vocab: vocab_lib.Vocab,
+  *,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """Endless training batches from `start_step` on (see the module docstring).
 
   The arguments are `train_batches`', and start_step the first step to make
   a batch for.
   """
-  return train_batches(config, store, records, vocab,
-                       process_index=process_index,
-                       process_count=process_count).iterator(start_step)
+  return train_batches(
+    config,
+    store,
+    records,
+    vocab,
+    process_index=process_index,
+    process_count=process_count,
+  ).iterator(start_step)
 
 
-def eval_iterator(config, store: feature_store.FeatureStore,
-                  records: Sequence[datasets.Record], vocab: vocab_lib.Vocab,
-                  *, process_index: int = 0, process_count: int = 1,
-                  num_examples: int = 0,
-                  captions_per_image: int | None = None) -> Iterator[Batch]:
+def eval_iterator(
+  config,
+  store: feature_store.FeatureStore,
+  records: Sequence[datasets.Record],
+  vocab: vocab_lib.Vocab,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_examples: int = 0,
+  captions_per_image: int | None = None,
+) -> Iterator[Batch]:
   """One pass over the evaluation examples (see the module docstring).
 
   Args:
@@ -318,9 +398,14 @@ def eval_iterator(config, store: feature_store.FeatureStore,
     captions_per_image: 1 gives one example per image, e.g. for generating
       captions; None uses every caption.
   """
-  examples = make_examples(store, records, vocab, config.max_caption_len,
-                           captions_per_image)
+  examples = make_examples(
+    store, records, vocab, config.max_caption_len, captions_per_image
+  )
   return EvalBatches(
-      examples, batch_size=config.batch_size,
-      bucket_lengths=config.bucket_lengths, process_index=process_index,
-      process_count=process_count, num_examples=num_examples).iterator()
+    examples,
+    batch_size=config.batch_size,
+    bucket_lengths=config.bucket_lengths,
+    process_index=process_index,
+    process_count=process_count,
+    num_examples=num_examples,
+  ).iterator()

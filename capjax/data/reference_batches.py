@@ -39,6 +39,7 @@ class ImageReferences:
     references_MRT: (M, R, T) int32 reference ids, <pad>-padded rows and
       columns; T is the longest reference.
   """
+
   store: feature_store.FeatureStore
   rows_M: np.ndarray
   references_MRT: np.ndarray
@@ -53,20 +54,29 @@ def image_references(examples: input_pipeline.Examples) -> ImageReferences:
   by_image = np.argsort(examples.image_index, kind='stable')
   length = int(examples.lengths.max()) if len(examples) else 1
   references_MRT = np.zeros(
-      (len(rows_M), int(counts_M.max(initial=1)), length), np.int32)
+    (len(rows_M), int(counts_M.max(initial=1)), length), np.int32
+  )
   starts_M = np.concatenate([[0], np.cumsum(counts_M)[:-1]])
   for m, (start, count) in enumerate(zip(starts_M, counts_M)):
-    references_MRT[m, :count] = examples.tokens[by_image[start:start + count],
-                                                :length]
+    references_MRT[m, :count] = examples.tokens[
+      by_image[start : start + count], :length
+    ]
   return ImageReferences(examples.store, rows_M, references_MRT)
 
 
 class ImageBatches:
   """The SCST batches of one process: images and their references."""
 
-  def __init__(self, references: ImageReferences, *, batch_size: int,
-               seed: int, process_index: int = 0, process_count: int = 1,
-               cache_features: bool = False):
+  def __init__(
+    self,
+    references: ImageReferences,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    cache_features: bool = False,
+  ):
     """See the module docstring.
 
     Args:
@@ -83,23 +93,25 @@ class ImageBatches:
     schedule.check_process(process_index, process_count)
     self._local = schedule.local_batch_size(batch_size, process_count)
     if len(references) < batch_size:
-      raise errors.UserError(f'{len(references)} training images do not make '
-                             f'one batch of {batch_size}')
+      raise errors.UserError(
+        f'{len(references)} training images do not make '
+        f'one batch of {batch_size}'
+      )
     self._references = references
     self._batch_size = batch_size
     self._seed = seed
     self._process_index = process_index
     self.steps_per_epoch = len(references) // batch_size
-    self._all_features = (references.store.read_all() if cache_features
-                          else None)
+    self._all_features = references.store.read_all() if cache_features else None
 
   def images(self, step: int) -> np.ndarray:
     """This process's images of a step, as indices into `references`."""
     epoch, position = divmod(step, self.steps_per_epoch)
     order = np.random.default_rng([self._seed, epoch]).permutation(
-        len(self._references))
+      len(self._references)
+    )
     start = position * self._batch_size + self._process_index * self._local
-    return order[start:start + self._local]
+    return order[start : start + self._local]
 
   def batch(self, step: int) -> Batch:
     """This process's slice of the global batch of `step`."""
@@ -111,12 +123,18 @@ class ImageBatches:
       unique, inverse = np.unique(rows, return_inverse=True)
       features = self._references.store.read(unique)[inverse]
     references = self._references.references_MRT[images]
-    return {'features': features, 'references': references,
-            'reference_mask': np.any(references != 0, axis=-1)}
+    return {
+      'features': features,
+      'references': references,
+      'reference_mask': np.any(references != 0, axis=-1),
+    }
 
   def iterator(self, start_step: int = 0) -> Iterator[Batch]:
     """Endless batches from `start_step` on."""
     return input_pipeline.tf_iterator(
-        self.batch, start_step, None,
-        ('features', 'references', 'reference_mask'),
-        (self._references.store.dtype, np.int32, np.bool_))
+      self.batch,
+      start_step,
+      None,
+      ('features', 'references', 'reference_mask'),
+      (self._references.store.dtype, np.int32, np.bool_),
+    )

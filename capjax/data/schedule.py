@@ -24,8 +24,8 @@ Only example lengths and images are needed, never features:
 capjax.data.input_pipeline reads the features the schedule asks for.
 """
 
-from collections.abc import Sequence
 import collections
+from collections.abc import Sequence
 import threading
 
 import numpy as np
@@ -43,32 +43,45 @@ def bucket_length(max_length: int, bucket_lengths: Sequence[int]) -> int:
     if length >= max_length:
       return length
   raise errors.UserError(
-      f'a caption of {max_length} tokens fits no bucket of '
-      f'{tuple(bucket_lengths)}; the largest bucket must be at least '
-      'config.max_caption_len')
+    f'a caption of {max_length} tokens fits no bucket of '
+    f'{tuple(bucket_lengths)}; the largest bucket must be at least '
+    'config.max_caption_len'
+  )
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """This process's share of the global batch."""
   if global_batch_size % process_count:
-    raise errors.UserError(f'batch_size {global_batch_size} does not divide '
-                           f'over {process_count} processes')
+    raise errors.UserError(
+      f'batch_size {global_batch_size} does not divide '
+      f'over {process_count} processes'
+    )
   return global_batch_size // process_count
 
 
 def check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in '
-                     f'[0, {process_count})')
+    raise ValueError(
+      f'process_index {process_index} is not in [0, {process_count})'
+    )
 
 
 class BatchSchedule:
   """The example ids and caption length of each step's batch, per process."""
 
-  def __init__(self, lengths: np.ndarray, image_index: np.ndarray, *,
-               batch_size: int, seed: int, bucket_lengths: Sequence[int],
-               shuffle_buffer: int, group_by_length: bool = False,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    lengths: np.ndarray,
+    image_index: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    bucket_lengths: Sequence[int],
+    shuffle_buffer: int,
+    group_by_length: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     """See the module docstring.
 
     Args:
@@ -85,8 +98,10 @@ class BatchSchedule:
     check_process(process_index, process_count)
     self.local_batch_size = local_batch_size(batch_size, process_count)
     if len(lengths) < batch_size:
-      raise errors.UserError(f'{len(lengths)} training examples do not make '
-                             f'one batch of {batch_size}')
+      raise errors.UserError(
+        f'{len(lengths)} training examples do not make '
+        f'one batch of {batch_size}'
+      )
     self._lengths = np.asarray(lengths)
     self.batch_size = batch_size
     self._seed = seed
@@ -99,11 +114,14 @@ class BatchSchedule:
     # `by_image[starts[j]:starts[j] + counts[j]]`.
     self._by_image = np.argsort(image_index, kind='stable')
     self._unique_images, self._starts, self._counts = np.unique(
-        np.asarray(image_index)[self._by_image], return_index=True,
-        return_counts=True)
+      np.asarray(image_index)[self._by_image],
+      return_index=True,
+      return_counts=True,
+    )
     self._lock = threading.Lock()
     self._orders: collections.OrderedDict[
-        int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+      int, tuple[np.ndarray, np.ndarray]
+    ] = collections.OrderedDict()
 
   @property
   def mean_batch_tokens(self) -> float:
@@ -138,9 +156,9 @@ class BatchSchedule:
         self._orders.popitem(last=False)
     return order, block_starts
 
-  def _shuffle_batches_within_blocks(self, order: np.ndarray,
-                                     block: np.ndarray,
-                                     rng: np.random.Generator) -> np.ndarray:
+  def _shuffle_batches_within_blocks(
+    self, order: np.ndarray, block: np.ndarray, rng: np.random.Generator
+  ) -> np.ndarray:
     """Reorders the batches that lie wholly inside a block among themselves.
 
     Args:
@@ -154,8 +172,9 @@ class BatchSchedule:
     inside = np.flatnonzero(first_block == last_block)
     # Sorting the inside batches by (block, random key) permutes each block's
     # batches among the positions that block's inside batches occupy.
-    shuffled = inside[np.lexsort((rng.random(len(inside)),
-                                  first_block[inside]))]
+    shuffled = inside[
+      np.lexsort((rng.random(len(inside)), first_block[inside]))
+    ]
     batch_order = np.arange(num_batches)
     batch_order[inside] = shuffled
     used = num_batches * self.batch_size
@@ -166,7 +185,7 @@ class BatchSchedule:
     """T of the global batch of `step`: the bucket of its longest caption."""
     epoch, i = divmod(step, self.steps_per_epoch)
     order, _ = self.epoch_order(epoch)
-    batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+    batch = order[i * self.batch_size : (i + 1) * self.batch_size]
     return bucket_length(int(self._lengths[batch].max()), self._buckets)
 
   def rows(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -183,10 +202,13 @@ class BatchSchedule:
     """The example ids this process uses in a block of an epoch."""
     order, block_starts = self.epoch_order(epoch)
     used = self.steps_per_epoch * self.batch_size
-    positions = np.arange(block_starts[block],
-                          min(block_starts[block + 1], used))
-    mine = positions[(positions % self.batch_size) // self.local_batch_size
-                     == self.process_index]
+    positions = np.arange(
+      block_starts[block], min(block_starts[block + 1], used)
+    )
+    mine = positions[
+      (positions % self.batch_size) // self.local_batch_size
+      == self.process_index
+    ]
     return order[mine]
 
   def num_blocks(self, epoch: int) -> int:

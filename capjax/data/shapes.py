@@ -31,10 +31,10 @@ PathLike = str | os.PathLike[str]
 
 SPLITS = ('train', 'val', 'test')
 COLOURS = {
-    'red': (220, 50, 50),
-    'green': (40, 180, 70),
-    'blue': (60, 100, 240),
-    'yellow': (235, 210, 40),
+  'red': (220, 50, 50),
+  'green': (40, 180, 70),
+  'blue': (60, 100, 240),
+  'yellow': (235, 210, 40),
 }
 SHAPES = ('circle', 'square', 'triangle')
 # Half the side of an object's bounding box, as a fraction of the image side.
@@ -57,6 +57,7 @@ _COUNT_WORDS = ('one shape', 'two shapes', 'three shapes')
 @dataclasses.dataclass(frozen=True)
 class Shape:
   """One object: its words and its bounding box (centre cx, cy; half side r)."""
+
   shape: str
   colour: str
   size: str
@@ -72,6 +73,7 @@ class Shape:
 @dataclasses.dataclass(frozen=True)
 class Example:
   """A generated image with its objects (left to right) and captions."""
+
   image_id: int
   image: np.ndarray  # (S, S, 3) uint8
   objects: tuple[Shape, ...]
@@ -92,8 +94,9 @@ def captions_for(objects: Sequence[Shape]) -> tuple[str, ...]:
   if not 1 <= n <= 3:
     raise ValueError(f'shapes images hold 1 to 3 objects, got {n}')
   phrases = [o.phrase for o in objects]
-  listing = (phrases[0] if n == 1 else
-             ' '.join(phrases[:-1]) + ' and ' + phrases[-1])
+  listing = (
+    phrases[0] if n == 1 else ' '.join(phrases[:-1]) + ' and ' + phrases[-1]
+  )
   if n == 1:
     first, second = (f'the image shows {listing}', f'a picture of {listing}')
   else:
@@ -104,8 +107,13 @@ def captions_for(objects: Sequence[Shape]) -> tuple[str, ...]:
     if n == 3:
       first += f' and {objects[2].phrase}'
       second += f' and {a.phrase}'
-  return (listing, f'there is {listing}', first, second,
-          f'{_COUNT_WORDS[n - 1]} {listing}')
+  return (
+    listing,
+    f'there is {listing}',
+    first,
+    second,
+    f'{_COUNT_WORDS[n - 1]} {listing}',
+  )
 
 
 def object_mask(obj: Shape, image_size: int) -> np.ndarray:
@@ -123,17 +131,17 @@ def object_mask(obj: Shape, image_size: int) -> np.ndarray:
 
 def _layout_ok(objects: Sequence[Shape]) -> bool:
   for i, a in enumerate(objects):
-    for b in objects[i + 1:]:
+    for b in objects[i + 1 :]:
       dx, dy = abs(a.cx - b.cx), abs(a.cy - b.cy)
       apart = max(dx, dy) > a.r + b.r + _MIN_GAP
-      if (not apart or dx < _MIN_DX
-          or abs(dx - dy) < _MIN_AXIS_MARGIN):
+      if not apart or dx < _MIN_DX or abs(dx - dy) < _MIN_AXIS_MARGIN:
         return False
   return True
 
 
-def _sample_objects(rng: np.random.Generator,
-                    image_size: int) -> tuple[Shape, ...]:
+def _sample_objects(
+  rng: np.random.Generator, image_size: int
+) -> tuple[Shape, ...]:
   """1-3 objects of distinct (colour, shape), placed legibly, left to right."""
   num = int(rng.integers(1, 4))
   while True:
@@ -142,12 +150,16 @@ def _sample_objects(rng: np.random.Generator,
     radii = [max(2, round(SIZES[s] * image_size)) for s in sizes]
     for _ in range(_MAX_LAYOUT_TRIES):
       objects = [
-          Shape(shape=SHAPES[k % len(SHAPES)],
-                colour=list(COLOURS)[k // len(SHAPES)],
-                size=str(s), r=r,
-                cx=int(rng.integers(r, image_size - r)),
-                cy=int(rng.integers(r, image_size - r)))
-          for k, s, r in zip(kinds, sizes, radii)]
+        Shape(
+          shape=SHAPES[k % len(SHAPES)],
+          colour=list(COLOURS)[k // len(SHAPES)],
+          size=str(s),
+          r=r,
+          cx=int(rng.integers(r, image_size - r)),
+          cy=int(rng.integers(r, image_size - r)),
+        )
+        for k, s, r in zip(kinds, sizes, radii)
+      ]
       if _layout_ok(objects):
         return tuple(sorted(objects, key=lambda o: o.cx))
     # Too crowded for this image size: fewer objects always fit.
@@ -163,25 +175,29 @@ def render(objects: Sequence[Shape], image_size: int) -> np.ndarray:
   return image
 
 
-def make_example(seed: int, split: str, index: int,
-                 image_size: int) -> Example:
+def make_example(seed: int, split: str, index: int, image_size: int) -> Example:
   """Image `index` of `split`, a pure function of its arguments."""
   if split not in SPLITS:
     raise ValueError(f'unknown shapes split {split!r}; use one of {SPLITS}')
   split_index = SPLITS.index(split)
   rng = np.random.default_rng([seed, split_index, index])
   objects = _sample_objects(rng, image_size)
-  return Example(image_id=split_index * _ID_STRIDE + index,
-                 image=render(objects, image_size), objects=objects,
-                 captions=captions_for(objects))
+  return Example(
+    image_id=split_index * _ID_STRIDE + index,
+    image=render(objects, image_size),
+    objects=objects,
+    captions=captions_for(objects),
+  )
 
 
-def generate(seed: int, split: str, num_images: int,
-             image_size: int) -> list[Example]:
+def generate(
+  seed: int, split: str, num_images: int, image_size: int
+) -> list[Example]:
   """The first `num_images` examples of `split`, in memory."""
   if not 0 <= num_images < _ID_STRIDE:
-    raise ValueError(f'num_images must be in [0, {_ID_STRIDE}), got '
-                     f'{num_images}')
+    raise ValueError(
+      f'num_images must be in [0, {_ID_STRIDE}), got {num_images}'
+    )
   return [make_example(seed, split, i, image_size) for i in range(num_images)]
 
 
@@ -197,22 +213,25 @@ def annotation_path(directory: PathLike, split: str) -> pathlib.Path:
 
 
 def _settings(shapes_config, split: str) -> dict[str, int]:
-  return {'seed': shapes_config.seed, 'image_size': shapes_config.image_size,
-          'num_images': split_size(shapes_config, split)}
+  return {
+    'seed': shapes_config.seed,
+    'image_size': shapes_config.image_size,
+    'num_images': split_size(shapes_config, split),
+  }
 
 
 def is_written(directory: PathLike, split: str, shapes_config) -> bool:
   """Whether `write_split` already wrote this split with these settings."""
   try:
-    info = json.loads(annotation_path(directory, split).read_text(
-        encoding='utf-8'))['info']
+    info = json.loads(
+      annotation_path(directory, split).read_text(encoding='utf-8')
+    )['info']
   except (OSError, ValueError, KeyError, TypeError):
     return False
   return info.get('capjax_shapes') == _settings(shapes_config, split)
 
 
-def write_split(directory: PathLike, split: str,
-                shapes_config) -> pathlib.Path:
+def write_split(directory: PathLike, split: str, shapes_config) -> pathlib.Path:
   """Writes a split as `{split}/*.png` + `annotations/captions_{split}.json`.
 
   The caption file is COCO-format (images, annotations) and is written last,
@@ -231,19 +250,37 @@ def write_split(directory: PathLike, split: str,
   image_dir.mkdir(parents=True, exist_ok=True)
   annotation_path(directory, split).parent.mkdir(parents=True, exist_ok=True)
   images, annotations = [], []
-  for example in generate(settings['seed'], split, settings['num_images'],
-                          settings['image_size']):
+  for example in generate(
+    settings['seed'], split, settings['num_images'], settings['image_size']
+  ):
     file_name = f'{split}_{example.image_id % _ID_STRIDE:06d}.png'
     Image.fromarray(example.image).save(image_dir / file_name)
-    images.append({'id': example.image_id, 'file_name': file_name,
-                   'height': settings['image_size'],
-                   'width': settings['image_size']})
+    images.append(
+      {
+        'id': example.image_id,
+        'file_name': file_name,
+        'height': settings['image_size'],
+        'width': settings['image_size'],
+      }
+    )
     for caption in example.captions:
-      annotations.append({'id': len(annotations), 'image_id': example.image_id,
-                          'caption': caption})
+      annotations.append(
+        {
+          'id': len(annotations),
+          'image_id': example.image_id,
+          'caption': caption,
+        }
+      )
   path = annotation_path(directory, split)
-  files.write_json_atomic(path, {
-      'info': {'description': 'capjax synthetic shapes',
-               'capjax_shapes': settings},
-      'images': images, 'annotations': annotations})
+  files.write_json_atomic(
+    path,
+    {
+      'info': {
+        'description': 'capjax synthetic shapes',
+        'capjax_shapes': settings,
+      },
+      'images': images,
+      'annotations': annotations,
+    },
+  )
   return path

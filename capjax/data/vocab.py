@@ -49,11 +49,14 @@ class Vocab:
     """
     self._id_to_word = list(SPECIAL_TOKENS) + list(words)
     # Only real words: a caption that spells out '<end>' gets <unk> there.
-    self._word_to_id = {w: i for i, w in enumerate(self._id_to_word)
-                        if w not in SPECIAL_TOKENS}
+    self._word_to_id = {
+      w: i for i, w in enumerate(self._id_to_word) if w not in SPECIAL_TOKENS
+    }
     if len(set(self._id_to_word)) != len(self._id_to_word):
-      raise ValueError('vocabulary words must be distinct and must not be '
-                       f'special tokens {SPECIAL_TOKENS}')
+      raise ValueError(
+        'vocabulary words must be distinct and must not be '
+        f'special tokens {SPECIAL_TOKENS}'
+      )
 
   @classmethod
   def build(cls, captions: Iterable[str], top_k: int) -> 'Vocab':
@@ -73,7 +76,8 @@ class Vocab:
     # Counter keeps insertion order and most_common sorts stably, so equal
     # counts keep their first-occurrence order, as in Keras.
     counts = collections.Counter(
-        w for c in captions for w in tokenize(c) if w not in SPECIAL_TOKENS)
+      w for c in captions for w in tokenize(c) if w not in SPECIAL_TOKENS
+    )
     return cls([w for w, _ in counts.most_common(top_k)])
 
   @property
@@ -110,9 +114,10 @@ class Vocab:
     ids = [self._word_to_id.get(w, self.unk_id) for w in tokenize(text)]
     if max_len is not None:
       if max_len < 2:
-        raise ValueError(f'max_len must be >= 2 for <start> and <end>, got '
-                         f'{max_len}')
-      ids = ids[:max_len - 2]
+        raise ValueError(
+          f'max_len must be >= 2 for <start> and <end>, got {max_len}'
+        )
+      ids = ids[: max_len - 2]
     return np.array([self.start_id] + ids + [self.end_id], np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
@@ -125,8 +130,9 @@ class Vocab:
     for i in ids:
       i = int(i)
       if not 0 <= i < self.size:
-        raise ValueError(f'token id {i} is outside the vocabulary '
-                         f'[0, {self.size})')
+        raise ValueError(
+          f'token id {i} is outside the vocabulary [0, {self.size})'
+        )
       if i == self.end_id:
         break
       if i not in (self.start_id, self.pad_id):
@@ -136,15 +142,20 @@ class Vocab:
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes the vocabulary as JSON (atomically)."""
     files.write_json_atomic(
-        path, {'format': _FORMAT, 'tokens': self._id_to_word},
-        ensure_ascii=False, indent=0)
+      path,
+      {'format': _FORMAT, 'tokens': self._id_to_word},
+      ensure_ascii=False,
+      indent=0,
+    )
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> 'Vocab':
     """Reads a vocabulary written by `save`."""
     data = files.read_json(path)
-    if (not isinstance(data, dict) or data.get('format') != _FORMAT
-        or tuple(data.get('tokens', ())[:len(SPECIAL_TOKENS)])
-        != SPECIAL_TOKENS):
+    if (
+      not isinstance(data, dict)
+      or data.get('format') != _FORMAT
+      or tuple(data.get('tokens', ())[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS
+    ):
       raise errors.UserError(f'{path} is not a capjax vocabulary file')
-    return cls(data['tokens'][len(SPECIAL_TOKENS):])
+    return cls(data['tokens'][len(SPECIAL_TOKENS) :])

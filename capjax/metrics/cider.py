@@ -33,10 +33,10 @@ search of fixed depth, and a candidate n-gram's count in a reference is an
 exact key comparison.
 """
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from capjax.data import vocab as vocab_lib
 
@@ -64,6 +64,7 @@ class DocumentFrequencies:
     log_num_images: float32 scalar, the idf of n-grams outside the corpus
       (pycocoevalcap's `ref_len`).
   """
+
   key1_G: jax.Array
   key2_G: jax.Array
   idf_G: jax.Array
@@ -83,8 +84,9 @@ def decode_ngrams(key1_G, key2_G) -> np.ndarray:
   """The n-grams (G, 4) of `encode_ngrams` keys, zero-padded after n."""
   key1_G, key2_G = np.asarray(key1_G), np.asarray(key2_G)
   low = MAX_VOCAB_SIZE - 1
-  return np.stack([key1_G >> _ID_BITS, key1_G & low,
-                   key2_G >> _ID_BITS, key2_G & low], -1)
+  return np.stack(
+    [key1_G >> _ID_BITS, key1_G & low, key2_G >> _ID_BITS, key2_G & low], -1
+  )
 
 
 def _ngrams(tokens_XT, xp):
@@ -100,19 +102,23 @@ def _ngrams(tokens_XT, xp):
     num_words_X: words in each row.
   """
   num_tokens = tokens_XT.shape[-1]
-  is_word_XT = ((tokens_XT > END_ID)
-                & (xp.cumsum(tokens_XT == END_ID, axis=-1) == 0))
+  is_word_XT = (tokens_XT > END_ID) & (
+    xp.cumsum(tokens_XT == END_ID, axis=-1) == 0
+  )
   # Words to the front, in order: skipped ids are not in the caption's text,
   # so they must not split n-grams.
   order_XT = xp.argsort(~is_word_XT, axis=-1, stable=True)
-  words_XT = xp.take_along_axis(xp.where(is_word_XT, tokens_XT, 0), order_XT,
-                                axis=-1)
+  words_XT = xp.take_along_axis(
+    xp.where(is_word_XT, tokens_XT, 0), order_XT, axis=-1
+  )
   num_words_X = is_word_XT.sum(-1)
   padded = xp.pad(words_XT, [(0, 0)] * (words_XT.ndim - 1) + [(0, MAX_N - 1)])
-  shifted = [padded[..., i:i + num_tokens] for i in range(MAX_N)]
+  shifted = [padded[..., i : i + num_tokens] for i in range(MAX_N)]
   zeros_XT = xp.zeros_like(words_XT)
-  keys = [_keys(*(shifted[i] if i < n else zeros_XT for i in range(MAX_N)))
-          for n in range(1, MAX_N + 1)]
+  keys = [
+    _keys(*(shifted[i] if i < n else zeros_XT for i in range(MAX_N)))
+    for n in range(1, MAX_N + 1)
+  ]
   key1_XNT = xp.stack([k1 for k1, _ in keys], -2)
   key2_XNT = xp.stack([k2 for _, k2 in keys], -2)
   # An n-gram of order n + 1 starting at word t needs t + n + 1 words.
@@ -121,8 +127,9 @@ def _ngrams(tokens_XT, xp):
   return key1_XNT, key2_XNT, valid_XNT, num_words_X
 
 
-def document_frequencies(references_NRT,
-                         vocab_size: int) -> DocumentFrequencies:
+def document_frequencies(
+  references_NRT, vocab_size: int
+) -> DocumentFrequencies:
   """Counts on the host, for each n-gram, the images whose references hold it.
 
   Args:
@@ -139,22 +146,28 @@ def document_frequencies(references_NRT,
       references without words.
   """
   if vocab_size > MAX_VOCAB_SIZE:
-    raise ValueError(f'CIDEr-D n-gram keys take vocabularies of at most '
-                     f'{MAX_VOCAB_SIZE} ids, got {vocab_size}')
+    raise ValueError(
+      f'CIDEr-D n-gram keys take vocabularies of at most '
+      f'{MAX_VOCAB_SIZE} ids, got {vocab_size}'
+    )
   references_NRT = np.asarray(references_NRT)
   if references_NRT.ndim != 3 or not references_NRT.shape[0]:
-    raise ValueError('references must be (images, captions, tokens), got '
-                     f'shape {references_NRT.shape}')
-  if references_NRT.size and (references_NRT.min() < 0
-                              or references_NRT.max() >= vocab_size):
+    raise ValueError(
+      'references must be (images, captions, tokens), got '
+      f'shape {references_NRT.shape}'
+    )
+  if references_NRT.size and (
+    references_NRT.min() < 0 or references_NRT.max() >= vocab_size
+  ):
     raise ValueError(f'reference ids must lie in [0, {vocab_size})')
   unique_keys = []
   for start in range(0, len(references_NRT), _CHUNK_IMAGES):
-    chunk_CRT = references_NRT[start:start + _CHUNK_IMAGES].astype(np.int32)
+    chunk_CRT = references_NRT[start : start + _CHUNK_IMAGES].astype(np.int32)
     key1, key2, valid, _ = _ngrams(chunk_CRT, np)
     # Both keys in one int64 (numpy has them), ordered as (key1, key2) are.
-    keys_CM = np.where(valid, (key1.astype(np.int64) << 2 * _ID_BITS) | key2,
-                       -1).reshape(len(chunk_CRT), -1)
+    keys_CM = np.where(
+      valid, (key1.astype(np.int64) << 2 * _ID_BITS) | key2, -1
+    ).reshape(len(chunk_CRT), -1)
     keys_CM.sort(axis=-1)
     # Each image counts an n-gram once, however many references hold it.
     first_CM = np.ones_like(keys_CM, bool)
@@ -165,10 +178,11 @@ def document_frequencies(references_NRT,
     raise ValueError('the references hold no words')
   log_num_images = np.log(len(references_NRT))
   return DocumentFrequencies(
-      key1_G=jnp.asarray(keys_G >> 2 * _ID_BITS, jnp.int32),
-      key2_G=jnp.asarray(keys_G & ((1 << 2 * _ID_BITS) - 1), jnp.int32),
-      idf_G=jnp.asarray(log_num_images - np.log(df_G), jnp.float32),
-      log_num_images=jnp.asarray(log_num_images, jnp.float32))
+    key1_G=jnp.asarray(keys_G >> 2 * _ID_BITS, jnp.int32),
+    key2_G=jnp.asarray(keys_G & ((1 << 2 * _ID_BITS) - 1), jnp.int32),
+    idf_G=jnp.asarray(log_num_images - np.log(df_G), jnp.float32),
+    log_num_images=jnp.asarray(log_num_images, jnp.float32),
+  )
 
 
 def _idf(doc_freqs: DocumentFrequencies, key1, key2):
@@ -184,13 +198,18 @@ def _idf(doc_freqs: DocumentFrequencies, key1, key2):
     k1, k2 = doc_freqs.key1_G[at], doc_freqs.key2_G[at]
     before = (k1 < key1) | ((k1 == key1) & (k2 < key2))
     active = lo < hi
-    return (jnp.where(active & before, mid + 1, lo),
-            jnp.where(active & ~before, mid, hi))
+    return (
+      jnp.where(active & before, mid + 1, lo),
+      jnp.where(active & ~before, mid, hi),
+    )
 
   # Each step at least halves hi - lo, which starts at G.
   lo, _ = jax.lax.fori_loop(
-      0, num_ngrams.bit_length(), step,
-      (jnp.zeros_like(key1), jnp.full_like(key1, num_ngrams)))
+    0,
+    num_ngrams.bit_length(),
+    step,
+    (jnp.zeros_like(key1), jnp.full_like(key1, num_ngrams)),
+  )
   at = jnp.minimum(lo, num_ngrams - 1)
   found = (doc_freqs.key1_G[at] == key1) & (doc_freqs.key2_G[at] == key2)
   return jnp.where(found, doc_freqs.idf_G[at], doc_freqs.log_num_images)
@@ -198,9 +217,11 @@ def _idf(doc_freqs: DocumentFrequencies, key1, key2):
 
 def _term_frequencies(key1_XNT, key2_XNT, valid_XNT):
   """Count of each position's n-gram in its row, and whether it comes first."""
-  same_XNTT = ((key1_XNT[..., :, None] == key1_XNT[..., None, :])
-               & (key2_XNT[..., :, None] == key2_XNT[..., None, :])
-               & valid_XNT[..., None, :])
+  same_XNTT = (
+    (key1_XNT[..., :, None] == key1_XNT[..., None, :])
+    & (key2_XNT[..., :, None] == key2_XNT[..., None, :])
+    & valid_XNT[..., None, :]
+  )
   earlier_TT = jnp.tri(key1_XNT.shape[-1], k=-1, dtype=bool)
   first_XNT = valid_XNT & ~(same_XNTT & earlier_TT).any(-1)
   return same_XNTT.sum(-1), first_XNT
@@ -211,9 +232,12 @@ def _norm(vec_XNT, first_XNT):
   return jnp.sqrt(jnp.where(first_XNT, vec_XNT**2, 0).sum(-1))
 
 
-def cider_d(candidates_BKT: jax.Array, references_BRT: jax.Array,
-            reference_mask_BR: jax.Array,
-            doc_freqs: DocumentFrequencies) -> jax.Array:
+def cider_d(
+  candidates_BKT: jax.Array,
+  references_BRT: jax.Array,
+  reference_mask_BR: jax.Array,
+  doc_freqs: DocumentFrequencies,
+) -> jax.Array:
   """CIDEr-D of K candidate captions per image against its references.
 
   Args:
@@ -234,12 +258,14 @@ def cider_d(candidates_BKT: jax.Array, references_BRT: jax.Array,
   def rows(tokens_BXT):  # -> (B * X, num_tokens)
     padding = num_tokens - tokens_BXT.shape[-1]
     return jnp.pad(tokens_BXT, ((0, 0), (0, 0), (0, padding))).reshape(
-        -1, num_tokens)
+      -1, num_tokens
+    )
 
   # Candidate and reference rows (Y = B * K + B * R) in one pass: one binary
   # search to compile, most of the compile time. Extra <pad>s change nothing.
   key1_YNT, key2_YNT, valid_YNT, num_words_Y = _ngrams(
-      jnp.concatenate([rows(candidates_BKT), rows(references_BRT)]), jnp)
+    jnp.concatenate([rows(candidates_BKT), rows(references_BRT)]), jnp
+  )
   idf_YNT = _idf(doc_freqs, key1_YNT, key2_YNT)
   tf_YNT, first_YNT = _term_frequencies(key1_YNT, key2_YNT, valid_YNT)
   vec_YNT = tf_YNT * idf_YNT
@@ -249,32 +275,42 @@ def cider_d(candidates_BKT: jax.Array, references_BRT: jax.Array,
   length_Y = jnp.maximum(num_words_Y - 1, 0)
 
   def cands(x_Y):  # (B * K + B * R, ...) -> (B, K, ...)
-    return x_Y[:batch * num_samples].reshape(batch, num_samples,
-                                             *x_Y.shape[1:])
+    return x_Y[: batch * num_samples].reshape(
+      batch, num_samples, *x_Y.shape[1:]
+    )
 
   def refs(x_Y):  # -> (B, R, ...)
-    return x_Y[batch * num_samples:].reshape(batch, num_refs, *x_Y.shape[1:])
+    return x_Y[batch * num_samples :].reshape(batch, num_refs, *x_Y.shape[1:])
 
   # Each candidate n-gram's count in each reference: its reference vector
   # entry, with the same idf.
   in_ref_BKRNTS = (
-      (cands(key1_YNT)[:, :, None, :, :, None]
-       == refs(key1_YNT)[:, None, :, :, None, :])
-      & (cands(key2_YNT)[:, :, None, :, :, None]
-         == refs(key2_YNT)[:, None, :, :, None, :])
-      & refs(valid_YNT)[:, None, :, :, None, :])
+    (
+      cands(key1_YNT)[:, :, None, :, :, None]
+      == refs(key1_YNT)[:, None, :, :, None, :]
+    )
+    & (
+      cands(key2_YNT)[:, :, None, :, :, None]
+      == refs(key2_YNT)[:, None, :, :, None, :]
+    )
+    & refs(valid_YNT)[:, None, :, :, None, :]
+  )
   ref_vec_BKRNT = in_ref_BKRNTS.sum(-1) * cands(idf_YNT)[:, :, None]
-  clipped_BKRNT = (jnp.minimum(cands(vec_YNT)[:, :, None], ref_vec_BKRNT)
-                   * ref_vec_BKRNT)
+  clipped_BKRNT = (
+    jnp.minimum(cands(vec_YNT)[:, :, None], ref_vec_BKRNT) * ref_vec_BKRNT
+  )
   dot_BKRN = jnp.where(cands(first_YNT)[:, :, None], clipped_BKRNT, 0).sum(-1)
   norms_BKRN = cands(norm_YN)[:, :, None] * refs(norm_YN)[:, None]
   # pycocoevalcap divides only by nonzero norms (the dot is then 0 anyway).
-  cosine_BKRN = jnp.where(norms_BKRN > 0,
-                          dot_BKRN / jnp.where(norms_BKRN > 0, norms_BKRN, 1),
-                          dot_BKRN)
-  delta_BKR = (cands(length_Y)[:, :, None]
-               - refs(length_Y)[:, None]).astype(jnp.float32)
-  penalty_BKR = jnp.exp(-delta_BKR**2 / (2 * SIGMA**2))
+  cosine_BKRN = jnp.where(
+    norms_BKRN > 0,
+    dot_BKRN / jnp.where(norms_BKRN > 0, norms_BKRN, 1),
+    dot_BKRN,
+  )
+  delta_BKR = (cands(length_Y)[:, :, None] - refs(length_Y)[:, None]).astype(
+    jnp.float32
+  )
+  penalty_BKR = jnp.exp(-(delta_BKR**2) / (2 * SIGMA**2))
   per_ref_BKR = cosine_BKRN.mean(-1) * penalty_BKR
   mask_BR = reference_mask_BR.astype(bool)
   total_BK = jnp.where(mask_BR[:, None], per_ref_BKR, 0).sum(-1)

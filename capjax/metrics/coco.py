@@ -42,33 +42,42 @@ def java_available() -> bool:
 def ptb_tokenize(captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
   """pycocoevalcap's PTB tokenisation (Java): lowercase, punctuation dropped."""
   return PTBTokenizer().tokenize(
-      {k: [{'caption': c} for c in v] for k, v in captions.items()})
+    {k: [{'caption': c} for c in v] for k, v in captions.items()}
+  )
 
 
 def simple_tokenize(
-    captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
+  captions: Mapping[Key, Sequence[str]],
+) -> dict[Key, list[str]]:
   """The vocabulary's tokenisation, for when Java is missing."""
-  return {k: [' '.join(vocab_lib.tokenize(c)) for c in v]
-          for k, v in captions.items()}
+  return {
+    k: [' '.join(vocab_lib.tokenize(c)) for c in v] for k, v in captions.items()
+  }
 
 
-def _check(candidates: Mapping[Key, str],
-           references: Mapping[Key, Sequence[str]]) -> None:
+def _check(
+  candidates: Mapping[Key, str], references: Mapping[Key, Sequence[str]]
+) -> None:
   if not candidates:
     raise ValueError('no captions to score')
   if set(candidates) != set(references):
     missing = set(candidates) ^ set(references)
-    raise ValueError(f'candidates and references must cover the same images; '
-                     f'{len(missing)} differ, e.g. {next(iter(missing))!r}')
+    raise ValueError(
+      f'candidates and references must cover the same images; '
+      f'{len(missing)} differ, e.g. {next(iter(missing))!r}'
+    )
   empty = [k for k, v in references.items() if not v]
   if empty:
     raise ValueError(f'image {empty[0]!r} has no reference caption')
 
 
-def score_captions(candidates: Mapping[Key, str],
-                   references: Mapping[Key, Sequence[str]], *,
-                   metrics: Sequence[str] = ALL_METRICS,
-                   use_java: bool | None = None) -> dict[str, float]:
+def score_captions(
+  candidates: Mapping[Key, str],
+  references: Mapping[Key, Sequence[str]],
+  *,
+  metrics: Sequence[str] = ALL_METRICS,
+  use_java: bool | None = None,
+) -> dict[str, float]:
   """Corpus-level caption metrics.
 
   Args:
@@ -83,8 +92,9 @@ def score_captions(candidates: Mapping[Key, str],
   """
   unknown = set(metrics) - set(ALL_METRICS)
   if unknown:
-    raise ValueError(f'unknown metrics {sorted(unknown)}; choose from '
-                     f'{ALL_METRICS}')
+    raise ValueError(
+      f'unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}'
+    )
   _check(candidates, references)
   if use_java is None:
     use_java = java_available()
@@ -98,8 +108,11 @@ def score_captions(candidates: Mapping[Key, str],
     if any(m in BLEU for m in wanted):
       bleu, _ = Bleu(4).compute_score(gts, res)
       scores.update(zip(BLEU, bleu))
-    for name, scorer_cls in (('METEOR', Meteor), ('ROUGE_L', Rouge),
-                             ('CIDEr', Cider)):
+    for name, scorer_cls in (
+      ('METEOR', Meteor),
+      ('ROUGE_L', Rouge),
+      ('CIDEr', Cider),
+    ):
       if name in wanted:
         score, _ = scorer_cls().compute_score(gts, res)
         scores[name] = score

@@ -44,6 +44,7 @@ class ConvBN(nn.Module):
     padding: 'SAME' or 'VALID', as Keras' 'same' / 'valid'.
     dtype: compute dtype; parameters stay float32.
   """
+
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -53,21 +54,33 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x_NHWC: Array) -> Array:
     # The batch norm's bias replaces the conv's, as in Keras.
-    x_NHWC = nn.Conv(self.features, self.kernel_size, self.strides,
-                     self.padding, use_bias=False, dtype=self.dtype,
-                     name='conv')(x_NHWC)
+    x_NHWC = nn.Conv(
+      self.features,
+      self.kernel_size,
+      self.strides,
+      self.padding,
+      use_bias=False,
+      dtype=self.dtype,
+      name='conv',
+    )(x_NHWC)
     # A ReLU follows, so a scale would only rescale the next conv's input:
     # Keras leaves it out (scale=False).
-    x_NHWC = nn.BatchNorm(use_running_average=True, use_scale=False,
-                          epsilon=1e-3, dtype=self.dtype, name='bn')(x_NHWC)
+    x_NHWC = nn.BatchNorm(
+      use_running_average=True,
+      use_scale=False,
+      epsilon=1e-3,
+      dtype=self.dtype,
+      name='bn',
+    )(x_NHWC)
     return nn.relu(x_NHWC)
 
 
 def _avg_pool_3x3(x_NHWC: Array) -> Array:
   # TensorFlow's 'SAME' average pool divides by the number of real pixels
   # under the window, so border cells are not pulled towards zero.
-  return nn.avg_pool(x_NHWC, (3, 3), strides=(1, 1), padding='SAME',
-                     count_include_pad=False)
+  return nn.avg_pool(
+    x_NHWC, (3, 3), strides=(1, 1), padding='SAME', count_include_pad=False
+  )
 
 
 def _max_pool_3x3_s2(x_NHWC: Array) -> Array:
@@ -81,6 +94,7 @@ class InceptionA(nn.Module):
     pool_features: channels of the pool branch (32 in mixed0, then 64).
     dtype: compute dtype.
   """
+
   pool_features: int
   dtype: Dtype = jnp.float32
 
@@ -93,10 +107,12 @@ class InceptionA(nn.Module):
     branch3x3dbl = conv(64, (1, 1), name='branch3x3dbl_1')(x_NHWC)
     branch3x3dbl = conv(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl)
     branch3x3dbl = conv(96, (3, 3), name='branch3x3dbl_3')(branch3x3dbl)
-    branch_pool = conv(self.pool_features, (1, 1),
-                       name='branch_pool')(_avg_pool_3x3(x_NHWC))
-    return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool],
-                           axis=-1)
+    branch_pool = conv(self.pool_features, (1, 1), name='branch_pool')(
+      _avg_pool_3x3(x_NHWC)
+    )
+    return jnp.concatenate(
+      [branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1
+    )
 
 
 class InceptionB(nn.Module):
@@ -105,6 +121,7 @@ class InceptionB(nn.Module):
   Attributes:
     dtype: compute dtype.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -113,10 +130,12 @@ class InceptionB(nn.Module):
     branch3x3 = conv(384, (3, 3), (2, 2), 'VALID', name='branch3x3')(x_NHWC)
     branch3x3dbl = conv(64, (1, 1), name='branch3x3dbl_1')(x_NHWC)
     branch3x3dbl = conv(96, (3, 3), name='branch3x3dbl_2')(branch3x3dbl)
-    branch3x3dbl = conv(96, (3, 3), (2, 2), 'VALID',
-                        name='branch3x3dbl_3')(branch3x3dbl)
+    branch3x3dbl = conv(96, (3, 3), (2, 2), 'VALID', name='branch3x3dbl_3')(
+      branch3x3dbl
+    )
     return jnp.concatenate(
-        [branch3x3, branch3x3dbl, _max_pool_3x3_s2(x_NHWC)], axis=-1)
+      [branch3x3, branch3x3dbl, _max_pool_3x3_s2(x_NHWC)], axis=-1
+    )
 
 
 class InceptionC(nn.Module):
@@ -126,6 +145,7 @@ class InceptionC(nn.Module):
     channels_7x7: width inside the 7x7 branches (128, 160, 160, 192).
     dtype: compute dtype.
   """
+
   channels_7x7: int
   dtype: Dtype = jnp.float32
 
@@ -143,8 +163,9 @@ class InceptionC(nn.Module):
     branch7x7dbl = conv(c, (7, 1), name='branch7x7dbl_4')(branch7x7dbl)
     branch7x7dbl = conv(192, (1, 7), name='branch7x7dbl_5')(branch7x7dbl)
     branch_pool = conv(192, (1, 1), name='branch_pool')(_avg_pool_3x3(x_NHWC))
-    return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool],
-                           axis=-1)
+    return jnp.concatenate(
+      [branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1
+    )
 
 
 class InceptionD(nn.Module):
@@ -153,21 +174,25 @@ class InceptionD(nn.Module):
   Attributes:
     dtype: compute dtype.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_NHWC: Array) -> Array:
     conv = functools.partial(ConvBN, dtype=self.dtype)
     branch3x3 = conv(192, (1, 1), name='branch3x3_1')(x_NHWC)
-    branch3x3 = conv(320, (3, 3), (2, 2), 'VALID',
-                     name='branch3x3_2')(branch3x3)
+    branch3x3 = conv(320, (3, 3), (2, 2), 'VALID', name='branch3x3_2')(
+      branch3x3
+    )
     branch7x7x3 = conv(192, (1, 1), name='branch7x7x3_1')(x_NHWC)
     branch7x7x3 = conv(192, (1, 7), name='branch7x7x3_2')(branch7x7x3)
     branch7x7x3 = conv(192, (7, 1), name='branch7x7x3_3')(branch7x7x3)
-    branch7x7x3 = conv(192, (3, 3), (2, 2), 'VALID',
-                       name='branch7x7x3_4')(branch7x7x3)
+    branch7x7x3 = conv(192, (3, 3), (2, 2), 'VALID', name='branch7x7x3_4')(
+      branch7x7x3
+    )
     return jnp.concatenate(
-        [branch3x3, branch7x7x3, _max_pool_3x3_s2(x_NHWC)], axis=-1)
+      [branch3x3, branch7x7x3, _max_pool_3x3_s2(x_NHWC)], axis=-1
+    )
 
 
 class InceptionE(nn.Module):
@@ -176,6 +201,7 @@ class InceptionE(nn.Module):
   Attributes:
     dtype: compute dtype.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -183,19 +209,26 @@ class InceptionE(nn.Module):
     conv = functools.partial(ConvBN, dtype=self.dtype)
     branch1x1 = conv(320, (1, 1), name='branch1x1')(x_NHWC)
     branch3x3 = conv(384, (1, 1), name='branch3x3_1')(x_NHWC)
-    branch3x3 = jnp.concatenate([
+    branch3x3 = jnp.concatenate(
+      [
         conv(384, (1, 3), name='branch3x3_2a')(branch3x3),
         conv(384, (3, 1), name='branch3x3_2b')(branch3x3),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
     branch3x3dbl = conv(448, (1, 1), name='branch3x3dbl_1')(x_NHWC)
     branch3x3dbl = conv(384, (3, 3), name='branch3x3dbl_2')(branch3x3dbl)
-    branch3x3dbl = jnp.concatenate([
+    branch3x3dbl = jnp.concatenate(
+      [
         conv(384, (1, 3), name='branch3x3dbl_3a')(branch3x3dbl),
         conv(384, (3, 1), name='branch3x3dbl_3b')(branch3x3dbl),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
     branch_pool = conv(192, (1, 1), name='branch_pool')(_avg_pool_3x3(x_NHWC))
-    return jnp.concatenate([branch1x1, branch3x3, branch3x3dbl, branch_pool],
-                           axis=-1)
+    return jnp.concatenate(
+      [branch1x1, branch3x3, branch3x3dbl, branch_pool], axis=-1
+    )
 
 
 class InceptionV3(nn.Module):
@@ -207,6 +240,7 @@ class InceptionV3(nn.Module):
   Attributes:
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -223,8 +257,9 @@ class InceptionV3(nn.Module):
       x_NHWC = InceptionA(pool_features, self.dtype, name=f'mixed{i}')(x_NHWC)
     x_NHWC = InceptionB(self.dtype, name='mixed3')(x_NHWC)
     for i, channels_7x7 in enumerate((128, 160, 160, 192)):
-      x_NHWC = InceptionC(channels_7x7, self.dtype,
-                          name=f'mixed{4 + i}')(x_NHWC)
+      x_NHWC = InceptionC(channels_7x7, self.dtype, name=f'mixed{4 + i}')(
+        x_NHWC
+      )
     x_NHWC = InceptionD(self.dtype, name='mixed8')(x_NHWC)
     x_NHWC = InceptionE(self.dtype, name='mixed9')(x_NHWC)
     return InceptionE(self.dtype, name='mixed10')(x_NHWC)
@@ -255,8 +290,9 @@ def random_variables(seed: int = 0) -> dict[str, Any]:
     name = path[-1].key
     if name == 'kernel':
       fan_in = math.prod(leaf.shape[:-1])
-      return (rng.standard_normal(leaf.shape, np.float32)
-              * np.float32(math.sqrt(2 / fan_in)))
+      return rng.standard_normal(leaf.shape, np.float32) * np.float32(
+        math.sqrt(2 / fan_in)
+      )
     return (np.ones if name == 'var' else np.zeros)(leaf.shape, np.float32)
 
   shapes = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
@@ -264,8 +300,9 @@ def random_variables(seed: int = 0) -> dict[str, Any]:
 
 
 @functools.partial(jax.jit, static_argnames='dtype')
-def extract_features(variables: dict[str, Any], images_NHW3: Array,
-                     dtype: Dtype = jnp.float32) -> Array:
+def extract_features(
+  variables: dict[str, Any], images_NHW3: Array, dtype: Dtype = jnp.float32
+) -> Array:
   """Images -> InceptionV3 feature grids, as capjax's 'inception_v3' extractor.
 
   Args:

@@ -42,32 +42,83 @@ from capjax.model import inception
 PathLike = str | os.PathLike[str]
 
 # The stem's conv2d_bn layers, in Keras' order.
-_STEM = ('conv_1a_3x3', 'conv_2a_3x3', 'conv_2b_3x3', 'conv_3b_1x1',
-         'conv_4a_3x3')
+_STEM = (
+  'conv_1a_3x3',
+  'conv_2a_3x3',
+  'conv_2b_3x3',
+  'conv_3b_1x1',
+  'conv_4a_3x3',
+)
 # Per kind of block, its names in `capjax.model.inception` and the order in
 # which Keras lists that block's conv2d_bn layers: deepest branch step first.
 _BLOCKS = (
-    (('mixed0', 'mixed1', 'mixed2'),
-     ('branch3x3dbl_1', 'branch5x5_1', 'branch3x3dbl_2', 'branch1x1',
-      'branch5x5_2', 'branch3x3dbl_3', 'branch_pool')),
-    (('mixed3',),
-     ('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3', 'branch3x3dbl_3')),
-    (('mixed4', 'mixed5', 'mixed6', 'mixed7'),
-     ('branch7x7dbl_1', 'branch7x7dbl_2', 'branch7x7_1', 'branch7x7dbl_3',
-      'branch7x7_2', 'branch7x7dbl_4', 'branch1x1', 'branch7x7_3',
-      'branch7x7dbl_5', 'branch_pool')),
-    (('mixed8',),
-     ('branch7x7x3_1', 'branch7x7x3_2', 'branch3x3_1', 'branch7x7x3_3',
-      'branch3x3_2', 'branch7x7x3_4')),
-    (('mixed9', 'mixed10'),
-     ('branch3x3dbl_1', 'branch3x3_1', 'branch3x3dbl_2', 'branch3x3_2a',
-      'branch3x3_2b', 'branch3x3dbl_3a', 'branch3x3dbl_3b', 'branch1x1',
-      'branch_pool')),
+  (
+    ('mixed0', 'mixed1', 'mixed2'),
+    (
+      'branch3x3dbl_1',
+      'branch5x5_1',
+      'branch3x3dbl_2',
+      'branch1x1',
+      'branch5x5_2',
+      'branch3x3dbl_3',
+      'branch_pool',
+    ),
+  ),
+  (
+    ('mixed3',),
+    ('branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3', 'branch3x3dbl_3'),
+  ),
+  (
+    ('mixed4', 'mixed5', 'mixed6', 'mixed7'),
+    (
+      'branch7x7dbl_1',
+      'branch7x7dbl_2',
+      'branch7x7_1',
+      'branch7x7dbl_3',
+      'branch7x7_2',
+      'branch7x7dbl_4',
+      'branch1x1',
+      'branch7x7_3',
+      'branch7x7dbl_5',
+      'branch_pool',
+    ),
+  ),
+  (
+    ('mixed8',),
+    (
+      'branch7x7x3_1',
+      'branch7x7x3_2',
+      'branch3x3_1',
+      'branch7x7x3_3',
+      'branch3x3_2',
+      'branch7x7x3_4',
+    ),
+  ),
+  (
+    ('mixed9', 'mixed10'),
+    (
+      'branch3x3dbl_1',
+      'branch3x3_1',
+      'branch3x3dbl_2',
+      'branch3x3_2a',
+      'branch3x3_2b',
+      'branch3x3dbl_3a',
+      'branch3x3dbl_3b',
+      'branch1x1',
+      'branch_pool',
+    ),
+  ),
 )
 # Paths of the conv2d_bn modules in the order Keras stores their weights.
-KERAS_ORDER = tuple([(name,) for name in _STEM] + [
-    (block, branch) for blocks, branches in _BLOCKS
-    for block in blocks for branch in branches])
+KERAS_ORDER = tuple(
+  [(name,) for name in _STEM]
+  + [
+    (block, branch)
+    for blocks, branches in _BLOCKS
+    for block in blocks
+    for branch in branches
+  ]
+)
 
 
 def cache_path(h5_path: PathLike) -> pathlib.Path:
@@ -88,9 +139,11 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
   """
   if not pathlib.Path(h5_path).is_file():
     raise errors.MissingFileError(
-        f'{h5_path}: no such InceptionV3 weights file')
+      f'{h5_path}: no such InceptionV3 weights file'
+    )
   # Only conversion needs h5py; loading the cache does not.
-  import h5py  # pylint: disable=g-import-not-at-top
+  import h5py  # noqa: PLC0415
+
   try:
     f = h5py.File(h5_path, 'r')
   except OSError as e:
@@ -98,14 +151,16 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
   with f:
     if 'layer_names' not in f.attrs:
       raise errors.UserError(
-          f"{h5_path}: no 'layer_names' attribute, so not a Keras 2 legacy "
-          'HDF5 weights file like the one Keras downloads (Keras 3 '
-          "'.weights.h5' files are laid out differently)")
+        f"{h5_path}: no 'layer_names' attribute, so not a Keras 2 legacy "
+        'HDF5 weights file like the one Keras downloads (Keras 3 '
+        "'.weights.h5' files are laid out differently)"
+      )
     # Names are str (tf_keras) or fixed-length bytes (older Keras, which
     # wrote the download); h5py looks up either.
-    layers = [[np.asarray(f[name][weight])
-               for weight in f[name].attrs['weight_names']]
-              for name in f.attrs['layer_names']]
+    layers = [
+      [np.asarray(f[name][weight]) for weight in f[name].attrs['weight_names']]
+      for name in f.attrs['layer_names']
+    ]
   return _variables_from_layers(layers, h5_path)
 
 
@@ -137,25 +192,27 @@ def converted_params(h5_path: PathLike) -> dict[str, Any]:
     UserError: as `variables_from_h5`.
   """
   h5_path, cache = pathlib.Path(h5_path), cache_path(h5_path)
-  if (h5_path.is_file() and cache.is_file() and
-      cache.stat().st_mtime > h5_path.stat().st_mtime):
+  if (
+    h5_path.is_file()
+    and cache.is_file()
+    and cache.stat().st_mtime > h5_path.stat().st_mtime
+  ):
     with np.load(cache) as arrays:
       return traverse_util.unflatten_dict(dict(arrays), sep='/')
   variables = variables_from_h5(h5_path)
   try:
     _save_npz_atomic(cache, traverse_util.flatten_dict(variables, sep='/'))
   except OSError as e:
-    logging.warning('could not cache the converted weights in %s: %s',
-                    cache, e)
+    logging.warning('could not cache the converted weights in %s: %s', cache, e)
   return variables
 
 
-def _save_npz_atomic(path: pathlib.Path,
-                     arrays: dict[str, np.ndarray]) -> None:
+def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   # A unique temporary name, so that two processes converting at once do
   # not write into each other's file.
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp',
-                                   delete=False) as f:
+  with tempfile.NamedTemporaryFile(
+    dir=path.parent, suffix='.tmp', delete=False
+  ) as f:
     tmp = pathlib.Path(f.name)
     try:
       np.savez(f, **arrays)
@@ -165,8 +222,9 @@ def _save_npz_atomic(path: pathlib.Path,
   tmp.replace(path)
 
 
-def _variables_from_layers(layers: list[list[np.ndarray]],
-                           source: str) -> dict[str, Any]:
+def _variables_from_layers(
+  layers: list[list[np.ndarray]], source: str
+) -> dict[str, Any]:
   """Per Keras layer its weight arrays, in Keras' order -> Flax variables."""
   layers = [weights for weights in layers if weights]
   convs = [weights for weights in layers if len(weights) == 1]
@@ -174,25 +232,31 @@ def _variables_from_layers(layers: list[list[np.ndarray]],
   n = len(KERAS_ORDER)
   if len(convs) != n or len(norms) != n or len(layers) != 2 * n:
     raise errors.UserError(
-        f'{source}: not InceptionV3 without top: expected {n} convolutions '
-        f'(1 array each) and {n} batch norms without scale (3 arrays each), '
-        f'found {len(convs)} and {len(norms)} among {len(layers)} layers with '
-        'weights')
+      f'{source}: not InceptionV3 without top: expected {n} convolutions '
+      f'(1 array each) and {n} batch norms without scale (3 arrays each), '
+      f'found {len(convs)} and {len(norms)} among {len(layers)} layers with '
+      'weights'
+    )
   expected = traverse_util.flatten_dict(
-      jax.eval_shape(inception.init_variables, jax.random.key(0)))
+    jax.eval_shape(inception.init_variables, jax.random.key(0))
+  )
   flat = {}
   # The k-th batch norm belongs to the k-th conv: Keras keeps their order.
   for k, (path, (kernel,), (beta, mean, var)) in enumerate(
-      zip(KERAS_ORDER, convs, norms)):
-    arrays = {('params', *path, 'conv', 'kernel'): kernel,
-              ('params', *path, 'bn', 'bias'): beta,
-              ('batch_stats', *path, 'bn', 'mean'): mean,
-              ('batch_stats', *path, 'bn', 'var'): var}
+    zip(KERAS_ORDER, convs, norms)
+  ):
+    arrays = {
+      ('params', *path, 'conv', 'kernel'): kernel,
+      ('params', *path, 'bn', 'bias'): beta,
+      ('batch_stats', *path, 'bn', 'mean'): mean,
+      ('batch_stats', *path, 'bn', 'var'): var,
+    }
     for key, array in arrays.items():
       if array.shape != expected[key].shape:
         raise errors.UserError(
-            f'{source}: not InceptionV3 without top: conv2d_bn {k} in Keras '
-            f'order ({"/".join(key)}) has shape {array.shape}, expected '
-            f'{expected[key].shape}')
+          f'{source}: not InceptionV3 without top: conv2d_bn {k} in Keras '
+          f'order ({"/".join(key)}) has shape {array.shape}, expected '
+          f'{expected[key].shape}'
+        )
       flat[key] = np.asarray(array, np.float32)
   return traverse_util.unflatten_dict(flat)

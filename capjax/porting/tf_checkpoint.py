@@ -41,7 +41,8 @@ def _variable_keys(object_graph: bytes) -> dict[str, str]:
   """Tutorial name -> checkpoint key of every variable, by every object path."""
   # TensorFlow is imported where it is used: the model code that imports
   # this module for `params_from_tutorial` must not load it.
-  from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import trackable_object_graph_pb2  # noqa: PLC0415
+
   graph = trackable_object_graph_pb2.TrackableObjectGraph()
   graph.ParseFromString(object_graph)
   keys = {}
@@ -53,25 +54,30 @@ def _variable_keys(object_graph: bytes) -> dict[str, str]:
       if attribute.name == 'VARIABLE_VALUE' and path:
         keys[_tutorial_name(path)] = attribute.checkpoint_key
     if len(path) < _MAX_DEPTH:
-      pending.extend((child.node_id, path + (child.local_name,))
-                     for child in node.children)
+      pending.extend(
+        (child.node_id, path + (child.local_name,)) for child in node.children
+      )
   return keys
 
 
 def _checkpoint_prefix(path: str) -> str:
   """The prefix of the checkpoint at `path`: a directory's latest, or `path`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
+
   if tf.io.gfile.isdir(path):
     prefix = tf.train.latest_checkpoint(path)
     if prefix is None:
-      raise errors.UserError(f'{path} holds no TensorFlow checkpoint (no '
-                             '"checkpoint" file naming the latest one)')
+      raise errors.UserError(
+        f'{path} holds no TensorFlow checkpoint (no '
+        '"checkpoint" file naming the latest one)'
+      )
     return prefix
   if not tf.io.gfile.exists(f'{path}.index'):
     raise errors.UserError(
-        f'no TensorFlow checkpoint at {path}: name the directory the tutorial '
-        'saved its checkpoints to, or one checkpoint by its prefix (e.g. '
-        'checkpoints/train/ckpt-5, without .index)')
+      f'no TensorFlow checkpoint at {path}: name the directory the tutorial '
+      'saved its checkpoints to, or one checkpoint by its prefix (e.g. '
+      'checkpoints/train/ckpt-5, without .index)'
+    )
   return path
 
 
@@ -89,20 +95,32 @@ def read_tutorial_checkpoint(path: str) -> tuple[dict[str, np.ndarray], int]:
   Raises:
     errors.UserError: no readable object-based checkpoint at `path`.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # noqa: PLC0415
+
   prefix = _checkpoint_prefix(path)
   try:
     reader = tf.train.load_checkpoint(prefix)
     if not reader.has_tensor(_OBJECT_GRAPH):
       raise errors.UserError(
-          f'{prefix} was written by a name-based tf.compat.v1 Saver, not by '
-          "the tutorial's tf.train.Checkpoint")
+        f'{prefix} was written by a name-based tf.compat.v1 Saver, not by '
+        "the tutorial's tf.train.Checkpoint"
+      )
     keys = _variable_keys(reader.get_tensor(_OBJECT_GRAPH))
-    weights = {name: reader.get_tensor(key) for name, key in keys.items()
-               if name in tutorial_weights.TUTORIAL_WEIGHT_NAMES}
-    step = next((int(reader.get_tensor(keys[name])) for name in _ITERATIONS
-                 if name in keys), 0)
+    weights = {
+      name: reader.get_tensor(key)
+      for name, key in keys.items()
+      if name in tutorial_weights.TUTORIAL_WEIGHT_NAMES
+    }
+    step = next(
+      (
+        int(reader.get_tensor(keys[name]))
+        for name in _ITERATIONS
+        if name in keys
+      ),
+      0,
+    )
   except tf.errors.OpError as e:
-    raise errors.UserError(f'cannot read the checkpoint {prefix}: {e.message}'
-                           ) from None
+    raise errors.UserError(
+      f'cannot read the checkpoint {prefix}: {e.message}'
+    ) from None
   return weights, step

@@ -27,6 +27,7 @@ from capjax import errors
 from capjax import files
 from capjax.data import vocab as vocab_lib
 
+
 @dataclasses.dataclass(frozen=True)
 class TutorialTokenizer:
   """The ids the tutorial's model was trained on.
@@ -37,6 +38,7 @@ class TutorialTokenizer:
       `oov_token`. None keeps every id that has an embedding row.
     oov_token: the out-of-vocabulary word, capjax's <unk>.
   """
+
   word_index: dict[str, int]
   num_words: int | None = None
   oov_token: str = vocab_lib.UNK
@@ -56,23 +58,32 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TutorialTokenizer:
       # to_json() stores its dictionaries as JSON strings inside the JSON.
       if isinstance(word_index, str):
         word_index = json.loads(word_index)
-      tokenizer = TutorialTokenizer(word_index, config.get('num_words'),
-                                    config.get('oov_token') or vocab_lib.UNK)
+      tokenizer = TutorialTokenizer(
+        word_index,
+        config.get('num_words'),
+        config.get('oov_token') or vocab_lib.UNK,
+      )
     else:
       tokenizer = TutorialTokenizer(data)
   except json.JSONDecodeError as e:
     raise errors.UserError(f'{path} is not a JSON file: {e}') from None
-  if not (isinstance(tokenizer.word_index, dict) and all(
+  if not (
+    isinstance(tokenizer.word_index, dict)
+    and all(
       isinstance(i, int) and not isinstance(i, bool) and i >= 0
-      for i in tokenizer.word_index.values())):
+      for i in tokenizer.word_index.values()
+    )
+  ):
     raise errors.UserError(
-        f"{path} is neither a Keras Tokenizer's JSON (tokenizer.to_json()) "
-        'nor a JSON object mapping words to ids >= 0')
+      f"{path} is neither a Keras Tokenizer's JSON (tokenizer.to_json()) "
+      'nor a JSON object mapping words to ids >= 0'
+    )
   return tokenizer
 
 
-def vocabulary(tokenizer: TutorialTokenizer,
-               num_rows: int) -> tuple[vocab_lib.Vocab, np.ndarray]:
+def vocabulary(
+  tokenizer: TutorialTokenizer, num_rows: int
+) -> tuple[vocab_lib.Vocab, np.ndarray]:
   """capjax's vocabulary of a tutorial model (see module docstring).
 
   Args:
@@ -90,33 +101,48 @@ def vocabulary(tokenizer: TutorialTokenizer,
   word_index = dict(tokenizer.word_index)
   # The tutorial adds <pad> after fitting: a tokenizer saved before lacks it.
   if word_index.setdefault(vocab_lib.PAD, 0) != 0:
-    raise errors.UserError(f'the tokenizer gives {vocab_lib.PAD!r} the id '
-                           f"{word_index[vocab_lib.PAD]}; the tutorial's is 0")
+    raise errors.UserError(
+      f'the tokenizer gives {vocab_lib.PAD!r} the id '
+      f"{word_index[vocab_lib.PAD]}; the tutorial's is 0"
+    )
   by_id = {}
   for word, i in word_index.items():
     if i in by_id:
-      raise errors.UserError(f'the tokenizer gives {by_id[i]!r} and {word!r} the '
-                             f'same id {i}')
+      raise errors.UserError(
+        f'the tokenizer gives {by_id[i]!r} and {word!r} the same id {i}'
+      )
     by_id[i] = word
   num_words = num_rows if tokenizer.num_words is None else tokenizer.num_words
   rowless = sorted(i for i in by_id if num_rows <= i < num_words)
   if rowless:
     raise errors.UserError(
-        f'the tokenizer (num_words={num_words}) gives words such as '
-        f'{by_id[rowless[0]]!r} the id {rowless[0]}, but the checkpoint\'s '
-        f'embedding has only {num_rows} rows: is it the tokenizer this '
-        'model was trained with?')
-  specials = (vocab_lib.PAD, vocab_lib.START, vocab_lib.END,
-              tokenizer.oov_token)
+      f'the tokenizer (num_words={num_words}) gives words such as '
+      f"{by_id[rowless[0]]!r} the id {rowless[0]}, but the checkpoint's "
+      f'embedding has only {num_rows} rows: is it the tokenizer this '
+      'model was trained with?'
+    )
+  specials = (
+    vocab_lib.PAD,
+    vocab_lib.START,
+    vocab_lib.END,
+    tokenizer.oov_token,
+  )
   for word in specials:
     if word not in word_index:
-      raise errors.UserError(f'the tokenizer has no {word!r}: the tutorial\'s '
-                             f'holds {vocab_lib.START!r}, {vocab_lib.END!r} and its '
-                             f'oov_token {vocab_lib.UNK!r}')
+      raise errors.UserError(
+        f"the tokenizer has no {word!r}: the tutorial's "
+        f'holds {vocab_lib.START!r}, {vocab_lib.END!r} and its '
+        f'oov_token {vocab_lib.UNK!r}'
+      )
     if word_index[word] >= num_words:
-      raise errors.UserError(f'the tokenizer\'s {word!r} has id {word_index[word]}, '
-                             f'which the model never saw (num_words={num_words})')
-  words = [word for i, word in sorted(by_id.items())
-           if i < num_words and word not in specials]
+      raise errors.UserError(
+        f"the tokenizer's {word!r} has id {word_index[word]}, "
+        f'which the model never saw (num_words={num_words})'
+      )
+  words = [
+    word
+    for i, word in sorted(by_id.items())
+    if i < num_words and word not in specials
+  ]
   tutorial_ids = [word_index[word] for word in (*specials, *words)]
   return vocab_lib.Vocab(words), np.array(tutorial_ids, np.int64)

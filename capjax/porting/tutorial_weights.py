@@ -25,20 +25,30 @@ import numpy as np
 from capjax import errors
 
 _DENSE_LAYERS = {
-    # capjax path: tutorial name
-    ('encoder', 'fc'): 'encoder/fc',
-    ('attention', 'W1'): 'decoder/attention/W1',
-    ('attention', 'W2'): 'decoder/attention/W2',
-    ('attention', 'V'): 'decoder/attention/V',
-    ('fc1',): 'decoder/fc1',
-    ('fc2',): 'decoder/fc2',
+  # capjax path: tutorial name
+  ('encoder', 'fc'): 'encoder/fc',
+  ('attention', 'W1'): 'decoder/attention/W1',
+  ('attention', 'W2'): 'decoder/attention/W2',
+  ('attention', 'V'): 'decoder/attention/V',
+  ('fc1',): 'decoder/fc1',
+  ('fc2',): 'decoder/fc2',
 }
 
-TUTORIAL_WEIGHT_NAMES = tuple(sorted(
-    [f'{name}/{part}' for name in _DENSE_LAYERS.values()
-     for part in ('kernel', 'bias')]
-    + ['decoder/embedding/embeddings', 'decoder/gru/kernel',
-       'decoder/gru/recurrent_kernel', 'decoder/gru/bias']))
+TUTORIAL_WEIGHT_NAMES = tuple(
+  sorted(
+    [
+      f'{name}/{part}'
+      for name in _DENSE_LAYERS.values()
+      for part in ('kernel', 'bias')
+    ]
+    + [
+      'decoder/embedding/embeddings',
+      'decoder/gru/kernel',
+      'decoder/gru/recurrent_kernel',
+      'decoder/gru/bias',
+    ]
+  )
+)
 
 
 def _nest(path: tuple[str, ...], value, tree: dict) -> None:
@@ -56,10 +66,13 @@ def params_from_tutorial(weights: Mapping[str, np.ndarray]) -> dict:
   """
   missing = [name for name in TUTORIAL_WEIGHT_NAMES if name not in weights]
   if missing:
-    raise errors.UserError('not the tutorial model: missing weights '
-                           + ', '.join(missing))
-  w = {name: np.asarray(weights[name], np.float32)
-       for name in TUTORIAL_WEIGHT_NAMES}
+    raise errors.UserError(
+      'not the tutorial model: missing weights ' + ', '.join(missing)
+    )
+  w = {
+    name: np.asarray(weights[name], np.float32)
+    for name in TUTORIAL_WEIGHT_NAMES
+  }
   params: dict = {}
   for path, name in _DENSE_LAYERS.items():
     _nest(path + ('kernel',), w[f'{name}/kernel'], params)
@@ -74,18 +87,26 @@ def params_from_tutorial(weights: Mapping[str, np.ndarray]) -> dict:
   bias = w['decoder/gru/bias']
   embedding_dim = embeddings.shape[1]
   if bias.shape[0] != 2:
-    raise errors.UserError(f'decoder/gru/bias has shape {bias.shape}; expected '
-                           '(2, 3U) from a GRU with reset_after=True')
+    raise errors.UserError(
+      f'decoder/gru/bias has shape {bias.shape}; expected '
+      '(2, 3U) from a GRU with reset_after=True'
+    )
   if kernel.shape[0] != 2 * embedding_dim:
-    raise errors.UserError(f'decoder/gru/kernel has {kernel.shape[0]} input rows; '
-                           f'expected context + embedding = {2 * embedding_dim}')
-  _nest(('gru',), {
+    raise errors.UserError(
+      f'decoder/gru/kernel has {kernel.shape[0]} input rows; '
+      f'expected context + embedding = {2 * embedding_dim}'
+    )
+  _nest(
+    ('gru',),
+    {
       'context_kernel': kernel[:embedding_dim],
       'token_kernel': kernel[embedding_dim:],
       'input_bias': bias[0],
       'recurrent_kernel': w['decoder/gru/recurrent_kernel'],
       'recurrent_bias': bias[1],
-  }, params)
+    },
+    params,
+  )
   return params
 
 
@@ -97,8 +118,10 @@ def select_tokens(params: dict, tutorial_ids: np.ndarray) -> dict:
   """
   embedding, fc2 = params['embedding']['embedding'], params['fc2']
   return {
-      **params,
-      'embedding': {'embedding': embedding[tutorial_ids]},
-      'fc2': {'kernel': fc2['kernel'][:, tutorial_ids],
-              'bias': fc2['bias'][tutorial_ids]},
+    **params,
+    'embedding': {'embedding': embedding[tutorial_ids]},
+    'fc2': {
+      'kernel': fc2['kernel'][:, tutorial_ids],
+      'bias': fc2['bias'][tutorial_ids],
+    },
   }

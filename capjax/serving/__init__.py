@@ -8,5 +8,6 @@ def create_app(*args, **kwargs):
   imported here, not with the package, so that importing one submodule
   (capjax.serving.fetch, say) does not import the whole server.
   """
-  from capjax.serving import app  # pylint: disable=g-import-not-at-top
+  from capjax.serving import app  # noqa: PLC0415
+
   return app.create_app(*args, **kwargs)

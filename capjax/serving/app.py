@@ -53,17 +53,20 @@ LOOPBACK_HOSTS = ('localhost', '127.0.0.1', '::1')
 
 # The page runs only its own inline script, talks only to this server, and
 # may not be framed.
-_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; "
-                "style-src 'unsafe-inline'; img-src 'self' blob: data:; "
-                "connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                "frame-ancestors 'none'")
+_PAGE_POLICY = (
+  "default-src 'none'; script-src 'unsafe-inline'; "
+  "style-src 'unsafe-inline'; img-src 'self' blob: data:; "
+  "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+  "frame-ancestors 'none'"
+)
 _API_POLICY = "default-src 'none'; frame-ancestors 'none'"
-_HEADERS = ((b'x-content-type-options', b'nosniff'),
-            (b'x-frame-options', b'DENY'),
-            (b'cache-control', b'no-store'),
-            (b'referrer-policy', b'no-referrer'))
-_ROUTES = ('/', '/healthz', '/readyz', '/metrics', '/v1/model',
-           '/v1/captions')
+_HEADERS = (
+  (b'x-content-type-options', b'nosniff'),
+  (b'x-frame-options', b'DENY'),
+  (b'cache-control', b'no-store'),
+  (b'referrer-policy', b'no-referrer'),
+)
+_ROUTES = ('/', '/healthz', '/readyz', '/metrics', '/v1/model', '/v1/captions')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Settings:
       own name is made to resolve to this server.
     body_timeout_s: the time a request body may take to arrive.
   """
+
   allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
   body_timeout_s: float = 30.0
 
@@ -85,11 +89,15 @@ def allowed_hosts_for(bind_host: str) -> tuple[str, ...] | None:
   return LOOPBACK_HOSTS if bind_host in LOOPBACK_HOSTS + ('[::1]',) else None
 
 
-def _json(status: int, value: Any,
-          headers: dict[str, str] | None = None) -> responses.Response:
+def _json(
+  status: int, value: Any, headers: dict[str, str] | None = None
+) -> responses.Response:
   return responses.Response(
-      json.dumps(value, separators=(',', ':')).encode() + b'\n', status,
-      headers, media_type='application/json')
+    json.dumps(value, separators=(',', ':')).encode() + b'\n',
+    status,
+    headers,
+    media_type='application/json',
+  )
 
 
 def _error(error: requests.RequestError) -> responses.Response:
@@ -97,65 +105,87 @@ def _error(error: requests.RequestError) -> responses.Response:
 
 
 def _page() -> bytes:
-  return (importlib.resources.files('capjax') / 'static' /
-          'index.html').read_bytes()
+  return (
+    importlib.resources.files('capjax') / 'static' / 'index.html'
+  ).read_bytes()
 
 
 # --- Endpoints -----------------------------------------------------------------
 
 
 async def _get_page(request: starlette_requests.Request) -> responses.Response:
-  return responses.Response(request.app.state.page,
-                            media_type='text/html; charset=utf-8',
-                            headers={'Content-Security-Policy': _PAGE_POLICY})
+  return responses.Response(
+    request.app.state.page,
+    media_type='text/html; charset=utf-8',
+    headers={'Content-Security-Policy': _PAGE_POLICY},
+  )
 
 
-async def _get_health(request: starlette_requests.Request) -> responses.Response:
+async def _get_health(
+  request: starlette_requests.Request,
+) -> responses.Response:
   service = request.app.state.service
   batcher = service.batcher
   if not batcher.alive:
     raise requests.RequestError(503, 'the decoder is not running')
-  return _json(200, {'status': 'ok', 'ready': service.ready,
-                     'queue': batcher.queue_size,
-                     'decoded': batcher.num_decoded,
-                     'batches': batcher.num_batches,
-                     'decoder_calls': batcher.num_calls})
+  return _json(
+    200,
+    {
+      'status': 'ok',
+      'ready': service.ready,
+      'queue': batcher.queue_size,
+      'decoded': batcher.num_decoded,
+      'batches': batcher.num_batches,
+      'decoder_calls': batcher.num_calls,
+    },
+  )
 
 
 async def _get_ready(request: starlette_requests.Request) -> responses.Response:
   service = request.app.state.service
   if not service.ready:
-    reason = ('shutting down' if service.batcher.ready else
-              'warming up: compiling the decoder')
+    reason = (
+      'shutting down'
+      if service.batcher.ready
+      else 'warming up: compiling the decoder'
+    )
     raise requests.RequestError(503, f'not ready: {reason}')
   return _json(200, {'status': 'ready'})
 
 
-async def _get_metrics(request: starlette_requests.Request
-                       ) -> responses.Response:
-  return responses.Response(request.app.state.service.metrics.text(),
-                            media_type=metrics_lib.CONTENT_TYPE)
+async def _get_metrics(
+  request: starlette_requests.Request,
+) -> responses.Response:
+  return responses.Response(
+    request.app.state.service.metrics.text(),
+    media_type=metrics_lib.CONTENT_TYPE,
+  )
 
 
 async def _get_model(request: starlette_requests.Request) -> responses.Response:
   return _json(200, request.app.state.service.model_info())
 
 
-async def _post_captions(request: starlette_requests.Request
-                         ) -> responses.Response:
+async def _post_captions(
+  request: starlette_requests.Request,
+) -> responses.Response:
   service: service_lib.Service = request.app.state.service
   settings: Settings = request.app.state.settings
   if not service.ready:
-    raise requests.busy('the server is warming up or shutting down; retry '
-                        'later')
+    raise requests.busy(
+      'the server is warming up or shutting down; retry later'
+    )
   query = request.query_params.multi_items()
-  requests.check_fields([name for name, _ in query],
-                        len(requests.PARAMETERS))
+  requests.check_fields([name for name, _ in query], len(requests.PARAMETERS))
+
   async def read(limit: int) -> bytes:
     start = time.monotonic()
     body = await bodies.read_body(
-        request, limit=limit, timeout_s=settings.body_timeout_s,
-        deadlines=request.app.state.deadlines)
+      request,
+      limit=limit,
+      timeout_s=settings.body_timeout_s,
+      deadlines=request.app.state.deadlines,
+    )
     service.metrics.phase['body'].observe(time.monotonic() - start)
     return body
 
@@ -163,18 +193,20 @@ async def _post_captions(request: starlette_requests.Request
   media_type, type_params = bodies.content_type(request)
   image, url = None, None
   if media_type == 'multipart/form-data':
-    fields = bodies.parse_multipart(type_params, await read(limit),
-                                    max_fields=1 + len(requests.PARAMETERS))
+    fields = bodies.parse_multipart(
+      type_params, await read(limit), max_fields=1 + len(requests.PARAMETERS)
+    )
     images = fields.pop('image', [])
     if len(images) != 1:
       raise requests.RequestError(
-          400, "multipart/form-data needs one 'image' field, got "
-          f'{len(images)}')
+        400, f"multipart/form-data needs one 'image' field, got {len(images)}"
+      )
     image = images[0]
     params = requests.merge_params(query, bodies.form_params(fields))
   elif media_type == 'application/json':
     body = bodies.parse_json_object(
-        await read(min(limit, bodies.MAX_JSON_BYTES)))
+      await read(min(limit, bodies.MAX_JSON_BYTES))
+    )
     url = body.pop('url', None)
     params = requests.merge_params(query, body.items())
   elif media_type.startswith('image/') or media_type in RAW_IMAGE_TYPES:
@@ -182,9 +214,11 @@ async def _post_captions(request: starlette_requests.Request
     params = requests.merge_params(query)
   else:
     raise requests.RequestError(
-        415, f'unsupported Content-Type {media_type[:100]!r}: send '
-        "multipart/form-data with an 'image' field, or the image itself as "
-        'image/jpeg, image/png or application/octet-stream')
+      415,
+      f'unsupported Content-Type {media_type[:100]!r}: send '
+      "multipart/form-data with an 'image' field, or the image itself as "
+      'image/jpeg, image/png or application/octet-stream',
+    )
   kind, attention = service.parse_params(params)
   if image is None:
     image = await service.fetch(url)
@@ -198,8 +232,9 @@ async def _post_captions(request: starlette_requests.Request
 # --- Checks around every request -------------------------------------------
 
 
-def _refusal(scope: dict[str, Any],
-                settings: Settings) -> requests.RequestError | None:
+def _refusal(
+  scope: dict[str, Any], settings: Settings
+) -> requests.RequestError | None:
   """Why the request's Host (or, for a POST, Origin) is refused; None: ok."""
   headers = starlette_requests.Headers(scope=scope)
   host = headers.get('host')
@@ -209,10 +244,13 @@ def _refusal(scope: dict[str, Any],
     return requests.RequestError(400, 'a Host header is required')
   name = urllib.parse.urlsplit(f'//{host}').hostname or ''
   if settings.allowed_hosts is not None and (
-      name.lower() not in settings.allowed_hosts):
+    name.lower() not in settings.allowed_hosts
+  ):
     return requests.RequestError(
-        400, f'Host {host[:100]!r} is not served here (allowed: '
-        f'{", ".join(settings.allowed_hosts)}; see --allowed_hosts)')
+      400,
+      f'Host {host[:100]!r} is not served here (allowed: '
+      f'{", ".join(settings.allowed_hosts)}; see --allowed_hosts)',
+    )
   if scope['method'] in ('GET', 'HEAD'):
     return None
   # Browsers send Origin with every cross-origin POST, and a form or a
@@ -220,11 +258,15 @@ def _refusal(scope: dict[str, Any],
   # any web page could make its visitors' browsers post images here.
   origin = headers.get('origin')
   site = headers.get('sec-fetch-site', 'same-origin')
-  if (origin is not None and urllib.parse.urlsplit(origin).netloc.lower()
-      != host.lower()) or site not in ('same-origin', 'none'):
+  if (
+    origin is not None
+    and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()
+  ) or site not in ('same-origin', 'none'):
     return requests.RequestError(
-        403, 'cross-origin requests are refused: post from this server\'s '
-        'page, or from a program (without an Origin header)')
+      403,
+      "cross-origin requests are refused: post from this server's "
+      'page, or from a program (without an Origin header)',
+    )
   return None
 
 
@@ -268,11 +310,12 @@ class _Guard:
     except starlette_requests.ClientDisconnect:
       pass  # the client left; nothing to answer
     # A bug, not the client's mistake: log it and answer 500.
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001
       logging.exception('%s %s failed', scope['method'], route)
       if not status:
         await _json(500, {'error': 'internal error; see the server log'})(
-            scope, receive, send_with_headers)
+          scope, receive, send_with_headers
+        )
     finally:
       if status:
         self._metrics.requests.labels(route, str(status[0])).inc()
@@ -286,21 +329,27 @@ async def _request_error(request, error: requests.RequestError):
 
 async def _http_error(request, error: starlette_exceptions.HTTPException):
   if error.status_code == 404:
-    message = (f'no endpoint {request.url.path[:100]}; see GET /v1/model and '
-               'POST /v1/captions')
+    message = (
+      f'no endpoint {request.url.path[:100]}; see GET /v1/model and '
+      'POST /v1/captions'
+    )
   elif error.status_code == 405:
     message = f'{request.url.path} takes {error.headers["Allow"]}'
   else:
     message = error.detail
-  return _error(requests.RequestError(error.status_code, message,
-                                      error.headers))
+  return _error(
+    requests.RequestError(error.status_code, message, error.headers)
+  )
 
 
-def create_app(workdir: str | os.PathLike[str] | None = None,
-               options: service_lib.Options | None = None, *,
-               service: service_lib.Service | None = None,
-               settings: Settings | None = None,
-               on_ready=None) -> applications.Starlette:
+def create_app(
+  workdir: str | os.PathLike[str] | None = None,
+  options: service_lib.Options | None = None,
+  *,
+  service: service_lib.Service | None = None,
+  settings: Settings | None = None,
+  on_ready=None,
+) -> applications.Starlette:
   """The ASGI app of a trained workdir (or of a service already made).
 
   With no arguments (`uvicorn 'capjax.serving:create_app' --factory`), the
@@ -323,8 +372,11 @@ def create_app(workdir: str | os.PathLike[str] | None = None,
     if not workdir:
       raise errors.UserError(f'give a workdir, or set ${WORKDIR_ENV}')
     trained = inference.load_trained(workdir)
-    service = service_lib.Service(trained, inference.make_extractor(trained),
-                                  options or service_lib.Options())
+    service = service_lib.Service(
+      trained,
+      inference.make_extractor(trained),
+      options or service_lib.Options(),
+    )
   settings = settings or Settings()
 
   @contextlib.asynccontextmanager
@@ -337,19 +389,20 @@ def create_app(workdir: str | os.PathLike[str] | None = None,
       service.stop()
 
   app = applications.Starlette(
-      routes=[
-          routing.Route('/', _get_page, methods=['GET']),
-          routing.Route('/healthz', _get_health, methods=['GET']),
-          routing.Route('/readyz', _get_ready, methods=['GET']),
-          routing.Route('/metrics', _get_metrics, methods=['GET']),
-          routing.Route('/v1/model', _get_model, methods=['GET']),
-          routing.Route('/v1/captions', _post_captions, methods=['POST']),
-      ],
-      exception_handlers={
-          requests.RequestError: _request_error,
-          starlette_exceptions.HTTPException: _http_error,
-      },
-      lifespan=lifespan)
+    routes=[
+      routing.Route('/', _get_page, methods=['GET']),
+      routing.Route('/healthz', _get_health, methods=['GET']),
+      routing.Route('/readyz', _get_ready, methods=['GET']),
+      routing.Route('/metrics', _get_metrics, methods=['GET']),
+      routing.Route('/v1/model', _get_model, methods=['GET']),
+      routing.Route('/v1/captions', _post_captions, methods=['POST']),
+    ],
+    exception_handlers={
+      requests.RequestError: _request_error,
+      starlette_exceptions.HTTPException: _http_error,
+    },
+    lifespan=lifespan,
+  )
   app.state.service = service
   app.state.settings = settings
   app.state.page = _page()

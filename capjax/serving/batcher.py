@@ -16,8 +16,8 @@ All the decoder's work, its warm-up included, runs in the worker thread, so
 the event loop is never blocked by it.
 """
 
-from collections.abc import Callable, Hashable, Sequence
 import collections
+from collections.abc import Callable, Hashable, Sequence
 import concurrent.futures
 import dataclasses
 import threading
@@ -44,8 +44,9 @@ class Continuous(Protocol):
   def active(self) -> int:
     """How many rows are being decoded."""
 
-  def admit(self, keys: Sequence[Any], kinds: Sequence[Hashable],
-            items: Sequence[Any]) -> None:
+  def admit(
+    self, keys: Sequence[Any], kinds: Sequence[Hashable], items: Sequence[Any]
+  ) -> None:
     """Starts decoding items; `step` returns each with its key."""
 
   def step(self) -> list[tuple[Any, Any]]:
@@ -70,11 +71,18 @@ class _Waiting:
 class Batcher:
   """One worker thread running a continuous decoder and whole batches."""
 
-  def __init__(self, continuous: Continuous, batch_fn: BatchFn, *,
-               is_continuous: Callable[[Hashable], bool],
-               max_batch_size: int, max_wait_s: float, max_queue: int,
-               warm_up: Callable[[], None] | None = None,
-               metrics: metrics_lib.Metrics | None = None):
+  def __init__(
+    self,
+    continuous: Continuous,
+    batch_fn: BatchFn,
+    *,
+    is_continuous: Callable[[Hashable], bool],
+    max_batch_size: int,
+    max_wait_s: float,
+    max_queue: int,
+    warm_up: Callable[[], None] | None = None,
+    metrics: metrics_lib.Metrics | None = None,
+  ):
     """Makes the batcher; `start` it.
 
     Args:
@@ -108,8 +116,9 @@ class Batcher:
     self.num_batches = 0  # admissions to the continuous decoder included
     self.num_decoded = 0
     self.num_calls = 0  # of the continuous decoder
-    self._thread = threading.Thread(target=self._run, name='batcher',
-                                    daemon=True)
+    self._thread = threading.Thread(
+      target=self._run, name='batcher', daemon=True
+    )
 
   def start(self, on_ready: Callable[[], None] | None = None) -> None:
     """Starts the worker: warm-up, then on_ready(), then the requests."""
@@ -133,14 +142,18 @@ class Batcher:
     """
     future = concurrent.futures.Future()
     with self._cond:
-      if self._stopped or self._drain_at is not None and (
-          time.monotonic() >= self._drain_at):
+      if (
+        self._stopped
+        or self._drain_at is not None
+        and (time.monotonic() >= self._drain_at)
+      ):
         raise requests.busy('the server is shutting down')
       if not self.ready:
         raise requests.busy('the server is warming up; retry later')
       if self._size >= self._max_queue:
-        raise requests.busy(f'the server is busy ({self._size} requests '
-                            'waiting); retry later')
+        raise requests.busy(
+          f'the server is busy ({self._size} requests waiting); retry later'
+        )
       waiting = _Waiting(kind, item, future, time.monotonic())
       if self._is_continuous(kind):
         self._joining.append(waiting)
@@ -173,8 +186,7 @@ class Batcher:
   # --- The worker ------------------------------------------------------------
 
   def _take_all(self) -> list[_Waiting]:
-    taken = list(self._joining) + [w for q in self._batches.values()
-                                   for w in q]
+    taken = list(self._joining) + [w for q in self._batches.values() for w in q]
     self._joining.clear()
     self._batches.clear()
     self._size = 0
@@ -192,11 +204,14 @@ class Batcher:
       return None
     kind = min(self._batches, key=lambda k: self._batches[k][0].arrival)
     queue = self._batches[kind]
-    if (len(queue) < self._max_batch_size
-        and now < queue[0].arrival + self._max_wait_s):
+    if (
+      len(queue) < self._max_batch_size
+      and now < queue[0].arrival + self._max_wait_s
+    ):
       return None
-    batch = [queue.popleft()
-             for _ in range(min(len(queue), self._max_batch_size))]
+    batch = [
+      queue.popleft() for _ in range(min(len(queue), self._max_batch_size))
+    ]
     if not queue:
       del self._batches[kind]
     self._size -= len(batch)
@@ -209,8 +224,9 @@ class Batcher:
       times.append(self._drain_at)
     return max(min(times) - now, 0.0) if times else None
 
-  def _take(self) -> tuple[tuple[Hashable, list[_Waiting]] | None,
-                           list[_Waiting]] | None:
+  def _take(
+    self,
+  ) -> tuple[tuple[Hashable, list[_Waiting]] | None, list[_Waiting]] | None:
     """Blocks for work: (a due whole batch, rows to admit); None: stop."""
     with self._cond:
       while True:
@@ -221,8 +237,9 @@ class Batcher:
           self._refuse(self._take_all(), 'the server is shutting down')
         batch = self._due_batch(now)
         room = self._continuous.room
-        joining = [self._joining.popleft()
-                   for _ in range(min(room, len(self._joining)))]
+        joining = [
+          self._joining.popleft() for _ in range(min(room, len(self._joining)))
+        ]
         self._size -= len(joining)
         if batch or joining or self._continuous.active:
           return batch, joining
@@ -238,7 +255,7 @@ class Batcher:
       try:
         self._warm_up()
       # The worker ends, and GET /healthz says the decoder is not running.
-      except Exception:  # pylint: disable=broad-except
+      except Exception:  # noqa: BLE001
         logging.exception('warm-up failed')
         return
     with self._cond:
@@ -249,13 +266,13 @@ class Batcher:
       batch, joining = work
       if batch:
         self._run_batch(*batch)
-      joining = [w for w in joining
-                 if w.future.set_running_or_notify_cancel()]
+      joining = [w for w in joining if w.future.set_running_or_notify_cancel()]
       self._started(joining)
       try:
         if joining:
-          self._continuous.admit(joining, [w.kind for w in joining],
-                                 [w.item for w in joining])
+          self._continuous.admit(
+            joining, [w.kind for w in joining], [w.item for w in joining]
+          )
           self._count_batch(len(joining))
         if self._continuous.active:
           rows = self._continuous.active
@@ -266,7 +283,7 @@ class Batcher:
             self._metrics.rows_per_step.observe(rows)
           self._finish(finished)
       # A failing decoder fails its requests, never the worker.
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001
         logging.exception('the continuous decoder failed')
         for waiting in set(joining) | set(self._continuous.abandon()):
           if not waiting.future.done():
@@ -281,7 +298,7 @@ class Batcher:
     try:
       results = self._batch_fn(kind, [w.item for w in batch])
     # A failing batch fails its requests, never the worker.
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       logging.exception('a batch of %d failed', len(batch))
       for w in batch:
         w.future.set_exception(e)

@@ -54,14 +54,20 @@ class Deadlines:
         timeout.reschedule(self._shutdown_at)
 
 
-def content_type(request: starlette_requests.Request
-                 ) -> tuple[str, dict[str, str]]:
+def content_type(
+  request: starlette_requests.Request,
+) -> tuple[str, dict[str, str]]:
   """The request's lowercase media type and its parameters."""
   media_type, params = multipart.parse_options_header(
-      request.headers.get('content-type', ''))
-  return (media_type.decode('latin-1'),
-          {k.decode('latin-1').lower(): v.decode('latin-1')
-           for k, v in params.items()})
+    request.headers.get('content-type', '')
+  )
+  return (
+    media_type.decode('latin-1'),
+    {
+      k.decode('latin-1').lower(): v.decode('latin-1')
+      for k, v in params.items()
+    },
+  )
 
 
 def check_framing(request: starlette_requests.Request, limit: int) -> None:
@@ -78,20 +84,29 @@ def check_framing(request: starlette_requests.Request, limit: int) -> None:
     # codings before it (gzip, chunked) would be handed over undecoded.
     if coding.strip().lower() != 'chunked':
       raise requests.RequestError(
-          501, f'Transfer-Encoding {coding[:100]!r} is not supported: send '
-          'the body as it is, with Content-Length or chunked')
+        501,
+        f'Transfer-Encoding {coding[:100]!r} is not supported: send '
+        'the body as it is, with Content-Length or chunked',
+      )
     return
   length = request.headers.get('content-length')
   if length is None:
     raise requests.RequestError(
-        411, 'Content-Length required (or Transfer-Encoding: chunked)')
+      411, 'Content-Length required (or Transfer-Encoding: chunked)'
+    )
   if int(length) > limit:
-    raise requests.RequestError(413, f'body of {int(length):,} bytes is over '
-                                f'the limit of {limit:,} bytes')
+    raise requests.RequestError(
+      413, f'body of {int(length):,} bytes is over the limit of {limit:,} bytes'
+    )
 
 
-async def read_body(request: starlette_requests.Request, *, limit: int,
-                    timeout_s: float, deadlines: Deadlines) -> bytes:
+async def read_body(
+  request: starlette_requests.Request,
+  *,
+  limit: int,
+  timeout_s: float,
+  deadlines: Deadlines,
+) -> bytes:
   """The whole body, read as it streams in.
 
   Raises:
@@ -107,21 +122,26 @@ async def read_body(request: starlette_requests.Request, *, limit: int,
         body += chunk
         if len(body) > limit:
           raise requests.RequestError(
-              413, f'body over the limit of {limit:,} bytes')
+            413, f'body over the limit of {limit:,} bytes'
+          )
   except TimeoutError:
     raise requests.RequestError(
-        408, f'the body took over {timeout_s:g} s to arrive') from None
+      408, f'the body took over {timeout_s:g} s to arrive'
+    ) from None
   declared = request.headers.get('content-length')
   if declared is not None and len(body) < int(declared):
-    raise requests.RequestError(400, f'body ended after {len(body)} of '
-                                f'{int(declared)} bytes (Content-Length)')
+    raise requests.RequestError(
+      400,
+      f'body ended after {len(body)} of {int(declared)} bytes (Content-Length)',
+    )
   if request.scope.get('extensions', {}).get(TRUNCATED):
     raise requests.RequestError(400, 'body ended before its last chunk')
   return bytes(body)
 
 
-def parse_multipart(params: dict[str, str], body: bytes,
-                    max_fields: int) -> dict[str, list[bytes]]:
+def parse_multipart(
+  params: dict[str, str], body: bytes, max_fields: int
+) -> dict[str, list[bytes]]:
   """A multipart/form-data body -> {field name: [content, ...]}.
 
   Raises:
@@ -144,23 +164,31 @@ def parse_multipart(params: dict[str, str], body: bytes,
     part['data'].append(data[start:end])
 
   def on_part_end():
-    disposition = b''.join(v for k, v in part['headers']
-                           if k.lower() == b'content-disposition')
+    disposition = b''.join(
+      v for k, v in part['headers'] if k.lower() == b'content-disposition'
+    )
     _, options = multipart.parse_options_header(disposition)
     name = options.get(b'name')
     if name is None:
       raise requests.RequestError(400, 'a form part without a name')
     fields.setdefault(name.decode('utf-8', 'replace'), []).append(
-        b''.join(part['data']))
+      b''.join(part['data'])
+    )
     if sum(map(len, fields.values())) > max_fields:
       raise requests.RequestError(400, 'too many form fields')
     part['headers'], part['data'] = [], []
 
   try:
-    parser = multipart.MultipartParser(boundary, {
+    parser = multipart.MultipartParser(
+      boundary,
+      {
         'on_header_field': on_header_field,
-        'on_header_value': on_header_value, 'on_part_data': on_part_data,
-        'on_part_end': on_part_end, 'on_end': lambda: ended.append(True)})
+        'on_header_value': on_header_value,
+        'on_part_data': on_part_data,
+        'on_part_end': on_part_end,
+        'on_end': lambda: ended.append(True),
+      },
+    )
     parser.write(body)
     parser.finalize()
   # A bad boundary or body; python-multipart's errors are ValueErrors.
@@ -179,7 +207,8 @@ def form_params(fields: dict[str, list[bytes]]) -> Iterator[tuple[str, str]]:
         yield name, value.decode('utf-8')
       except UnicodeDecodeError:
         raise requests.RequestError(
-            400, 'form fields must be UTF-8 text') from None
+          400, 'form fields must be UTF-8 text'
+        ) from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -46,6 +46,7 @@ _CALLS_BEFORE_SHRINKING = 64
 @flax.struct.dataclass
 class _Rows:
   """The decoding state of n rows (free slots are done)."""
+
   h_nU: Array
   token_n: Array  # the last token, fed to the next step
   t_n: Array  # tokens generated so far
@@ -57,58 +58,81 @@ class _Rows:
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _encode(params: Any, features_mLD: Array, *,
-            model: captioner.Captioner) -> recurrence.Encoded:
-  return model.apply({'params': params}, features_mLD,
-                     method=captioner.Captioner.encode)
+def _encode(
+  params: Any, features_mLD: Array, *, model: captioner.Captioner
+) -> recurrence.Encoded:
+  return model.apply(
+    {'params': params}, features_mLD, method=captioner.Captioner.encode
+  )
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _insert(rows: _Rows, encoded: recurrence.Encoded,
-            new_encoded: recurrence.Encoded, slots_m: Array,
-            max_len_m: Array) -> tuple[_Rows, recurrence.Encoded]:
+def _insert(
+  rows: _Rows,
+  encoded: recurrence.Encoded,
+  new_encoded: recurrence.Encoded,
+  slots_m: Array,
+  max_len_m: Array,
+) -> tuple[_Rows, recurrence.Encoded]:
   """New rows at slots_m; out-of-range slots pad the admission: dropped."""
   put = lambda a, b: a.at[slots_m].set(b, mode='drop')
   zeros = lambda a: put(a, jnp.zeros((len(slots_m),) + a.shape[1:], a.dtype))
   rows = _Rows(
-      h_nU=zeros(rows.h_nU),
-      token_n=put(rows.token_n, jnp.full_like(slots_m, _START)),
-      t_n=zeros(rows.t_n), max_len_n=put(rows.max_len_n, max_len_m),
-      done_n=put(rows.done_n, jnp.zeros_like(slots_m, bool)),
-      tokens_nT=zeros(rows.tokens_nT),
-      attention_nTL=zeros(rows.attention_nTL),
-      log_prob_n=zeros(rows.log_prob_n))
+    h_nU=zeros(rows.h_nU),
+    token_n=put(rows.token_n, jnp.full_like(slots_m, _START)),
+    t_n=zeros(rows.t_n),
+    max_len_n=put(rows.max_len_n, max_len_m),
+    done_n=put(rows.done_n, jnp.zeros_like(slots_m, bool)),
+    tokens_nT=zeros(rows.tokens_nT),
+    attention_nTL=zeros(rows.attention_nTL),
+    log_prob_n=zeros(rows.log_prob_n),
+  )
   return rows, jax.tree_util.tree_map(put, encoded, new_encoded)
 
 
-def _step(step_fn: search.StepFn, rows: _Rows,
-          encoded: recurrence.Encoded) -> _Rows:
+def _step(
+  step_fn: search.StepFn, rows: _Rows, encoded: recurrence.Encoded
+) -> _Rows:
   """One greedy step of every live row, as `search.greedy_search` takes it."""
   logits_nV, h_nU, attention_nL = step_fn(rows.h_nU, rows.token_n, encoded)
   log_probs_nV = search.token_log_probs(logits_nV)
   live_n = ~rows.done_n
   token_n = jnp.where(live_n, jnp.argmax(log_probs_nV, axis=-1), _PAD)
-  token_log_prob_n = jnp.take_along_axis(log_probs_nV, token_n[:, None],
-                                         axis=-1)[:, 0]
+  token_log_prob_n = jnp.take_along_axis(
+    log_probs_nV, token_n[:, None], axis=-1
+  )[:, 0]
   t_n = rows.t_n + live_n
   # Each live row writes at its own position t (a mask, not a scatter:
   # XLA's CPU scatter costs more than the step's matmuls).
   write_nT = live_n[:, None] & (
-      jnp.arange(rows.tokens_nT.shape[1]) == rows.t_n[:, None])
+    jnp.arange(rows.tokens_nT.shape[1]) == rows.t_n[:, None]
+  )
   return _Rows(
-      h_nU=h_nU, token_n=token_n, t_n=t_n, max_len_n=rows.max_len_n,
-      done_n=rows.done_n | (token_n == _END) | (t_n >= rows.max_len_n),
-      tokens_nT=jnp.where(write_nT, token_n[:, None], rows.tokens_nT),
-      attention_nTL=jnp.where(write_nT[:, :, None],
-                              attention_nL[:, None].astype(jnp.float32),
-                              rows.attention_nTL),
-      log_prob_n=rows.log_prob_n + jnp.where(live_n, token_log_prob_n, 0.0))
+    h_nU=h_nU,
+    token_n=token_n,
+    t_n=t_n,
+    max_len_n=rows.max_len_n,
+    done_n=rows.done_n | (token_n == _END) | (t_n >= rows.max_len_n),
+    tokens_nT=jnp.where(write_nT, token_n[:, None], rows.tokens_nT),
+    attention_nTL=jnp.where(
+      write_nT[:, :, None],
+      attention_nL[:, None].astype(jnp.float32),
+      rows.attention_nTL,
+    ),
+    log_prob_n=rows.log_prob_n + jnp.where(live_n, token_log_prob_n, 0.0),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('model',), donate_argnums=(1,))
-def _steps(params: Any, rows: _Rows, encoded: recurrence.Encoded, k: Array,
-           until_one_ends: Array, *,
-           model: captioner.Captioner) -> tuple[_Rows, Array]:
+def _steps(
+  params: Any,
+  rows: _Rows,
+  encoded: recurrence.Encoded,
+  k: Array,
+  until_one_ends: Array,
+  *,
+  model: captioner.Captioner,
+) -> tuple[_Rows, Array]:
   """Up to k steps, and how many were taken.
 
   The steps end early once every row has ended, or, if until_one_ends, once
@@ -127,13 +151,15 @@ def _steps(params: Any, rows: _Rows, encoded: recurrence.Encoded, k: Array,
     return i + 1, stepped, jnp.any(stepped.done_n & ~rows.done_n)
 
   i, rows, _ = jax.lax.while_loop(
-      cond_fn, body_fn, (jnp.int32(0), rows, jnp.bool_(False)))
+    cond_fn, body_fn, (jnp.int32(0), rows, jnp.bool_(False))
+  )
   return rows, i
 
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
   """A finished row: its generated tokens (<end> included if it came)."""
+
   token_ids: list[int]
   attention_TL: np.ndarray
   log_prob: float
@@ -145,9 +171,15 @@ class GreedyRows:
   Not thread-safe: one thread (the batch worker) calls it.
   """
 
-  def __init__(self, model: captioner.Captioner, params: Any,
-               shape_LD: tuple[int, int], max_len: int,
-               sizes: Sequence[int], step_s: float = 0.01):
+  def __init__(
+    self,
+    model: captioner.Captioner,
+    params: Any,
+    shape_LD: tuple[int, int],
+    max_len: int,
+    sizes: Sequence[int],
+    step_s: float = 0.01,
+  ):
     """Makes an empty decoder.
 
     Args:
@@ -167,8 +199,10 @@ class GreedyRows:
     self.sizes = tuple(sizes)
     self._model = model
     self._encoded_shape = jax.eval_shape(
-        functools.partial(_encode, model=model), params,
-        jax.ShapeDtypeStruct((1,) + self._shape_LD, jnp.float32))
+      functools.partial(_encode, model=model),
+      params,
+      jax.ShapeDtypeStruct((1,) + self._shape_LD, jnp.float32),
+    )
     # Committed to a device, as the jitted functions' outputs are: jit
     # compiles again for arguments that differ only in that.
     self._device = jax.local_devices()[0]
@@ -196,14 +230,18 @@ class GreedyRows:
     """The state of n free slots, in host memory."""
     length, (num_positions, _) = self._max_len, self._shape_LD
     encoded = jax.tree_util.tree_map(
-        lambda s: np.zeros((n,) + s.shape[1:], s.dtype), self._encoded_shape)
+      lambda s: np.zeros((n,) + s.shape[1:], s.dtype), self._encoded_shape
+    )
     rows = _Rows(
-        h_nU=np.zeros((n, encoded.keys_BLU.shape[-1]), np.float32),
-        token_n=np.zeros(n, np.int32), t_n=np.zeros(n, np.int32),
-        max_len_n=np.zeros(n, np.int32), done_n=np.ones(n, bool),
-        tokens_nT=np.zeros((n, length), np.int32),
-        attention_nTL=np.zeros((n, length, num_positions), np.float32),
-        log_prob_n=np.zeros(n, np.float32))
+      h_nU=np.zeros((n, encoded.keys_BLU.shape[-1]), np.float32),
+      token_n=np.zeros(n, np.int32),
+      t_n=np.zeros(n, np.int32),
+      max_len_n=np.zeros(n, np.int32),
+      done_n=np.ones(n, bool),
+      tokens_nT=np.zeros((n, length), np.int32),
+      attention_nTL=np.zeros((n, length, num_positions), np.float32),
+      log_prob_n=np.zeros(n, np.float32),
+    )
     return rows, encoded
 
   def _put(self, tree: Any) -> Any:
@@ -232,8 +270,9 @@ class GreedyRows:
   def _fit(self, n: int) -> int:
     return min(s for s in self.sizes if s >= n)
 
-  def admit(self, keys: Sequence[Any], features_mLD: np.ndarray,
-            max_lens: Sequence[int]) -> None:
+  def admit(
+    self, keys: Sequence[Any], features_mLD: np.ndarray, max_lens: Sequence[int]
+  ) -> None:
     """Starts decoding rows; at most `room` of them.
 
     Args:
@@ -252,12 +291,17 @@ class GreedyRows:
     size = self._fit(m)
     # Padded with copies of a real grid, to a compiled admission size.
     features = np.concatenate(
-        [features_mLD, np.repeat(features_mLD[:1], size - m, axis=0)])
+      [features_mLD, np.repeat(features_mLD[:1], size - m, axis=0)]
+    )
     slots = np.array(free + [self.capacity] * (size - m), np.int32)
     lens = np.array(list(max_lens) + [1] * (size - m), np.int32)
     self._rows, self._encoded = _insert(
-        self._rows, self._encoded,
-        _encode(self._params, features, model=self._model), slots, lens)
+      self._rows,
+      self._encoded,
+      _encode(self._params, features, model=self._model),
+      slots,
+      lens,
+    )
     self._keys.update(zip(free, keys))
 
   def step(self) -> list[tuple[Any, Finished]]:
@@ -279,26 +323,44 @@ class GreedyRows:
       k = max(1, int(self.step_s / self._step_time_s.get(n, 1.0)))
       until_one_ends = False
     start = time.perf_counter()
-    self._rows, steps = _steps(self._params, self._rows, self._encoded, k,
-                               until_one_ends, model=self._model)
+    self._rows, steps = _steps(
+      self._params,
+      self._rows,
+      self._encoded,
+      k,
+      until_one_ends,
+      model=self._model,
+    )
     done_n = np.asarray(self._rows.done_n)
     steps = int(steps)
     if steps:
       elapsed = (time.perf_counter() - start) / steps
       self._step_time_s[n] = 0.8 * self._step_time_s.get(n, elapsed) + (
-          0.2 * elapsed)
+        0.2 * elapsed
+      )
     ended = [s for s in self._keys if done_n[s]]
     finished = []
     if ended:
       t_n, tokens_nT, attention_nTL, log_prob_n = jax.device_get(
-          (self._rows.t_n, self._rows.tokens_nT, self._rows.attention_nTL,
-           self._rows.log_prob_n))
+        (
+          self._rows.t_n,
+          self._rows.tokens_nT,
+          self._rows.attention_nTL,
+          self._rows.log_prob_n,
+        )
+      )
       for s in ended:
         length = int(t_n[s])
-        finished.append((self._keys.pop(s), Finished(
-            token_ids=tokens_nT[s, :length].tolist(),
-            attention_TL=np.array(attention_nTL[s, :length]),
-            log_prob=float(log_prob_n[s]))))
+        finished.append(
+          (
+            self._keys.pop(s),
+            Finished(
+              token_ids=tokens_nT[s, :length].tolist(),
+              attention_TL=np.array(attention_nTL[s, :length]),
+              log_prob=float(log_prob_n[s]),
+            ),
+          )
+        )
     # Shrinks once a quarter of the slots or less have been used for a while:
     # moving the rows costs more than a step, and the load comes back.
     if self.active * 4 <= self.capacity and self.capacity > self.sizes[0]:
@@ -329,8 +391,11 @@ class GreedyRows:
           return
         features = np.zeros((m,) + self._shape_LD, np.float32)
         rows, encoded = _insert(
-            rows, encoded, _encode(self._params, features, model=self._model),
-            np.arange(m, dtype=np.int32), np.ones(m, np.int32))
-      rows, _ = _steps(self._params, rows, encoded, 1, False,
-                       model=self._model)
+          rows,
+          encoded,
+          _encode(self._params, features, model=self._model),
+          np.arange(m, dtype=np.int32),
+          np.ones(m, np.int32),
+        )
+      rows, _ = _steps(self._params, rows, encoded, 1, False, model=self._model)
       jax.block_until_ready(rows)

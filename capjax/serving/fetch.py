@@ -20,8 +20,14 @@ _MAX_REDIRECTS = 3
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Most specific first, so that 127.0.0.1 is named loopback, not private.
-_REFUSED_KINDS = ('loopback', 'link_local', 'multicast', 'unspecified',
-                  'reserved', 'private')
+_REFUSED_KINDS = (
+  'loopback',
+  'link_local',
+  'multicast',
+  'unspecified',
+  'reserved',
+  'private',
+)
 
 
 def refused_reason(address: Address) -> str | None:
@@ -34,8 +40,9 @@ def refused_reason(address: Address) -> str | None:
   return None if address.is_global else 'non-global'
 
 
-def _checked_address(host: str, port: int,
-                     refuse: Callable[[Address], str | None]) -> Address:
+def _checked_address(
+  host: str, port: int, refuse: Callable[[Address], str | None]
+) -> Address:
   """The address to connect to, once all the host resolves to are checked."""
   try:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -45,13 +52,17 @@ def _checked_address(host: str, port: int,
   for address in addresses:
     reason = refuse(address)
     if reason:
-      raise requests.RequestError(403, f'refusing to fetch from {host}: it resolves '
-                                  f'to {address}, a {reason} address')
+      raise requests.RequestError(
+        403,
+        f'refusing to fetch from {host}: it resolves '
+        f'to {address}, a {reason} address',
+      )
   return addresses[0]
 
 
-def _connect(scheme: str, host: str, port: int, address: Address,
-             timeout_s: float) -> http.client.HTTPConnection:
+def _connect(
+  scheme: str, host: str, port: int, address: Address, timeout_s: float
+) -> http.client.HTTPConnection:
   """A connection to `address` (already checked) that speaks to `host`.
 
   Connecting to the checked address, not the name, leaves no second DNS
@@ -59,8 +70,7 @@ def _connect(scheme: str, host: str, port: int, address: Address,
   """
   sock = socket.create_connection((str(address), port), timeout=timeout_s)
   if scheme == 'https':
-    sock = ssl.create_default_context().wrap_socket(sock,
-                                                    server_hostname=host)
+    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
     connection = http.client.HTTPSConnection(host, port, timeout=timeout_s)
   else:
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
@@ -68,9 +78,13 @@ def _connect(scheme: str, host: str, port: int, address: Address,
   return connection
 
 
-def fetch_url(url: str, *, max_bytes: int, timeout_s: float,
-              refuse: Callable[[Address], str | None] = refused_reason
-              ) -> bytes:
+def fetch_url(
+  url: str,
+  *,
+  max_bytes: int,
+  timeout_s: float,
+  refuse: Callable[[Address], str | None] = refused_reason,
+) -> bytes:
   """The body of an http(s) URL on a public address, following redirects.
 
   Args:
@@ -89,43 +103,58 @@ def fetch_url(url: str, *, max_bytes: int, timeout_s: float,
     for _ in range(_MAX_REDIRECTS + 1):
       parts = urllib.parse.urlsplit(url)
       if parts.scheme not in ('http', 'https') or not parts.hostname:
-        raise requests.RequestError(400, f'only http and https URLs are fetched, got '
-                                    f'{url[:200]!r}')
+        raise requests.RequestError(
+          400, f'only http and https URLs are fetched, got {url[:200]!r}'
+        )
       try:
         port = parts.port or (443 if parts.scheme == 'https' else 80)
       except ValueError as e:
-        raise requests.RequestError(400, f'bad URL {url[:200]!r}: {e}') from None
+        raise requests.RequestError(
+          400, f'bad URL {url[:200]!r}: {e}'
+        ) from None
       address = _checked_address(parts.hostname, port, refuse)
-      connection = _connect(parts.scheme, parts.hostname, port, address,
-                            max(deadline - time.monotonic(), 0.001))
+      connection = _connect(
+        parts.scheme,
+        parts.hostname,
+        port,
+        address,
+        max(deadline - time.monotonic(), 0.001),
+      )
       try:
-        connection.request('GET', urllib.parse.urlunsplit(
-            ('', '', parts.path or '/', parts.query, '')),
-                           headers={'Accept': 'image/*'})
+        connection.request(
+          'GET',
+          urllib.parse.urlunsplit(('', '', parts.path or '/', parts.query, '')),
+          headers={'Accept': 'image/*'},
+        )
         response = connection.getresponse()
         location = response.getheader('Location')
         if response.status in (301, 302, 303, 307, 308) and location:
           url = urllib.parse.urljoin(url, location)
           continue
         if response.status != 200:
-          raise requests.RequestError(502, f'{parts.hostname} answered '
-                                      f'{response.status} {response.reason}')
+          raise requests.RequestError(
+            502,
+            f'{parts.hostname} answered {response.status} {response.reason}',
+          )
         return _read_limited(response, max_bytes, deadline)
       finally:
         connection.close()
     raise requests.RequestError(502, f'more than {_MAX_REDIRECTS} redirects')
   except TimeoutError:
-    raise requests.RequestError(504, f'fetching {url[:200]} took over {timeout_s} s'
-                                ) from None
+    raise requests.RequestError(
+      504, f'fetching {url[:200]} took over {timeout_s} s'
+    ) from None
   except (OSError, http.client.HTTPException) as e:
     raise requests.RequestError(502, f'cannot fetch {url[:200]}: {e}') from None
 
 
-def _read_limited(response: http.client.HTTPResponse, max_bytes: int,
-                  deadline: float) -> bytes:
+def _read_limited(
+  response: http.client.HTTPResponse, max_bytes: int, deadline: float
+) -> bytes:
   """The response body, refused once over max_bytes or past the deadline."""
-  too_large = requests.RequestError(413, f'the image at the URL is over the limit of '
-                                    f'{max_bytes:,} bytes')
+  too_large = requests.RequestError(
+    413, f'the image at the URL is over the limit of {max_bytes:,} bytes'
+  )
   declared = response.getheader('Content-Length', '')
   if declared.isdigit() and int(declared) > max_bytes:
     raise too_large

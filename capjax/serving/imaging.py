@@ -63,10 +63,11 @@ def decode_bytes(data: bytes, draft_size: int) -> int | None:
       if image.format == 'JPEG':
         image.draft('RGB', (draft_size, draft_size))
       width, height = image.size
-      bytes_per_pixel = _BYTES_PER_PIXEL.get(image.format,
-                                             _DEFAULT_BYTES_PER_PIXEL)
+      bytes_per_pixel = _BYTES_PER_PIXEL.get(
+        image.format, _DEFAULT_BYTES_PER_PIXEL
+      )
   # What PIL cannot read is refused by `images.load_image`, with its reason.
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001
     return None
   return width * height * bytes_per_pixel
 
@@ -82,8 +83,9 @@ def box_reduce(image_HW3: np.ndarray, size: int) -> np.ndarray:
   k_h, k_w = max(height // size, 1), max(width // size, 1)
   if k_h == k_w == 1:
     return image_HW3
-  blocks = image_HW3[:height // k_h * k_h, :width // k_w * k_w].reshape(
-      height // k_h, k_h, width // k_w, k_w, 3)
+  blocks = image_HW3[: height // k_h * k_h, : width // k_w * k_w].reshape(
+    height // k_h, k_h, width // k_w, k_w, 3
+  )
   sums = blocks.sum(axis=(1, 3), dtype=np.uint32)
   return ((sums + k_h * k_w // 2) // (k_h * k_w)).astype(np.uint8)
 
@@ -91,10 +93,17 @@ def box_reduce(image_HW3: np.ndarray, size: int) -> np.ndarray:
 class ImagePool:
   """Turns untrusted image bytes into extractor inputs, in bounded threads."""
 
-  def __init__(self, prepare_fn: Callable[[np.ndarray], np.ndarray], *,
-               image_size: int, max_pixels: int, max_decode_bytes: int,
-               workers: int = 2, max_waiting: int = 64,
-               small_bytes: int = 64 * 2**20):
+  def __init__(
+    self,
+    prepare_fn: Callable[[np.ndarray], np.ndarray],
+    *,
+    image_size: int,
+    max_pixels: int,
+    max_decode_bytes: int,
+    workers: int = 2,
+    max_waiting: int = 64,
+    small_bytes: int = 64 * 2**20,
+  ):
     """Makes the pool.
 
     Args:
@@ -114,9 +123,11 @@ class ImagePool:
     self._small_bytes = min(small_bytes, max_decode_bytes)
     self._max_waiting = max_waiting
     self._small = concurrent.futures.ThreadPoolExecutor(
-        workers, thread_name_prefix='decode')
+      workers, thread_name_prefix='decode'
+    )
     self._large = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix='decode-large')
+      1, thread_name_prefix='decode-large'
+    )
     # Counted in the event loop's thread only.
     self.waiting = 0
     self.waiting_large = 0
@@ -130,16 +141,20 @@ class ImagePool:
     needed = decode_bytes(data, self._image_size)
     if needed is not None and needed > self.max_decode_bytes:
       raise requests.RequestError(
-          413, f'decoding this image would take about {needed / 2**20:,.0f} '
-          f'MB, over the limit of {self.max_decode_bytes / 2**20:,.0f} MB')
+        413,
+        f'decoding this image would take about {needed / 2**20:,.0f} '
+        f'MB, over the limit of {self.max_decode_bytes / 2**20:,.0f} MB',
+      )
     if needed is not None and needed > memory_limit:
       return _LARGE
     if not data:
-      raise requests.RequestError(400,
-                                  'empty body: send an image (JPEG, PNG, ...)')
+      raise requests.RequestError(
+        400, 'empty body: send an image (JPEG, PNG, ...)'
+      )
     try:
-      image_HW3 = images.load_image(data, max_pixels=self._max_pixels,
-                                    draft_size=self._image_size)
+      image_HW3 = images.load_image(
+        data, max_pixels=self._max_pixels, draft_size=self._image_size
+      )
     except images.ImageError as e:
       raise requests.RequestError(e.http_status, str(e)) from None
     return self._prepare_fn(box_reduce(image_HW3, self._image_size))
@@ -153,12 +168,14 @@ class ImagePool:
     """
     loop = asyncio.get_running_loop()
     if self.waiting >= self._max_waiting:
-      raise requests.busy(f'{self.waiting} images are being decoded; retry '
-                          'later')
+      raise requests.busy(
+        f'{self.waiting} images are being decoded; retry later'
+      )
     self.waiting += 1
     try:
-      prepared = await loop.run_in_executor(self._small, self._decode, data,
-                                            self._small_bytes)
+      prepared = await loop.run_in_executor(
+        self._small, self._decode, data, self._small_bytes
+      )
     except RuntimeError:  # the pool is shut down
       raise requests.busy('the server is shutting down') from None
     finally:
@@ -167,12 +184,12 @@ class ImagePool:
       return prepared
     # One large image decodes while one more waits; more are refused.
     if self.waiting_large >= 2:
-      raise requests.busy('the server is decoding other large images; retry '
-                          'later')
+      raise requests.busy(
+        'the server is decoding other large images; retry later'
+      )
     self.waiting_large += 1
     try:
-      return await loop.run_in_executor(self._large, self._decode_large,
-                                        data)
+      return await loop.run_in_executor(self._large, self._decode_large, data)
     except RuntimeError:
       raise requests.busy('the server is shutting down') from None
     finally:

@@ -49,6 +49,7 @@ class Limits:
     max_header_bytes: the most bytes of request line and headers.
     max_headers: the most header fields.
   """
+
   max_connections: int = 128
   max_connections_per_client: int = 32
   header_timeout_s: float = 10.0
@@ -77,18 +78,23 @@ class _Transport:
 
 def _response(status: int, message: str) -> bytes:
   body = json.dumps({'error': message}).encode() + b'\n'
-  return b''.join([
+  return b''.join(
+    [
       httptools_impl.STATUS_LINE[status],
       b'content-type: application/json\r\n',
       b'content-length: %d\r\n' % len(body),
       b'x-content-type-options: nosniff\r\n',
       b'cache-control: no-store\r\n',
       b'retry-after: 1\r\n' if status == 503 else b'',
-      b'connection: close\r\n\r\n', body])
+      b'connection: close\r\n\r\n',
+      body,
+    ]
+  )
 
 
 class _Protocol(httptools_impl.HttpToolsProtocol):
   """HttpToolsProtocol with `Limits`; made by `protocol_class`."""
+
   limits: Limits = Limits()
   metrics: metrics_lib.Metrics | None = None
   # Open connections per client address, shared by the class's instances.
@@ -106,10 +112,12 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     self.clients[self._address] += 1
     if len(self.connections) > self.limits.max_connections:
       self._refuse(503, 'too many connections; retry later', 'connections')
-    elif (self.clients[self._address]
-          > self.limits.max_connections_per_client):
-      self._refuse(503, 'too many connections from your address; retry '
-                   'later', 'client_connections')
+    elif self.clients[self._address] > self.limits.max_connections_per_client:
+      self._refuse(
+        503,
+        'too many connections from your address; retry later',
+        'client_connections',
+      )
     else:
       self._arm_header_timer()
 
@@ -155,8 +163,11 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       return
     self._cancel_header_timer()
     cycle = self.cycle
-    unread = force or (self._awaiting_headers and self._header_bytes) or (
-        cycle is not None and cycle.more_body)
+    unread = (
+      force
+      or (self._awaiting_headers and self._header_bytes)
+      or (cycle is not None and cycle.more_body)
+    )
     if not unread or not transport.can_write_eof():
       transport.close()
       return
@@ -182,9 +193,13 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     except httptools.HttpParserUpgrade:
       pass  # no upgrades: the request was answered as plain HTTP
     if self._awaiting_headers and (
-        self._header_bytes > self.limits.max_header_bytes):
-      self._refuse(431, 'request headers over '
-                   f'{self.limits.max_header_bytes:,} bytes', 'headers')
+      self._header_bytes > self.limits.max_header_bytes
+    ):
+      self._refuse(
+        431,
+        f'request headers over {self.limits.max_header_bytes:,} bytes',
+        'headers',
+      )
       return
 
   def eof_received(self) -> bool | None:
@@ -206,8 +221,9 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     self._cancel_header_timer()
     self._awaiting_headers = True
     self._header_bytes = self._header_count = self._header_size = 0
-    self._header_timer = self.loop.call_later(self.limits.header_timeout_s,
-                                              self._on_header_timeout)
+    self._header_timer = self.loop.call_later(
+      self.limits.header_timeout_s, self._on_header_timeout
+    )
 
   def _cancel_header_timer(self) -> None:
     if self._header_timer is not None:
@@ -220,8 +236,11 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       self._count('idle')
       self.close_lingering()  # an idle connection: no one to answer
       return
-    self._refuse(408, 'request headers not complete within '
-                 f'{self.limits.header_timeout_s:g} s', 'header_timeout')
+    self._refuse(
+      408,
+      f'request headers not complete within {self.limits.header_timeout_s:g} s',
+      'header_timeout',
+    )
 
   def on_url(self, url: bytes) -> None:
     self._header_size += len(url)
@@ -237,11 +256,16 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     self._cancel_header_timer()
     # Headers that arrived in one piece are measured here; data_received
     # bounds those still arriving.
-    if (self._header_count > self.limits.max_headers
-        or self._header_size > self.limits.max_header_bytes):
-      self._refuse(431, f'request headers over {self.limits.max_headers} '
-                   f'fields or {self.limits.max_header_bytes:,} bytes',
-                   'headers')
+    if (
+      self._header_count > self.limits.max_headers
+      or self._header_size > self.limits.max_header_bytes
+    ):
+      self._refuse(
+        431,
+        f'request headers over {self.limits.max_headers} '
+        f'fields or {self.limits.max_header_bytes:,} bytes',
+        'headers',
+      )
       return
     self._header_bytes = 0
     self._requests += 1
@@ -265,9 +289,12 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       self._arm_header_timer()
 
 
-def protocol_class(limits: Limits,
-                   metrics: metrics_lib.Metrics | None = None) -> type:
+def protocol_class(
+  limits: Limits, metrics: metrics_lib.Metrics | None = None
+) -> type:
   """A uvicorn `http` protocol class enforcing limits (one per server)."""
-  return type('CapjaxHttpProtocol', (_Protocol,), {
-      'limits': limits, 'metrics': metrics,
-      'clients': collections.Counter()})
+  return type(
+    'CapjaxHttpProtocol',
+    (_Protocol,),
+    {'limits': limits, 'metrics': metrics, 'clients': collections.Counter()},
+  )

@@ -17,8 +17,9 @@ RETRY_AFTER_S = 1
 class RequestError(Exception):
   """A refused request: the HTTP status and a message for the client."""
 
-  def __init__(self, status: int, message: str,
-               headers: Mapping[str, str] | None = None):
+  def __init__(
+    self, status: int, message: str, headers: Mapping[str, str] | None = None
+  ):
     super().__init__(message)
     self.status = status
     self.headers = dict(headers or {})
@@ -31,6 +32,7 @@ def busy(message: str) -> RequestError:
 @dataclasses.dataclass(frozen=True)
 class DecodeKind:
   """What a request asks of the decoder; each kind is batched on its own."""
+
   beam_size: int
   max_len: int
 
@@ -49,15 +51,20 @@ def max_len_buckets(max_len: int) -> tuple[int, ...]:
   return tuple(buckets) + (max_len,)
 
 
-def _int_param(params: Mapping[str, Any], name: str, default: int,
-               high: int) -> int:
+def _int_param(
+  params: Mapping[str, Any], name: str, default: int, high: int
+) -> int:
   value = params.get(name, default)
-  if (isinstance(value, (int, str)) and not isinstance(value, bool)
-      and re.fullmatch(r'[0-9]{1,9}', str(value).strip())
-      and 1 <= int(value) <= high):
+  if (
+    isinstance(value, (int, str))
+    and not isinstance(value, bool)
+    and re.fullmatch(r'[0-9]{1,9}', str(value).strip())
+    and 1 <= int(value) <= high
+  ):
     return int(value)
-  raise RequestError(400, f'{name} must be an integer from 1 to {high}, got '
-                     f'{str(value)[:100]!r}')
+  raise RequestError(
+    400, f'{name} must be an integer from 1 to {high}, got {str(value)[:100]!r}'
+  )
 
 
 def _bool_param(params: Mapping[str, Any], name: str) -> bool:
@@ -65,12 +72,14 @@ def _bool_param(params: Mapping[str, Any], name: str) -> bool:
   text = str(value).strip().lower()
   if isinstance(value, bool) or text in ('true', 'false', '1', '0', ''):
     return text in ('true', '1', '')
-  raise RequestError(400, f'{name} must be true or false, got '
-                     f'{str(value)[:100]!r}')
+  raise RequestError(
+    400, f'{name} must be true or false, got {str(value)[:100]!r}'
+  )
 
 
-def parse_params(params: Mapping[str, Any], *, max_beam_size: int,
-                 max_len: int) -> tuple[DecodeKind, bool]:
+def parse_params(
+  params: Mapping[str, Any], *, max_beam_size: int, max_len: int
+) -> tuple[DecodeKind, bool]:
   """A request's decoding kind and whether it wants the attention.
 
   A beam search's max_len is rounded up to a `max_len_buckets` value (the
@@ -86,14 +95,19 @@ def parse_params(params: Mapping[str, Any], *, max_beam_size: int,
   """
   unknown = sorted(set(params) - set(PARAMETERS))
   if unknown:
-    raise RequestError(400, f'unknown parameter(s) {", ".join(unknown)[:200]}'
-                       f'; known: {", ".join(PARAMETERS)}')
+    raise RequestError(
+      400,
+      f'unknown parameter(s) {", ".join(unknown)[:200]}'
+      f'; known: {", ".join(PARAMETERS)}',
+    )
   beam_size = _int_param(params, 'beam_size', 1, max_beam_size)
   length = _int_param(params, 'max_len', max_len, max_len)
   if beam_size > 1:
     length = min(b for b in max_len_buckets(max_len) if b >= length)
-  return (DecodeKind(beam_size=beam_size, max_len=length),
-          _bool_param(params, 'attention'))
+  return (
+    DecodeKind(beam_size=beam_size, max_len=length),
+    _bool_param(params, 'attention'),
+  )
 
 
 def merge_params(*sources: Iterable[tuple[str, Any]]) -> dict[str, Any]:
@@ -109,5 +123,6 @@ def merge_params(*sources: Iterable[tuple[str, Any]]) -> dict[str, Any]:
 def check_fields(names: Sequence[str], limit: int) -> None:
   """Refuses more than `limit` fields, before anything is done with them."""
   if len(names) > limit:
-    raise RequestError(400, f'too many parameters ({len(names)}); known: '
-                       f'{", ".join(PARAMETERS)}')
+    raise RequestError(
+      400, f'too many parameters ({len(names)}); known: {", ".join(PARAMETERS)}'
+    )

@@ -45,8 +45,7 @@ def bind(host: str, port: int) -> socket.socket:
 class _Server(uvicorn.Server):
   """uvicorn's server, whose signals start the app's drain and exit 0."""
 
-  def __init__(self, config: uvicorn.Config,
-               on_signal: Callable[[], None]):
+  def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
     super().__init__(config)
     self._on_signal = on_signal
     self._loop = None
@@ -62,8 +61,10 @@ class _Server(uvicorn.Server):
     if threading.current_thread() is not threading.main_thread():
       yield
       return
-    previous = {s: signal.signal(s, self.handle_exit)
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+      s: signal.signal(s, self.handle_exit)
+      for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
       yield
     finally:
@@ -76,8 +77,12 @@ class _Server(uvicorn.Server):
     super().handle_exit(sig, frame)
 
 
-def make_server(app: applications.Starlette, limits: protocol.Limits, *,
-                shutdown_timeout_s: float) -> uvicorn.Server:
+def make_server(
+  app: applications.Starlette,
+  limits: protocol.Limits,
+  *,
+  shutdown_timeout_s: float,
+) -> uvicorn.Server:
   """A uvicorn server of the app; `server.run(sockets=[sock])` serves.
 
   Args:
@@ -86,17 +91,29 @@ def make_server(app: applications.Starlette, limits: protocol.Limits, *,
     shutdown_timeout_s: the time a graceful stop may take.
   """
   config = uvicorn.Config(
-      app, http=protocol.protocol_class(limits, app.state.service.metrics),
-      ws='none', lifespan='on', log_config=None, access_log=False,
-      server_header=False, timeout_keep_alive=limits.keep_alive_s,
-      timeout_graceful_shutdown=shutdown_timeout_s,
-      backlog=max(128, limits.max_connections))
+    app,
+    http=protocol.protocol_class(limits, app.state.service.metrics),
+    ws='none',
+    lifespan='on',
+    log_config=None,
+    access_log=False,
+    server_header=False,
+    timeout_keep_alive=limits.keep_alive_s,
+    timeout_graceful_shutdown=shutdown_timeout_s,
+    backlog=max(128, limits.max_connections),
+  )
   drain_s = max(shutdown_timeout_s - _ANSWER_MARGIN_S, 0.0)
   return _Server(config, lambda: app_lib.begin_shutdown(app, drain_s))
 
 
-def serve(app: applications.Starlette, sock: socket.socket,
-          limits: protocol.Limits, *, shutdown_timeout_s: float) -> None:
+def serve(
+  app: applications.Starlette,
+  sock: socket.socket,
+  limits: protocol.Limits,
+  *,
+  shutdown_timeout_s: float,
+) -> None:
   """Serves the app on a socket from `bind` until SIGTERM or SIGINT."""
   make_server(app, limits, shutdown_timeout_s=shutdown_timeout_s).run(
-      sockets=[sock])
+    sockets=[sock]
+  )

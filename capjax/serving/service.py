@@ -64,6 +64,7 @@ class Options:
     url_timeout_s: the time a URL fetch may take.
     request_timeout_s: the time a request may wait for the decoder.
   """
+
   max_batch_size: int = 32
   max_wait_s: float = 0.005
   max_queue: int = 64
@@ -93,13 +94,17 @@ class GreedyDecoder:
   admitted at once.
   """
 
-  def __init__(self, trained: inference.TrainedModel,
-               extractor: extractors.Extractor, max_len: int,
-               sizes: Sequence[int]):
+  def __init__(
+    self,
+    trained: inference.TrainedModel,
+    extractor: extractors.Extractor,
+    max_len: int,
+    sizes: Sequence[int],
+  ):
     self._extractor = extractor
-    self._rows = continuous.GreedyRows(trained.model, trained.params,
-                                       trained.feature_shape_LD, max_len,
-                                       sizes)
+    self._rows = continuous.GreedyRows(
+      trained.model, trained.params, trained.feature_shape_LD, max_len, sizes
+    )
 
   @property
   def room(self) -> int:
@@ -109,11 +114,16 @@ class GreedyDecoder:
   def active(self) -> int:
     return self._rows.active
 
-  def admit(self, keys: Sequence[Any], kinds: Sequence[Hashable],
-            items: Sequence[np.ndarray]) -> None:
+  def admit(
+    self,
+    keys: Sequence[Any],
+    kinds: Sequence[Hashable],
+    items: Sequence[np.ndarray],
+  ) -> None:
     features = self._extractor.features_fn(np.stack(items))
-    self._rows.admit(keys, np.asarray(features, np.float32),
-                     [kind.max_len for kind in kinds])
+    self._rows.admit(
+      keys, np.asarray(features, np.float32), [kind.max_len for kind in kinds]
+    )
 
   def step(self) -> list[tuple[Any, continuous.Finished]]:
     return self._rows.step()
@@ -125,29 +135,42 @@ class GreedyDecoder:
     self._rows.warm_up(stop)
 
 
-def beam_batch_fn(trained: inference.TrainedModel,
-                  extractor: extractors.Extractor,
-                  sizes: Sequence[int]) -> batcher_lib.BatchFn:
+def beam_batch_fn(
+  trained: inference.TrainedModel,
+  extractor: extractors.Extractor,
+  sizes: Sequence[int],
+) -> batcher_lib.BatchFn:
   """(a beam search DecodeKind, prepared images) -> a Finished per image.
 
   The batch is padded to the smallest of `sizes` that holds it, so that the
   decoder compiles once per size and kind, not once per batch length.
   """
 
-  def batch_fn(kind: requests.DecodeKind,
-               images_NSS3: list[np.ndarray]) -> list[continuous.Finished]:
+  def batch_fn(
+    kind: requests.DecodeKind, images_NSS3: list[np.ndarray]
+  ) -> list[continuous.Finished]:
     n = len(images_NSS3)
     size = min(s for s in sizes if s >= n)
     # Copies of a real image, not blanks: decoding stops once every row has
     # ended, and a copy ends with its original.
     padded = np.stack(images_NSS3 + images_NSS3[:1] * (size - n))
-    captions = jax.device_get(decoding.caption_features(
-        trained.params, np.asarray(extractor.features_fn(padded), np.float32),
-        model=trained.model, max_len=kind.max_len, beam_size=kind.beam_size))
-    return [continuous.Finished(
-        token_ids=captions.tokens_BT[i, :captions.lengths_B[i]].tolist(),
-        attention_TL=captions.attention_BTL[i, :captions.lengths_B[i]],
-        log_prob=float(captions.log_prob_B[i])) for i in range(n)]
+    captions = jax.device_get(
+      decoding.caption_features(
+        trained.params,
+        np.asarray(extractor.features_fn(padded), np.float32),
+        model=trained.model,
+        max_len=kind.max_len,
+        beam_size=kind.beam_size,
+      )
+    )
+    return [
+      continuous.Finished(
+        token_ids=captions.tokens_BT[i, : captions.lengths_B[i]].tolist(),
+        attention_TL=captions.attention_BTL[i, : captions.lengths_B[i]],
+        log_prob=float(captions.log_prob_B[i]),
+      )
+      for i in range(n)
+    ]
 
   return batch_fn
 
@@ -155,10 +178,15 @@ def beam_batch_fn(trained: inference.TrainedModel,
 class Service:
   """The model, its extractor, the image pool and the batcher."""
 
-  def __init__(self, trained: inference.TrainedModel,
-               extractor: extractors.Extractor, options: Options, *,
-               metrics: metrics_lib.Metrics | None = None,
-               greedy: batcher_lib.Continuous | None = None):
+  def __init__(
+    self,
+    trained: inference.TrainedModel,
+    extractor: extractors.Extractor,
+    options: Options,
+    *,
+    metrics: metrics_lib.Metrics | None = None,
+    greedy: batcher_lib.Continuous | None = None,
+  ):
     """Makes the service; `start` it.
 
     Args:
@@ -173,31 +201,44 @@ class Service:
     self.options = options
     self.metrics = metrics or metrics_lib.Metrics()
     self.max_len = options.max_len or decoding.max_caption_tokens(
-        trained.config)
+      trained.config
+    )
     self.batch_sizes = batch_sizes(options.max_batch_size)
-    self.beam_batch_sizes = tuple(sorted(
-        {min(s, options.max_batch_size) for s in _BEAM_BATCH_SIZES}))
-    self._greedy = greedy or GreedyDecoder(trained, extractor, self.max_len,
-                                           self.batch_sizes)
+    self.beam_batch_sizes = tuple(
+      sorted({min(s, options.max_batch_size) for s in _BEAM_BATCH_SIZES})
+    )
+    self._greedy = greedy or GreedyDecoder(
+      trained, extractor, self.max_len, self.batch_sizes
+    )
     self._beam_fn = beam_batch_fn(trained, extractor, self.beam_batch_sizes)
     self.batcher = batcher_lib.Batcher(
-        self._greedy, self._beam_fn,
-        is_continuous=lambda kind: kind.beam_size == 1,
-        max_batch_size=self.beam_batch_sizes[-1],
-        max_wait_s=options.max_wait_s, max_queue=options.max_queue,
-        warm_up=self._warm_up, metrics=self.metrics)
+      self._greedy,
+      self._beam_fn,
+      is_continuous=lambda kind: kind.beam_size == 1,
+      max_batch_size=self.beam_batch_sizes[-1],
+      max_wait_s=options.max_wait_s,
+      max_queue=options.max_queue,
+      warm_up=self._warm_up,
+      metrics=self.metrics,
+    )
     self.pool = imaging.ImagePool(
-        extractor.prepare, image_size=extractor.image_size,
-        max_pixels=options.max_pixels,
-        max_decode_bytes=options.max_decode_bytes,
-        workers=options.decode_workers, max_waiting=options.max_queue)
+      extractor.prepare,
+      image_size=extractor.image_size,
+      max_pixels=options.max_pixels,
+      max_decode_bytes=options.max_decode_bytes,
+      workers=options.decode_workers,
+      max_waiting=options.max_queue,
+    )
     self._fetch_pool = concurrent.futures.ThreadPoolExecutor(
-        _FETCH_THREADS, thread_name_prefix='fetch')
+      _FETCH_THREADS, thread_name_prefix='fetch'
+    )
     self._fetching = 0
     self._draining = False
-    self.metrics.watch(lambda: self.batcher.queue_size,
-                       lambda: self.pool.waiting + self.pool.waiting_large,
-                       lambda: self.ready)
+    self.metrics.watch(
+      lambda: self.batcher.queue_size,
+      lambda: self.pool.waiting + self.pool.waiting_large,
+      lambda: self.ready,
+    )
 
   @property
   def ready(self) -> bool:
@@ -214,8 +255,7 @@ class Service:
         for size in self.beam_batch_sizes:
           if stop():
             return
-          self._beam_fn(requests.DecodeKind(beam_size, max_len),
-                        [blank] * size)
+          self._beam_fn(requests.DecodeKind(beam_size, max_len), [blank] * size)
 
   def start(self, on_ready: Callable[[], None] | None = None) -> None:
     """Starts the worker: it warms up, calls on_ready, then takes requests."""
@@ -233,13 +273,15 @@ class Service:
     self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
   def parse_params(
-      self, params: Mapping[str, Any]) -> tuple[requests.DecodeKind, bool]:
+    self, params: Mapping[str, Any]
+  ) -> tuple[requests.DecodeKind, bool]:
     return requests.parse_params(
-        params, max_beam_size=self.options.max_beam_size,
-        max_len=self.max_len)
+      params, max_beam_size=self.options.max_beam_size, max_len=self.max_len
+    )
 
-  async def caption(self, data: bytes,
-                    kind: requests.DecodeKind) -> continuous.Finished:
+  async def caption(
+    self, data: bytes, kind: requests.DecodeKind
+  ) -> continuous.Finished:
     """The caption of untrusted image bytes; RequestError for bad ones."""
     if not self.batcher.ready:
       raise requests.busy('the server is warming up; retry later')
@@ -250,28 +292,35 @@ class Service:
     try:
       # Cancelling the wrapper (the wait timed out, or the server stops the
       # request) cancels the future, and the worker skips it.
-      finished = await asyncio.wait_for(asyncio.wrap_future(future),
-                                        self.options.request_timeout_s)
+      finished = await asyncio.wait_for(
+        asyncio.wrap_future(future), self.options.request_timeout_s
+      )
     except TimeoutError:
-      raise requests.busy('timed out waiting for the decoder; retry later'
-                          ) from None
+      raise requests.busy(
+        'timed out waiting for the decoder; retry later'
+      ) from None
     return finished
 
-  def answer(self, kind: requests.DecodeKind, finished: continuous.Finished,
-             attention: bool) -> dict[str, Any]:
+  def answer(
+    self,
+    kind: requests.DecodeKind,
+    finished: continuous.Finished,
+    attention: bool,
+  ) -> dict[str, Any]:
     """What POST /v1/captions answers for a caption."""
     words = self.trained.vocab.words
     answer = {
-        'caption': self.trained.vocab.decode(finished.token_ids),
-        'tokens': [words[t] for t in finished.token_ids],
-        'token_ids': finished.token_ids,
-        'log_prob': finished.log_prob,
-        'beam_size': kind.beam_size,
-        'max_len': kind.max_len,
+      'caption': self.trained.vocab.decode(finished.token_ids),
+      'tokens': [words[t] for t in finished.token_ids],
+      'token_ids': finished.token_ids,
+      'log_prob': finished.log_prob,
+      'beam_size': kind.beam_size,
+      'max_len': kind.max_len,
     }
     if attention:
-      answer['attention_grid'] = list(plots.attention_grid(
-          self.trained.feature_shape_LD[0]))
+      answer['attention_grid'] = list(
+        plots.attention_grid(self.trained.feature_shape_LD[0])
+      )
       answer['attention'] = np.round(finished.attention_TL, 5).tolist()
     return answer
 
@@ -279,8 +328,10 @@ class Service:
     """The image at a URL from a request; RequestError if refused or off."""
     if not self.options.allow_url_fetch:
       raise requests.RequestError(
-          403, 'fetching images by URL is off; upload the image, or start '
-          'the server with --allow_url_fetch')
+        403,
+        'fetching images by URL is off; upload the image, or start '
+        'the server with --allow_url_fetch',
+      )
     if not isinstance(url, str):
       raise requests.RequestError(400, 'send {"url": "http(s)://..."}')
     if self._fetching >= _MAX_FETCHES:
@@ -288,9 +339,13 @@ class Service:
     self._fetching += 1
     try:
       return await asyncio.get_running_loop().run_in_executor(
-          self._fetch_pool, lambda: fetch_lib.fetch_url(
-              url, max_bytes=self.options.max_body_bytes,
-              timeout_s=self.options.url_timeout_s))
+        self._fetch_pool,
+        lambda: fetch_lib.fetch_url(
+          url,
+          max_bytes=self.options.max_body_bytes,
+          timeout_s=self.options.url_timeout_s,
+        ),
+      )
     finally:
       self._fetching -= 1
 
@@ -299,38 +354,38 @@ class Service:
     t, o = self.trained, self.options
     num_locations, feature_dim = t.feature_shape_LD
     return {
-        'model': {
-            'step': t.step,
-            'embedding_dim': t.model.embedding_dim,
-            'units': t.model.units,
-            'carry_gru_state': t.model.carry_gru_state,
-            'num_parameters': sum(
-                x.size for x in jax.tree_util.tree_leaves(t.params)),
-        },
-        'vocab': {'size': t.vocab.size},
-        'extractor': {
-            **t.feature_info['extractor'],
-            'image_size': self.extractor.image_size,
-            'num_locations': num_locations,
-            'feature_dim': feature_dim,
-            'attention_grid': list(plots.attention_grid(num_locations)),
-        },
-        'decoding': {
-            'max_len': self.max_len,
-            'max_beam_size': o.max_beam_size,
-            'beam_max_len_buckets': list(
-                requests.max_len_buckets(self.max_len)),
-            'max_batch_size': o.max_batch_size,
-            'batch_sizes': list(self.batch_sizes),
-            'beam_batch_sizes': list(self.beam_batch_sizes),
-            'max_wait_ms': o.max_wait_s * 1000,
-        },
-        'limits': {
-            'max_body_bytes': o.max_body_bytes,
-            'max_pixels': o.max_pixels,
-            'max_decode_bytes': o.max_decode_bytes,
-            'image_formats': list(images.FORMATS),
-            'max_queue': o.max_queue,
-            'url_fetch': o.allow_url_fetch,
-        },
+      'model': {
+        'step': t.step,
+        'embedding_dim': t.model.embedding_dim,
+        'units': t.model.units,
+        'carry_gru_state': t.model.carry_gru_state,
+        'num_parameters': sum(
+          x.size for x in jax.tree_util.tree_leaves(t.params)
+        ),
+      },
+      'vocab': {'size': t.vocab.size},
+      'extractor': {
+        **t.feature_info['extractor'],
+        'image_size': self.extractor.image_size,
+        'num_locations': num_locations,
+        'feature_dim': feature_dim,
+        'attention_grid': list(plots.attention_grid(num_locations)),
+      },
+      'decoding': {
+        'max_len': self.max_len,
+        'max_beam_size': o.max_beam_size,
+        'beam_max_len_buckets': list(requests.max_len_buckets(self.max_len)),
+        'max_batch_size': o.max_batch_size,
+        'batch_sizes': list(self.batch_sizes),
+        'beam_batch_sizes': list(self.beam_batch_sizes),
+        'max_wait_ms': o.max_wait_s * 1000,
+      },
+      'limits': {
+        'max_body_bytes': o.max_body_bytes,
+        'max_pixels': o.max_pixels,
+        'max_decode_bytes': o.max_decode_bytes,
+        'image_formats': list(images.FORMATS),
+        'max_queue': o.max_queue,
+        'url_fetch': o.allow_url_fetch,
+      },
     }

@@ -18,16 +18,21 @@ def compilation_cache_env(directory: pathlib.Path) -> dict[str, str]:
   The first server started with them compiles its decoder; later ones (with
   the same shapes) load it: seconds instead of half a minute in tests.
   """
-  return {'JAX_COMPILATION_CACHE_DIR': str(directory),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  return {
+    'JAX_COMPILATION_CACHE_DIR': str(directory),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+  }
 
 
-def start_subprocess(args: Sequence[str], log_path: str,
-                     timeout_s: float = 300.0, *,
-                     env: Mapping[str, str] | None = None,
-                     ignore_sigint: bool = False
-                     ) -> tuple[subprocess.Popen, str]:
+def start_subprocess(
+  args: Sequence[str],
+  log_path: str,
+  timeout_s: float = 300.0,
+  *,
+  env: Mapping[str, str] | None = None,
+  ignore_sigint: bool = False,
+) -> tuple[subprocess.Popen, str]:
   """Runs `python -m capjax.serve ARGS --port 0` until it is ready.
 
   For tests and benchmarks: output goes to log_path. Ready means warmed up:
@@ -48,14 +53,17 @@ def start_subprocess(args: Sequence[str], log_path: str,
     RuntimeError: the server exited or was not ready within timeout_s.
   """
   # An ignored signal stays ignored in the child (not so a handled one).
-  previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if (
-      ignore_sigint) else None
+  previous = (
+    signal.signal(signal.SIGINT, signal.SIG_IGN) if (ignore_sigint) else None
+  )
   try:
     with open(log_path, 'wb') as log:
       process = subprocess.Popen(
-          [sys.executable, '-m', 'capjax.serve', *args, '--port', '0'],
-          stdout=log, stderr=subprocess.STDOUT,
-          env={**os.environ, **(env or {})})
+        [sys.executable, '-m', 'capjax.serve', *args, '--port', '0'],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+      )
   finally:
     if ignore_sigint:
       signal.signal(signal.SIGINT, previous)

@@ -24,7 +24,6 @@ keras = tf.keras
 
 
 class BahdanauAttention(keras.Model):
-
   def __init__(self, units):
     super().__init__()
     self.W1 = keras.layers.Dense(units)
@@ -34,7 +33,8 @@ class BahdanauAttention(keras.Model):
   def call(self, features, hidden):
     hidden_with_time_axis = tf.expand_dims(hidden, 1)
     attention_hidden_layer = tf.nn.tanh(
-        self.W1(features) + self.W2(hidden_with_time_axis))
+      self.W1(features) + self.W2(hidden_with_time_axis)
+    )
     score = self.V(attention_hidden_layer)
     attention_weights = tf.nn.softmax(score, axis=1)
     context_vector = tf.reduce_sum(attention_weights * features, axis=1)
@@ -42,7 +42,6 @@ class BahdanauAttention(keras.Model):
 
 
 class CNN_Encoder(keras.Model):
-
   def __init__(self, embedding_dim):
     super().__init__()
     self.fc = keras.layers.Dense(embedding_dim)
@@ -52,15 +51,17 @@ class CNN_Encoder(keras.Model):
 
 
 class RNN_Decoder(keras.Model):
-
   def __init__(self, embedding_dim, units, vocab_size, carry_gru_state=False):
     super().__init__()
     self.units = units
     self.carry_gru_state = carry_gru_state
     self.embedding = keras.layers.Embedding(vocab_size, embedding_dim)
-    self.gru = keras.layers.GRU(self.units, return_sequences=True,
-                                return_state=True,
-                                recurrent_initializer='glorot_uniform')
+    self.gru = keras.layers.GRU(
+      self.units,
+      return_sequences=True,
+      return_state=True,
+      recurrent_initializer='glorot_uniform',
+    )
     self.fc1 = keras.layers.Dense(self.units)
     self.fc2 = keras.layers.Dense(vocab_size)
     self.attention = BahdanauAttention(self.units)
@@ -82,8 +83,15 @@ class RNN_Decoder(keras.Model):
     return tf.zeros((batch_size, self.units))
 
 
-def build(vocab_size, embedding_dim, units, feature_dim, num_positions,
-          carry_gru_state, seed=0):
+def build(
+  vocab_size,
+  embedding_dim,
+  units,
+  feature_dim,
+  num_positions,
+  carry_gru_state,
+  seed=0,
+):
   """Builds the encoder and decoder with seeded random weights."""
   keras.utils.set_random_seed(seed)
   encoder = CNN_Encoder(embedding_dim)
@@ -112,7 +120,7 @@ def teacher_forced(encoder, decoder, features, tokens):
     predictions, hidden, weights = decoder(dec_input, x, hidden)
     logits.append(predictions)
     attention.append(weights[..., 0])
-    dec_input = tokens[:, i:i + 1]
+    dec_input = tokens[:, i : i + 1]
   return tf.stack(logits, axis=1), tf.stack(attention, axis=1)
 
 
@@ -120,7 +128,8 @@ def masked_loss(tokens, logits):
   """Cross-entropy averaged over the real (non-pad) target tokens."""
   targets = tokens[:, 1:]
   per_token = keras.losses.sparse_categorical_crossentropy(
-      targets, logits, from_logits=True)
+    targets, logits, from_logits=True
+  )
   mask = tf.cast(targets != 0, per_token.dtype)
   return tf.reduce_sum(per_token * mask) / tf.reduce_sum(mask)
 
@@ -130,18 +139,20 @@ def variables(encoder, decoder):
   gru = decoder.gru.cell
   attention = decoder.attention
   named = {
-      'encoder/fc/kernel': encoder.fc.kernel,
-      'encoder/fc/bias': encoder.fc.bias,
-      'decoder/embedding/embeddings': decoder.embedding.embeddings,
-      'decoder/gru/kernel': gru.kernel,
-      'decoder/gru/recurrent_kernel': gru.recurrent_kernel,
-      'decoder/gru/bias': gru.bias,
+    'encoder/fc/kernel': encoder.fc.kernel,
+    'encoder/fc/bias': encoder.fc.bias,
+    'decoder/embedding/embeddings': decoder.embedding.embeddings,
+    'decoder/gru/kernel': gru.kernel,
+    'decoder/gru/recurrent_kernel': gru.recurrent_kernel,
+    'decoder/gru/bias': gru.bias,
   }
-  for prefix, layer in [('decoder/fc1', decoder.fc1),
-                        ('decoder/fc2', decoder.fc2),
-                        ('decoder/attention/W1', attention.W1),
-                        ('decoder/attention/W2', attention.W2),
-                        ('decoder/attention/V', attention.V)]:
+  for prefix, layer in [
+    ('decoder/fc1', decoder.fc1),
+    ('decoder/fc2', decoder.fc2),
+    ('decoder/attention/W1', attention.W1),
+    ('decoder/attention/W2', attention.W2),
+    ('decoder/attention/V', attention.V),
+  ]:
     named[f'{prefix}/kernel'] = layer.kernel
     named[f'{prefix}/bias'] = layer.bias
   return named
@@ -162,7 +173,8 @@ TOKENIZER_FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~ '
 def tutorial_tokenizer(captions, top_k):
   """The tutorial's Keras Tokenizer fit on captions, with '<pad>' as id 0."""
   tokenizer = keras.preprocessing.text.Tokenizer(
-      num_words=top_k, oov_token='<unk>', filters=TOKENIZER_FILTERS)
+    num_words=top_k, oov_token='<unk>', filters=TOKENIZER_FILTERS
+  )
   tokenizer.fit_on_texts(captions)
   tokenizer.word_index['<pad>'] = 0
   tokenizer.index_word[0] = '<pad>'
@@ -196,9 +208,19 @@ def greedy_caption(encoder, decoder, tokenizer, features_LD, max_length):
   return result
 
 
-def save_tutorial_run(directory, captions, top_k, embedding_dim, units,
-                      feature_dim, num_positions, train_steps, learning_rate,
-                      legacy_optimizer=False, seed=0):
+def save_tutorial_run(
+  directory,
+  captions,
+  top_k,
+  embedding_dim,
+  units,
+  feature_dim,
+  num_positions,
+  train_steps,
+  learning_rate,
+  legacy_optimizer=False,
+  seed=0,
+):
   """Trains the tutorial's model and saves it as the tutorial does.
 
   Image i has a random feature grid, features[i], and the caption
@@ -220,31 +242,48 @@ def save_tutorial_run(directory, captions, top_k, embedding_dim, units,
   sequences = tokenizer.texts_to_sequences(captions)
   tokens = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
   for row, sequence in zip(tokens, sequences):
-    row[:len(sequence)] = sequence
+    row[: len(sequence)] = sequence
   # Each image's grid: a vector of its own at every position, plus noise, so
   # that a few steps learn to tell the images apart.
   rng = np.random.default_rng(seed)
-  features = (3 * rng.random((len(captions), 1, feature_dim))
-              + rng.random((len(captions), num_positions, feature_dim))
-              ).astype(np.float32)
-  encoder, decoder = build(top_k + 1, embedding_dim, units, feature_dim,
-                           num_positions, carry_gru_state=False, seed=seed)
-  adam = (keras.optimizers.legacy.Adam if legacy_optimizer
-          else keras.optimizers.Adam)
+  features = (
+    3 * rng.random((len(captions), 1, feature_dim))
+    + rng.random((len(captions), num_positions, feature_dim))
+  ).astype(np.float32)
+  encoder, decoder = build(
+    top_k + 1,
+    embedding_dim,
+    units,
+    feature_dim,
+    num_positions,
+    carry_gru_state=False,
+    seed=seed,
+  )
+  adam = (
+    keras.optimizers.legacy.Adam if legacy_optimizer else keras.optimizers.Adam
+  )
   optimizer = adam(learning_rate=learning_rate)
   # Eager: tracing the tutorial's per-token loop takes longer than a few
   # steps do.
   for _ in range(train_steps):
     train_step(encoder, decoder, optimizer, features, tokens)
 
-  ckpt = tf.train.Checkpoint(encoder=encoder, decoder=decoder,
-                             optimizer=optimizer)
+  ckpt = tf.train.Checkpoint(
+    encoder=encoder, decoder=decoder, optimizer=optimizer
+  )
   tf.train.CheckpointManager(
-      ckpt, str(directory / 'checkpoints' / 'train'), max_to_keep=5).save()
+    ckpt, str(directory / 'checkpoints' / 'train'), max_to_keep=5
+  ).save()
   (directory / 'tokenizer.json').write_text(tokenizer.to_json())
   logits, _ = teacher_forced(encoder, decoder, features, tokens)
-  np.savez(directory / 'reference.npz', features=features,
-           tokens=tokens, logits=logits.numpy())
-  greedy = [greedy_caption(encoder, decoder, tokenizer, f, tokens.shape[1])
-            for f in features]
+  np.savez(
+    directory / 'reference.npz',
+    features=features,
+    tokens=tokens,
+    logits=logits.numpy(),
+  )
+  greedy = [
+    greedy_caption(encoder, decoder, tokenizer, f, tokens.shape[1])
+    for f in features
+  ]
   (directory / 'greedy.json').write_text(json.dumps(greedy))

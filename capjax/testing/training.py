@@ -39,11 +39,21 @@ def tiny_config(shapes_dir: pathlib.Path, **overrides):
 def config_flags(config) -> list[str]:
   """The command-line overrides that reproduce `tiny_config`'s fields."""
   flags = []
-  for key in ('data_dir', 'embedding_dim', 'units', 'schedule',
-              'learning_rate', 'batch_size',
-              'num_train_steps', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'num_eval_examples',
-              'keep_checkpoints', 'num_caption_eval_images'):
+  for key in (
+    'data_dir',
+    'embedding_dim',
+    'units',
+    'schedule',
+    'learning_rate',
+    'batch_size',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'num_eval_examples',
+    'keep_checkpoints',
+    'num_caption_eval_images',
+  ):
     flags.append(f'--config.{key}={config[key]}')
   for key in ('num_train', 'num_val', 'num_test'):
     flags.append(f'--config.shapes.{key}={config.shapes[key]}')
@@ -54,9 +64,19 @@ def config_flags(config) -> list[str]:
 def start_train(workdir, config, *, env=None) -> subprocess.Popen:
   """`python -m capjax.train` running in the background, its output piped."""
   return subprocess.Popen(
-      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
-       *config_flags(config)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
+    [
+      sys.executable,
+      '-m',
+      'capjax.train',
+      f'--workdir={workdir}',
+      *config_flags(config),
+    ],
+    cwd=REPO_ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, **(env or {})),
+  )
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> str | None:
@@ -69,10 +89,20 @@ def wait_for_line(process: subprocess.Popen, text: str) -> str | None:
 
 def run_train(workdir, config, *, env=None, extra=(), **kwargs):
   return subprocess.run(
-      [sys.executable, '-m', 'capjax.train', f'--workdir={workdir}',
-       *config_flags(config), *extra],
-      env=dict(os.environ, **(env or {})), capture_output=True, text=True,
-      cwd=REPO_ROOT, **kwargs)
+    [
+      sys.executable,
+      '-m',
+      'capjax.train',
+      f'--workdir={workdir}',
+      *config_flags(config),
+      *extra,
+    ],
+    env=dict(os.environ, **(env or {})),
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    **kwargs,
+  )
 
 
 def leaves_equal(a, b, atol=0.0):

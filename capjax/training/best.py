@@ -39,8 +39,9 @@ def metric_of(config: ml_collections.ConfigDict) -> str:
   return config.best_metric
 
 
-def improves(score: float, loss: float, metric: str,
-             record: checkpoints.Checkpoint | None) -> bool:
+def improves(
+  score: float, loss: float, metric: str, record: checkpoints.Checkpoint | None
+) -> bool:
   """Whether an evaluation's score beats the best checkpoint's, strictly.
 
   A non-finite validation loss (a diverged model) never does.
@@ -54,8 +55,9 @@ def improves(score: float, loss: float, metric: str,
   return score < record.score
 
 
-def _checked_record(workdir: pathlib.Path,
-                    expected: Any) -> checkpoints.Checkpoint | None:
+def _checked_record(
+  workdir: pathlib.Path, expected: Any
+) -> checkpoints.Checkpoint | None:
   """The best checkpoint, read whole once; a damaged one is moved aside.
 
   Every process reads it and reaches the same verdict; process 0 moves it.
@@ -67,8 +69,9 @@ def _checked_record(workdir: pathlib.Path,
   parallel.sync_processes('capjax.train.best_checked')
   if jax.process_index() == 0:
     moved = checkpoints.move_best_aside(workdir)
-    logging.warning('%s; moved to %s, the next evaluation saves a new one',
-                    failure, moved)
+    logging.warning(
+      '%s; moved to %s, the next evaluation saves a new one', failure, moved
+    )
   parallel.sync_processes('capjax.train.best_moved_aside')
   return None
 
@@ -76,8 +79,12 @@ def _checked_record(workdir: pathlib.Path,
 class BestKeeper:
   """Saves the parameters of each evaluation that beats the best so far."""
 
-  def __init__(self, workdir: pathlib.Path,
-               config: ml_collections.ConfigDict, expected_params: Any):
+  def __init__(
+    self,
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    expected_params: Any,
+  ):
     """Reads the workdir's best checkpoint (see `_checked_record`).
 
     Args:
@@ -89,14 +96,21 @@ class BestKeeper:
     self._workdir = workdir
     self._metric = metric_of(config)
     if self._metric != config.best_metric:
-      logging.info('the caption evaluation is off '
-                   '(config.num_caption_eval_images 0): the validation loss '
-                   'chooses the best checkpoint, not %s', config.best_metric)
+      logging.info(
+        'the caption evaluation is off '
+        '(config.num_caption_eval_images 0): the validation loss '
+        'chooses the best checkpoint, not %s',
+        config.best_metric,
+      )
     record = _checked_record(workdir, expected_params)
     if record is not None and record.metric != self._metric:
-      logging.info('%s was chosen by %s; the next evaluation replaces it, '
-                   'as config.best_metric is %s now', record.describe(),
-                   record.metric, self._metric)
+      logging.info(
+        '%s was chosen by %s; the next evaluation replaces it, '
+        'as config.best_metric is %s now',
+        record.describe(),
+        record.metric,
+        self._metric,
+      )
       record = None
     elif record is not None:
       logging.info('the best so far: %s', record.describe())
@@ -105,7 +119,8 @@ class BestKeeper:
     # still reading it above could see it half made and call it damaged.
     parallel.sync_processes('capjax.train.best_read')
     self._manager = checkpoints.best_manager(
-        workdir, self._metric, config_checks.BEST_METRICS[self._metric])
+      workdir, self._metric, config_checks.BEST_METRICS[self._metric]
+    )
 
   def offer(self, step: int, scores: dict[str, float], params: Any) -> None:
     """Saves `params` as the best checkpoint if `scores` beat the record.
@@ -129,11 +144,15 @@ class BestKeeper:
         self._manager.delete(stale)
     # The parameters alone: what loading a model or starting another run
     # from it needs; Adam's moments would triple the size.
-    self._manager.save(step, args=ocp.args.StandardSave({'params': params}),
-                       metrics={self._metric: score})
+    self._manager.save(
+      step,
+      args=ocp.args.StandardSave({'params': params}),
+      metrics={self._metric: score},
+    )
     self._manager.wait_until_finished()
     self._record = checkpoints.Checkpoint(
-        self._workdir, step, 'best', self._metric, score)
+      self._workdir, step, 'best', self._metric, score
+    )
     logging.info('step %d: saved as %s', step, self._record.describe())
 
   def close(self) -> None:

@@ -49,20 +49,24 @@ def best_directory(workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / workdir_lib.BEST_CHECKPOINT_DIR
 
 
-def manager(workdir: PathLike, max_to_keep: int = 3,
-            read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+  workdir: PathLike, max_to_keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
   """Orbax manager of the whole train state: asynchronous, or read-only."""
   if read_only:
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
   return ocp.CheckpointManager(
-      directory(workdir), options=options,
-      item_handlers=ocp.StandardCheckpointHandler())
+    directory(workdir),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
-def best_manager(workdir: PathLike, metric: str,
-                 mode: str) -> ocp.CheckpointManager:
+def best_manager(
+  workdir: PathLike, metric: str, mode: str
+) -> ocp.CheckpointManager:
   """Orbax manager of the best checkpoint: parameters and their score.
 
   A directory apart from the newest checkpoints, because Orbax's best_fn on
@@ -76,25 +80,31 @@ def best_manager(workdir: PathLike, metric: str,
   """
   worst = -math.inf if mode == 'max' else math.inf
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=1, best_fn=lambda scores: scores.get(metric, worst),
-      best_mode=mode)
+    max_to_keep=1,
+    best_fn=lambda scores: scores.get(metric, worst),
+    best_mode=mode,
+  )
   return ocp.CheckpointManager(
-      best_directory(workdir), options=options,
-      item_handlers=ocp.StandardCheckpointHandler())
+    best_directory(workdir),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
   """A read-only manager of a directory that can restore part of a saved tree."""
   return ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-      item_handlers=ocp.PyTreeCheckpointHandler())
+    path,
+    options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+  )
 
 
 def abstract_tree(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """The restore target of a tree (of arrays or of their metadata)."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+  )
 
 
 def _quiet_closed_event_loop() -> None:
@@ -110,8 +120,10 @@ def _quiet_closed_event_loop() -> None:
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
+    if not (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+    ):
       previous(unraisable)
 
   hook.capjax_quiet = True
@@ -133,45 +145,61 @@ def mismatches(expected: Any, saved: Any) -> list[str]:
   ShapeDtypeStructs, Orbax metadata).
   """
   describe = lambda tree: {
-      jax.tree_util.keystr(path): (tuple(x.shape), np.dtype(x.dtype))
-      for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    jax.tree_util.keystr(path): (tuple(x.shape), np.dtype(x.dtype))
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
   want, got = describe(expected), describe(saved)
   found = [f'{name} missing' for name in sorted(set(want) - set(got))]
   found += [f'{name} not expected' for name in sorted(set(got) - set(want))]
-  found += [f'{name} is {got[name][0]} {got[name][1]}, expected '
-            f'{want[name][0]} {want[name][1]}'
-            for name in sorted(set(want) & set(got)) if want[name] != got[name]]
+  found += [
+    f'{name} is {got[name][0]} {got[name][1]}, expected '
+    f'{want[name][0]} {want[name][1]}'
+    for name in sorted(set(want) & set(got))
+    if want[name] != got[name]
+  ]
   return found
 
 
 def _check_finite(tree: Any) -> None:
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    if (np.issubdtype(x.dtype, np.floating)
-        and not np.all(np.isfinite(np.asarray(x)))):
+    if np.issubdtype(x.dtype, np.floating) and not np.all(
+      np.isfinite(np.asarray(x))
+    ):
       raise ValueError(f'{jax.tree_util.keystr(path)} holds non-finite values')
 
 
-def _restore_params(checkpoints: ocp.CheckpointManager, step: int,
-                    expected: Any | None) -> Any:
+def _restore_params(
+  checkpoints: ocp.CheckpointManager, step: int, expected: Any | None
+) -> Any:
   """The checked parameters of one step, on this process's first device."""
   saved = dict(checkpoints.item_metadata(step).tree)['params']
   if expected is not None and (found := mismatches(expected, saved)):
     raise DamagedCheckpointError(
-        f'checkpoint step {step} does not fit the model that config.json and '
-        f'vocab.json describe: {"; ".join(found[:5])}')
+      f'checkpoint step {step} does not fit the model that config.json and '
+      f'vocab.json describe: {"; ".join(found[:5])}'
+    )
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {'params': abstract_tree(saved, device)}
-  restored = checkpoints.restore(step, args=ocp.args.PyTreeRestore(
-      item=target, partial_restore=True,
+  restored = checkpoints.restore(
+    step,
+    args=ocp.args.PyTreeRestore(
+      item=target,
+      partial_restore=True,
       restore_args=jax.tree_util.tree_map(
-          lambda _: ocp.ArrayRestoreArgs(sharding=device), target)))
+        lambda _: ocp.ArrayRestoreArgs(sharding=device), target
+      ),
+    ),
+  )
   _check_finite(restored['params'])
   return restored['params']
 
 
 # How each metric that can choose the best checkpoint is named in messages.
-_METRIC_NAMES = {'cider': 'validation CIDEr', 'bleu4': 'validation BLEU-4',
-                 'loss': 'validation loss'}
+_METRIC_NAMES = {
+  'cider': 'validation CIDEr',
+  'bleu4': 'validation BLEU-4',
+  'loss': 'validation loss',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +214,7 @@ class Checkpoint:
     metric: for the best one, the validation metric that chose it.
     score: for the best one, its score under that metric.
   """
+
   workdir: pathlib.Path
   step: int
   kind: str
@@ -208,9 +237,11 @@ class Checkpoint:
     """'the best checkpoint (step 6, validation CIDEr 0.412)', 'the newest
     checkpoint (step 8)' or 'the checkpoint of step 4'."""
     if self.kind == 'best':
-      return (f'the best checkpoint (step {self.step}, '
-              f'{_METRIC_NAMES.get(self.metric, self.metric)} '
-              f'{self.score:.4g})')
+      return (
+        f'the best checkpoint (step {self.step}, '
+        f'{_METRIC_NAMES.get(self.metric, self.metric)} '
+        f'{self.score:.4g})'
+      )
     if self.kind == 'newest':
       return f'the newest checkpoint (step {self.step})'
     return f'the checkpoint of step {self.step}'
@@ -245,29 +276,35 @@ def read_best(workdir: PathLike) -> Checkpoint | None:
       # Only a better score is ever saved, and the step it replaces is
       # deleted after the save commits: the newest step is the best one.
       step = max(steps)
-      (metric, score), = dict(best.metrics(step)).items()
+      ((metric, score),) = dict(best.metrics(step)).items()
     finally:
       best.close()
   # Orbax raises many types on damaged files.
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     raise DamagedCheckpointError(
-        f'the best checkpoint in {path} cannot be read ({_reason(e)})'
+      f'the best checkpoint in {path} cannot be read ({_reason(e)})'
     ) from None
   return Checkpoint(pathlib.Path(workdir), step, 'best', metric, float(score))
 
 
-def _missing(workdir: PathLike, step: int | None, steps: list[int],
-             best: Checkpoint | None = None) -> errors.MissingFileError:
+def _missing(
+  workdir: PathLike,
+  step: int | None,
+  steps: list[int],
+  best: Checkpoint | None = None,
+) -> errors.MissingFileError:
   """No checkpoint at all, or none of `step`."""
   if step is None or not (steps or best):
     return errors.MissingFileError(
-        f'no checkpoint in {directory(workdir)}: train first with '
-        f'{workdir_lib.train_command(workdir)}')
+      f'no checkpoint in {directory(workdir)}: train first with '
+      f'{workdir_lib.train_command(workdir)}'
+    )
   held = [f'steps {", ".join(map(str, steps))}'] if steps else []
   held += [f'the best, step {best.step}'] if best else []
   return errors.MissingFileError(
-      f'no checkpoint of step {step} in {directory(workdir)}; it holds '
-      f'{" and ".join(held)}')
+    f'no checkpoint of step {step} in {directory(workdir)}; it holds '
+    f'{" and ".join(held)}'
+  )
 
 
 def resolve(workdir: PathLike, step: int | None = None) -> Checkpoint:
@@ -292,8 +329,11 @@ def resolve(workdir: PathLike, step: int | None = None) -> Checkpoint:
     best = read_best(workdir)
   except DamagedCheckpointError as e:
     if step is None:
-      advice = (f'the newest checkpoint is step {steps[-1]}: pass --step '
-                f'{steps[-1]}' if steps else 'there is no other checkpoint')
+      advice = (
+        f'the newest checkpoint is step {steps[-1]}: pass --step {steps[-1]}'
+        if steps
+        else 'there is no other checkpoint'
+      )
       raise DamagedCheckpointError(f'{e}; {advice}') from None
     best = None
   if step is None:
@@ -307,8 +347,9 @@ def resolve(workdir: PathLike, step: int | None = None) -> Checkpoint:
   raise _missing(workdir, step, steps, best)
 
 
-def _read(checkpoint: Checkpoint, expected: Any | None
-          ) -> tuple[Any, str | None]:
+def _read(
+  checkpoint: Checkpoint, expected: Any | None
+) -> tuple[Any, str | None]:
   """(parameters, None), or (None, why they cannot be read).
 
   Raises:
@@ -319,15 +360,16 @@ def _read(checkpoint: Checkpoint, expected: Any | None
     return _restore_params(checkpoints, checkpoint.step, expected), None
   except DamagedCheckpointError:
     raise
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     # Orbax and TensorStore raise many types on damaged files.
     return None, _reason(e)
   finally:
     checkpoints.close()
 
 
-def restore_checkpoint(checkpoint: Checkpoint,
-                       expected: Any | None = None) -> Any:
+def restore_checkpoint(
+  checkpoint: Checkpoint, expected: Any | None = None
+) -> Any:
   """The parameters of a resolved checkpoint, on this process's first device.
 
   Args:
@@ -345,16 +387,25 @@ def restore_checkpoint(checkpoint: Checkpoint,
   newest = _tree_manager(directory(checkpoint.workdir))
   try:
     good = _newest_readable(
-        newest, [s for s in newest.all_steps()
-                 if checkpoint.kind == 'best' or s != checkpoint.step],
-        expected)
+      newest,
+      [
+        s
+        for s in newest.all_steps()
+        if checkpoint.kind == 'best' or s != checkpoint.step
+      ],
+      expected,
+    )
   finally:
     newest.close()
-  advice = (f'step {good} can be read: pass --step {good}'
-            if good is not None else 'no other step can be read either')
+  advice = (
+    f'step {good} can be read: pass --step {good}'
+    if good is not None
+    else 'no other step can be read either'
+  )
   raise DamagedCheckpointError(
-      f'{checkpoint.name} in {checkpoint.directory / str(checkpoint.step)} '
-      f'cannot be read ({failure}); {advice}')
+    f'{checkpoint.name} in {checkpoint.directory / str(checkpoint.step)} '
+    f'cannot be read ({failure}); {advice}'
+  )
 
 
 def check_best(workdir: PathLike, expected: Any | None) -> Checkpoint | None:
@@ -367,12 +418,14 @@ def check_best(workdir: PathLike, expected: Any | None) -> Checkpoint | None:
   best = read_best(workdir)
   if best is not None and (failure := _read(best, expected)[1]):
     raise DamagedCheckpointError(
-        f'{best.name} in {best.directory} cannot be read ({failure})')
+      f'{best.name} in {best.directory} cannot be read ({failure})'
+    )
   return best
 
 
-def restore_params(workdir: PathLike, step: int | None = None,
-                   expected: Any | None = None) -> tuple[int, Any]:
+def restore_params(
+  workdir: PathLike, step: int | None = None, expected: Any | None = None
+) -> tuple[int, Any]:
   """(step, parameters) of checkpoints/: `step`, or the newest by default.
 
   The best checkpoint is not considered: `resolve` and `restore_checkpoint`
@@ -394,18 +447,22 @@ def restore_params(workdir: PathLike, step: int | None = None,
   steps = _steps(directory(workdir))
   if not steps or (step is not None and step not in steps):
     raise _missing(workdir, step if steps else None, steps)
-  checkpoint = Checkpoint(pathlib.Path(workdir), steps[-1] if step is None
-                          else step, 'newest' if step is None else 'given')
+  checkpoint = Checkpoint(
+    pathlib.Path(workdir),
+    steps[-1] if step is None else step,
+    'newest' if step is None else 'given',
+  )
   return checkpoint.step, restore_checkpoint(checkpoint, expected)
 
 
-def _newest_readable(checkpoints: ocp.CheckpointManager, steps: list[int],
-                     expected: Any | None) -> int | None:
+def _newest_readable(
+  checkpoints: ocp.CheckpointManager, steps: list[int], expected: Any | None
+) -> int | None:
   for step in sorted(steps, reverse=True):
     try:
       _restore_params(checkpoints, step, expected)
       return step
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001
       continue
   return None
 
@@ -430,8 +487,11 @@ def move_best_aside(workdir: PathLike) -> pathlib.Path:
 
   The whole directory moves: a damaged score may hide which step it holds.
   """
-  target = pathlib.Path(workdir).absolute() / DAMAGED_DIR / (
-      workdir_lib.BEST_CHECKPOINT_DIR)
+  target = (
+    pathlib.Path(workdir).absolute()
+    / DAMAGED_DIR
+    / (workdir_lib.BEST_CHECKPOINT_DIR)
+  )
   target.parent.mkdir(parents=True, exist_ok=True)
   if target.exists():
     shutil.rmtree(target)
@@ -439,8 +499,9 @@ def move_best_aside(workdir: PathLike) -> pathlib.Path:
   return target
 
 
-def restore_newest(workdir: PathLike, target: Any
-                   ) -> tuple[int, Any, list[tuple[int, str]]] | None:
+def restore_newest(
+  workdir: PathLike, target: Any
+) -> tuple[int, Any, list[tuple[int, str]]] | None:
   """The newest step that restores completely as `target`, with its state.
 
   Args:
@@ -460,17 +521,17 @@ def restore_newest(workdir: PathLike, target: Any
   try:
     for step in sorted(checkpoints.all_steps(), reverse=True):
       try:
-        state = checkpoints.restore(step,
-                                    args=ocp.args.StandardRestore(target))
+        state = checkpoints.restore(step, args=ocp.args.StandardRestore(target))
         _check_finite(state)
         return step, state, skipped
       # Orbax and TensorStore raise many types on damaged files.
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:  # noqa: BLE001
         skipped.append((step, _reason(e)))
   finally:
     checkpoints.close()
   if not skipped:
     return None
   raise DamagedCheckpointError(
-      f'no checkpoint in {directory(workdir)} restores: '
-      + '; '.join(f'step {s}: {r}' for s, r in skipped))
+    f'no checkpoint in {directory(workdir)} restores: '
+    + '; '.join(f'step {s}: {r}' for s, r in skipped)
+  )

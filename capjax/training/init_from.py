@@ -35,31 +35,41 @@ def source(config: ml_collections.ConfigDict) -> pathlib.Path | None:
     return None
   path = pathlib.Path(config.init_from).expanduser()
   theirs = workdir_lib.load_config(path)
-  differ = [f'{name} {theirs[name]!r} there, {config[name]!r} here'
-            for name in MODEL_FIELDS if theirs[name] != config[name]]
+  differ = [
+    f'{name} {theirs[name]!r} there, {config[name]!r} here'
+    for name in MODEL_FIELDS
+    if theirs[name] != config[name]
+  ]
   if differ:
     raise errors.UserError(
-        f'config.init_from {path} holds another model: {"; ".join(differ)}')
+      f'config.init_from {path} holds another model: {"; ".join(differ)}'
+    )
   return path
 
 
 def vocab(path: pathlib.Path) -> vocab_lib.Vocab:
   """The source's vocabulary, which the new run keeps."""
   return vocab_lib.Vocab.load(
-      workdir_lib.require_file(path, workdir_lib.VOCAB_FILE))
+    workdir_lib.require_file(path, workdir_lib.VOCAB_FILE)
+  )
 
 
 def check_features(path: pathlib.Path, info: dict[str, Any]) -> None:
   """Raises a UserError unless the source was trained on features like `info`."""
   feature_store.require_same_features(
-      files.read_json(workdir_lib.require_file(path, workdir_lib.FEATURES_FILE)),
-      info, expected_what=f'the model of config.init_from {path}',
-      got_what='the training features')
+    files.read_json(workdir_lib.require_file(path, workdir_lib.FEATURES_FILE)),
+    info,
+    expected_what=f'the model of config.init_from {path}',
+    got_what='the training features',
+  )
 
 
 def params(path: pathlib.Path, expected: Any) -> Any:
   """The source's best (else newest) parameters, checked against `expected`."""
   checkpoint = checkpoints.resolve(path)
-  logging.info('starting from %s of %s (config.init_from), with a new '
-               'optimizer', checkpoint.describe(), path)
+  logging.info(
+    'starting from %s of %s (config.init_from), with a new optimizer',
+    checkpoint.describe(),
+    path,
+  )
   return checkpoints.restore_checkpoint(checkpoint, expected=expected)

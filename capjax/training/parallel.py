@@ -15,8 +15,10 @@ from typing import TypeVar
 
 from absl import logging
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from capjax import errors
 from capjax.data import schedule
@@ -34,15 +36,20 @@ def _cluster_detected() -> bool:
   TPU chips show up as /dev/accel* (/dev/vfio/* on newer generations, which
   other VFIO hosts have too, hence the libtpu check).
   """
-  tpu_vfio = (pathlib.Path('/dev/vfio/0').exists()
-              and importlib.util.find_spec('libtpu') is not None)
-  return (int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1
-          or pathlib.Path('/dev/accel0').exists() or tpu_vfio)
+  tpu_vfio = (
+    pathlib.Path('/dev/vfio/0').exists()
+    and importlib.util.find_spec('libtpu') is not None
+  )
+  return (
+    int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1
+    or pathlib.Path('/dev/accel0').exists()
+    or tpu_vfio
+  )
 
 
-def maybe_initialize_distributed(coordinator_address: str = '',
-                                 num_processes: int = 0,
-                                 process_id: int = -1) -> None:
+def maybe_initialize_distributed(
+  coordinator_address: str = '', num_processes: int = 0, process_id: int = -1
+) -> None:
   """Joins a multi-process job when one is asked for or detected.
 
   Explicit arguments win; otherwise SLURM and Cloud TPU are detected and
@@ -51,18 +58,26 @@ def maybe_initialize_distributed(coordinator_address: str = '',
   """
   if coordinator_address or num_processes > 1:
     if not (coordinator_address and num_processes > 0 and process_id >= 0):
-      raise errors.UserError('a multi-process job needs all of --coordinator_address, '
-                             '--num_processes and --process_id')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes,
-                               process_id=process_id)
+      raise errors.UserError(
+        'a multi-process job needs all of --coordinator_address, '
+        '--num_processes and --process_id'
+      )
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+    )
   elif _cluster_detected():
     jax.distributed.initialize()
   else:
     return
-  logging.info('process %d of %d, %d local of %d devices',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    'process %d of %d, %d local of %d devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh() -> Mesh:
@@ -71,8 +86,11 @@ def make_mesh() -> Mesh:
   The axis is 'auto': the compiler propagates the batch sharding through the
   model, so the model code needs no sharding annotations.
   """
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (jax.device_count(),),
+    (DATA_AXIS,),
+    axis_types=(jax.sharding.AxisType.Auto,),
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -88,17 +106,21 @@ def per_process_batch_size(global_batch_size: int) -> int:
   devices = jax.device_count()
   if global_batch_size % devices:
     raise errors.UserError(
-        f'batch size {global_batch_size} does not divide over {devices} '
-        f'devices; use a multiple of {devices}')
+      f'batch size {global_batch_size} does not divide over {devices} '
+      f'devices; use a multiple of {devices}'
+    )
   return schedule.local_batch_size(global_batch_size, jax.process_count())
 
 
-def global_batch(local_batch: dict[str, np.ndarray],
-                 mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(
+  local_batch: dict[str, np.ndarray], mesh: Mesh
+) -> dict[str, jax.Array]:
   """Assembles each process's slice into one batch-sharded global array."""
   sharding = batch_sharded(mesh)
-  return {name: jax.make_array_from_process_local_data(sharding, value)
-          for name, value in local_batch.items()}
+  return {
+    name: jax.make_array_from_process_local_data(sharding, value)
+    for name, value in local_batch.items()
+  }
 
 
 class ProcessFailedError(errors.UserError):
@@ -118,16 +140,19 @@ def agreed(activity: str, fn: Callable[[], T]) -> T | None:
   error = None
   try:
     result = fn()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     error, result = e, None
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    failed = np.asarray(multihost_utils.process_allgather(
-        np.array(error is not None)))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    failed = np.asarray(
+      multihost_utils.process_allgather(np.array(error is not None))
+    )
     if error is None and failed.any():
       raise ProcessFailedError(
-          f'process {int(np.argmax(failed))} failed while {activity}; '
-          'stopping with it')
+        f'process {int(np.argmax(failed))} failed while {activity}; '
+        'stopping with it'
+      )
   if error is not None:
     raise error
   return result
@@ -141,7 +166,8 @@ def from_process_0(value: float) -> float:
   """
   if jax.process_count() == 1:
     return value
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
   sent = np.frombuffer(np.float64(value).tobytes(), np.uint8)
   got = np.asarray(multihost_utils.broadcast_one_to_all(sent), np.uint8)
   return float(np.frombuffer(got.tobytes(), np.float64)[0])
@@ -150,5 +176,6 @@ def from_process_0(value: float) -> float:
 def sync_processes(name: str) -> None:
   """Waits until every process gets here (a no-op for a single process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
     multihost_utils.sync_global_devices(name)

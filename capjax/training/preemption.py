@@ -41,7 +41,9 @@ def agreed_stop(stop: StopRequest, step: int, interval: int) -> bool:
     return stop.signal_name is not None
   if step % interval:
     return False
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
   flags = multihost_utils.process_allgather(
-      np.array(stop.signal_name is not None))
+    np.array(stop.signal_name is not None)
+  )
   return bool(np.any(flags))

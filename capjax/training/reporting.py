@@ -48,10 +48,12 @@ class Reporter:
     if write_files:
       # TensorFlow is here for tf.data already; its summary writer needs no
       # extra dependency.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      import tensorflow as tf  # noqa: PLC0415
+
       self._tf = tf
       self._writer = tf.summary.create_file_writer(
-          str(self._workdir / TENSORBOARD_DIR))
+        str(self._workdir / TENSORBOARD_DIR)
+      )
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self._write_files:
@@ -68,14 +70,18 @@ class Reporter:
     if not self._write_files:
       return
     history = read_metrics(self._workdir)
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    import matplotlib  # noqa: PLC0415
+
     matplotlib.use('Agg')
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for split, records in sorted(history.items()):
       points = [(r['step'], r['loss']) for r in records if 'loss' in r]
       if points:
-        ax.plot(*zip(*points), label=split, marker='.' if split != 'train' else None)
+        ax.plot(
+          *zip(*points), label=split, marker='.' if split != 'train' else None
+        )
     ax.set_xlabel('step')
     ax.set_ylabel('loss')
     ax.set_yscale('log')
@@ -104,12 +110,20 @@ def read_metrics(workdir: str | os.PathLike[str]) -> dict[str, list[dict]]:
       if line.strip():
         record = json.loads(line)
         by_split.setdefault(record['split'], {})[record['step']] = record
-  return {split: [steps[s] for s in sorted(steps)]
-          for split, steps in by_split.items()}
+  return {
+    split: [steps[s] for s in sorted(steps)]
+    for split, steps in by_split.items()
+  }
 
 
-def log_train(step: int, total: int, metrics: dict[str, float],
-              rate: float, eta: float) -> None:
-  logging.info('step %d/%d | %s | %.2f steps/s | ETA %s', step, total,
-               ' | '.join(f'{k} {v:.4f}' for k, v in metrics.items()), rate,
-               format_duration(eta))
+def log_train(
+  step: int, total: int, metrics: dict[str, float], rate: float, eta: float
+) -> None:
+  logging.info(
+    'step %d/%d | %s | %.2f steps/s | ETA %s',
+    step,
+    total,
+    ' | '.join(f'{k} {v:.4f}' for k, v in metrics.items()),
+    rate,
+    format_duration(eta),
+  )

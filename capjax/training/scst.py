@@ -54,22 +54,32 @@ def _repeat(tree: Any, k: int) -> Any:
   return jax.tree_util.tree_map(lambda a: jnp.repeat(a, k, axis=0), tree)
 
 
-def _teacher_forced_log_probs(module: captioner.Captioner,
-                              features_BLD: Array, samples_xT: Array,
-                              num_samples: int) -> Array:
+def _teacher_forced_log_probs(
+  module: captioner.Captioner,
+  features_BLD: Array,
+  samples_xT: Array,
+  num_samples: int,
+) -> Array:
   """log p of each token of samples_xT (x = B * K, K samples per image)."""
   encoded = _repeat(module.encode(features_BLD), num_samples)
   start_x1 = jnp.full((samples_xT.shape[0], 1), _START, samples_xT.dtype)
   token_in_xT3U = module.token_inputs(
-      jnp.concatenate([start_x1, samples_xT[:, :-1]], axis=1))
+    jnp.concatenate([start_x1, samples_xT[:, :-1]], axis=1)
+  )
   h_xTU, _ = module.unroll(encoded, token_in_xT3U)
   log_probs_xTV = search.token_log_probs(module.head(h_xTU))
-  return jnp.take_along_axis(log_probs_xTV, samples_xT[..., None],
-                             axis=-1)[..., 0]
+  return jnp.take_along_axis(log_probs_xTV, samples_xT[..., None], axis=-1)[
+    ..., 0
+  ]
 
 
-def sequence_log_probs(params: Any, features_BLD: Array, samples_BKT: Array,
-                       *, model: captioner.Captioner) -> Array:
+def sequence_log_probs(
+  params: Any,
+  features_BLD: Array,
+  samples_BKT: Array,
+  *,
+  model: captioner.Captioner,
+) -> Array:
   """log p(sample) of K samples per image: the sum over its real tokens.
 
   Returns:
@@ -78,42 +88,64 @@ def sequence_log_probs(params: Any, features_BLD: Array, samples_BKT: Array,
   batch, num_samples, length = samples_BKT.shape
   samples_xT = samples_BKT.reshape(batch * num_samples, length)
   token_log_probs_xT = model.apply(
-      {'params': params}, features_BLD, samples_xT, num_samples,
-      method=_teacher_forced_log_probs)
+    {'params': params},
+    features_BLD,
+    samples_xT,
+    num_samples,
+    method=_teacher_forced_log_probs,
+  )
   mask_xT = samples_xT != vocab_lib.Vocab.pad_id
-  return jnp.sum(jnp.where(mask_xT, token_log_probs_xT, 0.0),
-                 axis=-1).reshape(batch, num_samples)
+  return jnp.sum(jnp.where(mask_xT, token_log_probs_xT, 0.0), axis=-1).reshape(
+    batch, num_samples
+  )
 
 
-def policy_gradient_loss(params: Any, features_BLD: Array, samples_BKT: Array,
-                         advantage_BK: Array, *,
-                         model: captioner.Captioner) -> Array:
+def policy_gradient_loss(
+  params: Any,
+  features_BLD: Array,
+  samples_BKT: Array,
+  advantage_BK: Array,
+  *,
+  model: captioner.Captioner,
+) -> Array:
   """-mean over samples of advantage * log p(sample); see the module doc."""
   log_p_BK = sequence_log_probs(params, features_BLD, samples_BKT, model=model)
   return -jnp.mean(jax.lax.stop_gradient(advantage_BK) * log_p_BK)
 
 
-def baseline_of(reward_BK: Array, greedy_reward_B: Array | None,
-                baseline: str) -> Array:
+def baseline_of(
+  reward_BK: Array, greedy_reward_B: Array | None, baseline: str
+) -> Array:
   """Each sample's baseline: the greedy caption's reward or the others' mean."""
   if baseline == 'greedy':
     return jnp.broadcast_to(greedy_reward_B[:, None], reward_BK.shape)
   num_samples = reward_BK.shape[1]
   return (jnp.sum(reward_BK, axis=1, keepdims=True) - reward_BK) / (
-      num_samples - 1)
+    num_samples - 1
+  )
 
 
-def cider_reward(candidates_BCT: Array, batch: Batch,
-                 doc_freqs: cider.DocumentFrequencies) -> Array:
+def cider_reward(
+  candidates_BCT: Array, batch: Batch, doc_freqs: cider.DocumentFrequencies
+) -> Array:
   """SCST's reward: each candidate's CIDEr-D against its image's references."""
-  return cider.cider_d(candidates_BCT, batch['references'],
-                       batch['reference_mask'], doc_freqs)
+  return cider.cider_d(
+    candidates_BCT, batch['references'], batch['reference_mask'], doc_freqs
+  )
 
 
-def sample_and_score(params: Any, batch: Batch, rng: Array,
-                     reward_args: Any, *, model: captioner.Captioner,
-                     reward_fn: RewardFn, num_samples: int, baseline: str,
-                     max_len: int) -> dict[str, Array]:
+def sample_and_score(
+  params: Any,
+  batch: Batch,
+  rng: Array,
+  reward_args: Any,
+  *,
+  model: captioner.Captioner,
+  reward_fn: RewardFn,
+  num_samples: int,
+  baseline: str,
+  max_len: int,
+) -> dict[str, Array]:
   """K samples per image, their rewards and baselines (no gradient).
 
   Returns:
@@ -126,17 +158,25 @@ def sample_and_score(params: Any, batch: Batch, rng: Array,
   encoded, h_BU = decoding.encode(model, params, features_BLD)
   step_fn = decoding.model_step_fn(model, params)
   samples = search.temperature_sampling(
-      step_fn, _repeat(encoded, num_samples), _repeat(h_BU, num_samples), rng,
-      max_len=max_len, temperature=1.0)
+    step_fn,
+    _repeat(encoded, num_samples),
+    _repeat(h_BU, num_samples),
+    rng,
+    max_len=max_len,
+    temperature=1.0,
+  )
   candidates_BCT = samples.tokens_BT.reshape(batch_size, num_samples, max_len)
   if baseline == 'greedy':
     greedy = search.greedy_search(step_fn, encoded, h_BU, max_len=max_len)
     # One reward pass scores the samples and the greedy caption together.
     candidates_BCT = jnp.concatenate(
-        [candidates_BCT, greedy.tokens_BT[:, None]], axis=1)
+      [candidates_BCT, greedy.tokens_BT[:, None]], axis=1
+    )
   scores_BC = reward_fn(candidates_BCT, batch, reward_args)
-  out = {'samples_BKT': candidates_BCT[:, :num_samples],
-         'reward_BK': scores_BC[:, :num_samples]}
+  out = {
+    'samples_BKT': candidates_BCT[:, :num_samples],
+    'reward_BK': scores_BC[:, :num_samples],
+  }
   greedy_reward_B = None
   if baseline == 'greedy':
     greedy_reward_B = out['greedy_reward_B'] = scores_BC[:, num_samples]
@@ -144,11 +184,18 @@ def sample_and_score(params: Any, batch: Batch, rng: Array,
   return out
 
 
-def scst_step(state: state_lib.TrainState, batch: Batch, reward_args: Any, *,
-              model: captioner.Captioner, tx: optax.GradientTransformation,
-              num_samples: int, baseline: str, max_len: int,
-              reward_fn: RewardFn = cider_reward
-              ) -> tuple[state_lib.TrainState, dict[str, Array]]:
+def scst_step(
+  state: state_lib.TrainState,
+  batch: Batch,
+  reward_args: Any,
+  *,
+  model: captioner.Captioner,
+  tx: optax.GradientTransformation,
+  num_samples: int,
+  baseline: str,
+  max_len: int,
+  reward_fn: RewardFn = cider_reward,
+) -> tuple[state_lib.TrainState, dict[str, Array]]:
   """One SCST step on a batch of images with their references.
 
   Args:
@@ -168,43 +215,61 @@ def scst_step(state: state_lib.TrainState, batch: Batch, reward_args: Any, *,
     The new state and the batch's metric sums (see `normalize`).
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  scored = sample_and_score(state.params, batch, rng, reward_args,
-                            model=model, reward_fn=reward_fn,
-                            num_samples=num_samples, baseline=baseline,
-                            max_len=max_len)
+  scored = sample_and_score(
+    state.params,
+    batch,
+    rng,
+    reward_args,
+    model=model,
+    reward_fn=reward_fn,
+    num_samples=num_samples,
+    baseline=baseline,
+    max_len=max_len,
+  )
   advantage_BK = scored['reward_BK'] - scored['baseline_BK']
   loss, grads = jax.value_and_grad(policy_gradient_loss)(
-      state.params, batch['features'], scored['samples_BKT'], advantage_BK,
-      model=model)
+    state.params,
+    batch['features'],
+    scored['samples_BKT'],
+    advantage_BK,
+    model=model,
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
-      'objective': loss,
-      'grad_norm': optax.tree.norm(grads),
-      'reward_sum': jnp.sum(scored['reward_BK']),
-      'baseline_sum': jnp.sum(scored['baseline_BK']),
-      'sample_token_sum': jnp.sum(
-          scored['samples_BKT'] != vocab_lib.Vocab.pad_id, dtype=jnp.float32),
-      'sample_count': jnp.asarray(advantage_BK.size, jnp.float32),
+    'objective': loss,
+    'grad_norm': optax.tree.norm(grads),
+    'reward_sum': jnp.sum(scored['reward_BK']),
+    'baseline_sum': jnp.sum(scored['baseline_BK']),
+    'sample_token_sum': jnp.sum(
+      scored['samples_BKT'] != vocab_lib.Vocab.pad_id, dtype=jnp.float32
+    ),
+    'sample_count': jnp.asarray(advantage_BK.size, jnp.float32),
   }
-  return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
+  return state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state
+  ), metrics
 
 
 def normalize(sums: dict[str, Any]) -> dict[str, float]:
   """Means of summed SCST metrics: reward, baseline and sample length."""
   samples = max(float(sums['sample_count']), 1.0)
   return {
-      'reward': float(sums['reward_sum']) / samples,
-      'baseline': float(sums['baseline_sum']) / samples,
-      'sample_length': float(sums['sample_token_sum']) / samples,
+    'reward': float(sums['reward_sum']) / samples,
+    'baseline': float(sums['baseline_sum']) / samples,
+    'sample_length': float(sums['sample_token_sum']) / samples,
   }
 
 
-def make_step(model: captioner.Captioner, tx: optax.GradientTransformation,
-              config) -> Any:
+def make_step(
+  model: captioner.Captioner, tx: optax.GradientTransformation, config
+) -> Any:
   """The config's `scst_step`, its static arguments bound."""
   return functools.partial(
-      scst_step, model=model, tx=tx, num_samples=config.scst_samples,
-      baseline=config.scst_baseline,
-      max_len=decoding.max_caption_tokens(config))
+    scst_step,
+    model=model,
+    tx=tx,
+    num_samples=config.scst_samples,
+    baseline=config.scst_baseline,
+    max_len=decoding.max_caption_tokens(config),
+  )
