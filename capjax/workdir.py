@@ -8,11 +8,13 @@ A workdir holds everything later commands need, so `sample`, `evaluate` and
   features.json      the feature extractor's name and settings, L and D
   checkpoints/       Orbax checkpoints of the train state
   best_checkpoint/   the parameters of the best evaluation, with its score
+  examples/          a few held-out images to try, where the data set has them
   metrics.jsonl, loss.png, tensorboard/   progress (capjax.training.reporting)
 """
 
 import os
 import pathlib
+import shutil
 
 import ml_collections
 
@@ -25,6 +27,7 @@ VOCAB_FILE = 'vocab.json'
 FEATURES_FILE = 'features.json'
 CHECKPOINT_DIR = 'checkpoints'
 BEST_CHECKPOINT_DIR = 'best_checkpoint'
+EXAMPLES_DIR = 'examples'
 
 # Fields that fix the shapes of the parameters or the meaning of token ids:
 # a checkpoint cannot be resumed under a config that changes any of them.
@@ -103,3 +106,13 @@ def check_compatible(
 
 def save_json(path: PathLike, value) -> None:
   files.write_json_atomic(path, value, indent=2)
+
+
+def save_examples(workdir: PathLike, images: list[str]) -> None:
+  """Copies images into examples/ (none: no examples/)."""
+  if not images:
+    return
+  examples = pathlib.Path(workdir) / EXAMPLES_DIR
+  examples.mkdir(exist_ok=True)
+  for image in images:
+    shutil.copy(image, examples / pathlib.Path(image).name)

@@ -14,6 +14,7 @@ from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import reporting
+from capjax.training import validation
 
 # Runs of the training loop share their compiled steps.
 pytestmark = pytest.mark.usefixtures('compilation_cache')
@@ -66,17 +67,17 @@ def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
   Everything else is real: the loop, its checkpoints and metrics.jsonl.
   """
   steps = iter(_eval_steps(config, workdir))
-  original = loop.evaluate_loss
+  original = validation.evaluate_loss
 
   def scripted_loss(*args):
     scores = original(*args)
     return dict(scores, loss=loss[next(steps)]) if loss else scores
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(loop, 'evaluate_loss', scripted_loss)
+    patch.setattr(validation, 'evaluate_loss', scripted_loss)
     if cider:
       patch.setattr(
-        loop,
+        validation,
         '_caption_metrics',
         lambda *_: {'bleu4': 0.0, 'cider': cider[next(steps)]},
       )

@@ -44,6 +44,8 @@ DATASETS = ('shapes', 'coco_json', 'flickr', 'tfds_coco')
 TFDS_COCO_SPLITS = ('train', 'restval', 'val', 'test')
 _TFDS_CACHE_FORMAT = 'capjax.tfds_captions/1'
 DEFAULT_SHAPES_DIR = pathlib.Path('~/.cache/capjax/shapes')
+# Held-out `shapes` images a new workdir gets (example_images).
+_NUM_EXAMPLE_IMAGES = 4
 
 _COCO_YEARS = ('', '2017', '2014')
 _FLICKR_TOKEN_FILES = (
@@ -334,6 +336,17 @@ def shapes_dir(config) -> pathlib.Path:
   """Where the shapes data of this config's seed and image size live."""
   root = pathlib.Path(config.data_dir or DEFAULT_SHAPES_DIR).expanduser()
   return root / f'seed{config.shapes.seed}_size{config.shapes.image_size}'
+
+
+def example_images(config) -> list[str]:
+  """A few images, never seen in training, for `capjax.sample` to try.
+
+  `shapes` offers the first images of its test split; other data sets none.
+  """
+  if config.dataset != 'shapes':
+    return []
+  test = _shapes_records(config, 'test')
+  return [r.image for r in test[:_NUM_EXAMPLE_IMAGES]]
 
 
 def _shapes_records(config, split: str) -> list[Record]:

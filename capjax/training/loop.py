@@ -8,8 +8,6 @@ from collections.abc import Callable, Iterator
 import dataclasses
 import functools
 import pathlib
-import shutil
-from typing import Any
 
 from absl import logging
 import jax
@@ -20,7 +18,6 @@ import orbax.checkpoint as ocp
 
 from capjax import config_checks
 from capjax import errors
-from capjax import evaluation
 from capjax import files
 from capjax import workdir as workdir_lib
 from capjax.data import datasets
@@ -41,19 +38,16 @@ from capjax.training import reporting
 from capjax.training import scst
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
+from capjax.training import validation
 
 
 class NonFiniteLossError(errors.UserError):
   """Training produced a NaN or infinite loss."""
 
 
-# Held-out `shapes` images copied into the workdir for `capjax.sample` to try.
-_NUM_EXAMPLE_IMAGES = 4
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-  """What training reads: the vocabulary and both splits' features and captions."""
+  """What training reads: the vocabulary, both splits' features and captions."""
 
   vocab: vocab_lib.Vocab
   train_store: feature_store.FeatureStore
@@ -73,8 +67,8 @@ def prepare_data(
 
   Everything is checked here, before anything is compiled, config.init_from
   included (whose vocabulary a new workdir takes). With `write_files`
-  (process 0) the vocabulary, the features' description and, for `shapes`,
-  a few held-out example images are written into the workdir.
+  (process 0) the vocabulary, the features' description and, where it has
+  the data set's example images are written into the workdir.
   """
   feature_dir = feature_store.resolve_feature_dir(config, workdir)
   train_records = datasets.load_split(config, config.train_split)
@@ -119,23 +113,11 @@ def prepare_data(
     workdir_lib.save_json(features_path, info)
     if not vocab_path.exists():
       vocab.save(vocab_path)
-    if config.dataset == 'shapes':
-      _copy_example_images(config, workdir)
+    if not (workdir / workdir_lib.EXAMPLES_DIR).exists():
+      workdir_lib.save_examples(workdir, datasets.example_images(config))
   return TrainingData(
     vocab, train_store, train_records, eval_store, eval_records
   )
-
-
-def _copy_example_images(
-  config: ml_collections.ConfigDict, workdir: pathlib.Path
-) -> None:
-  """Copies a few `shapes` test images, never seen in training, to examples/."""
-  examples = workdir / 'examples'
-  if examples.exists():
-    return
-  examples.mkdir()
-  for record in datasets.load_split(config, 'test')[:_NUM_EXAMPLE_IMAGES]:
-    shutil.copy(record.image, examples / pathlib.Path(record.image).name)
 
 
 def _raise_if_non_finite(
@@ -160,46 +142,6 @@ def _raise_if_non_finite(
 def _sum_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
   keys = step_metrics[0][1].keys()
   return {k: sum(float(m[k]) for _, m in step_metrics) for k in keys}
-
-
-def evaluate_loss(
-  params: Any, batches: Iterator[dict], p_eval_step: Callable, mesh
-) -> dict[str, float]:
-  """Loss and token accuracy over a fixed evaluation set."""
-  totals = None
-  for batch in batches:
-    batch = {k: batch[k] for k in ('features', 'tokens')}
-    sums = jax.device_get(
-      p_eval_step(params, parallel.global_batch(batch, mesh))
-    )
-    totals = (
-      sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-    )
-  if totals is None:
-    raise errors.UserError('the evaluation split is empty')
-  return losses.normalize(totals)
-
-
-def _caption_metrics(
-  params: Any,
-  model: captioner.Captioner,
-  data: TrainingData,
-  config: ml_collections.ConfigDict,
-) -> dict[str, float]:
-  """Greedy BLEU-4 and CIDEr on the first validation images, on this host.
-
-  The replicated parameters are whole on every process, so process 0 decodes
-  alone, on its own device, while the others wait at the next step.
-  """
-  return evaluation.caption_metrics(
-    jax.device_get(params),
-    model,
-    data.eval_store,
-    data.eval_records,
-    data.vocab,
-    config,
-    config.num_caption_eval_images,
-  )
 
 
 def _objective(
@@ -312,6 +254,110 @@ def _restore_or_init(
   return state
 
 
+def _prepare_on_every_process(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> TrainingData:
+  """prepare_data on every process: process 0 first, as it writes the files."""
+  is_chief = jax.process_index() == 0
+
+  def prepare(first: bool) -> TrainingData | None:
+    # Process 0 writes the shared files first, the others then reuse them.
+    if first != is_chief:
+      return None
+    prepared = prepare_data(config, workdir, write_files=is_chief)
+    if is_chief:
+      workdir_lib.save_config(workdir, config)
+    return prepared
+
+  # Every process takes part in both rounds.
+  written = parallel.agreed('preparing the data', lambda: prepare(True))
+  return (
+    parallel.agreed('preparing the data', lambda: prepare(False)) or written
+  )
+
+
+def _initial_state(
+  config: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
+  model: captioner.Captioner,
+  tx: optax.GradientTransformation,
+  feature_shape_LD: tuple[int, int],
+  mesh,
+) -> state_lib.TrainState:
+  """The newest checkpoint's state, else a fresh one (init_from's model)."""
+  replicated = parallel.replicated(mesh)
+  init_fn = functools.partial(
+    state_lib.create_train_state, model, tx, feature_shape_LD, config.seed
+  )
+
+  def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
+    source = init_from.source(config)
+    abstract_params = state_lib.abstract_params(model, feature_shape_LD)
+    params = jax.device_put(
+      init_from.params(source, abstract_params), replicated
+    )
+    return state.replace(
+      params=params,
+      opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
+    )
+
+  return _restore_or_init(
+    workdir,
+    jax.jit(init_fn, out_shardings=replicated),
+    replicated,
+    start_from_source if config.init_from else None,
+  )
+
+
+class _TrainMetrics:
+  """The train step's metrics: kept on the device, read back at intervals.
+
+  Reading metrics back waits for the step, so it happens only when logging
+  and before every checkpoint, so that no NaN is ever saved.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    normalize: Callable,
+    reporter: reporting.Reporter,
+    start_step: int,
+  ):
+    self._total_steps = config.num_train_steps
+    self._workdir = workdir
+    self._normalize = normalize
+    self._reporter = reporter
+    self._timer = reporting.StepTimer(start_step, config.num_train_steps)
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+
+  def log(self, step: int, last_saved: int | None) -> None:
+    """Logs the mean since the last call; raises on a non-finite loss."""
+    host_metrics = jax.device_get(self._pending)
+    self._pending = []
+    _raise_if_non_finite(host_metrics, last_saved, self._workdir)
+    train = self._normalize(_sum_metrics(host_metrics))
+    reporting.log_train(
+      step, self._total_steps, train, *self._timer.rate_and_eta(step)
+    )
+    self._reporter.write(step, 'train', train)
+
+
+def _report_eval(
+  reporter: reporting.Reporter, step: int, scores: dict[str, float]
+) -> None:
+  logging.info(
+    'step %d | eval %s',
+    step,
+    ' | '.join(f'{k} {v:.4f}' for k, v in scores.items()),
+  )
+  reporter.write(step, 'eval', scores)
+  reporter.plot_losses()
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> state_lib.TrainState:
@@ -324,80 +370,35 @@ def train_and_evaluate(
   config_checks.check_config(config)
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  is_chief = jax.process_index() == 0
   if (workdir_path / workdir_lib.CONFIG_FILE).exists():
     workdir_lib.check_compatible(workdir_lib.load_config(workdir_path), config)
-  local_batch_size = parallel.per_process_batch_size(config.batch_size)
   mesh = parallel.make_mesh()
-
-  def prepare(first: bool) -> TrainingData | None:
-    # Process 0 writes the shared files first, the others then reuse them.
-    if first != is_chief:
-      return None
-    prepared = prepare_data(config, workdir_path, write_files=is_chief)
-    if is_chief:
-      workdir_lib.save_config(workdir_path, config)
-    return prepared
-
-  # Every process takes part in both rounds.
-  written = parallel.agreed('preparing the data', lambda: prepare(True))
-  data = (
-    parallel.agreed('preparing the data', lambda: prepare(False)) or written
-  )
-
+  data = _prepare_on_every_process(config, workdir_path)
   model = captioner.from_config(config, data.vocab.size)
   tx = state_lib.make_optimizer(config)
-  replicated = parallel.replicated(mesh)
-  batch_sharded = parallel.batch_sharded(mesh)
-  init_fn = functools.partial(
-    state_lib.create_train_state, model, tx, data.feature_shape_LD, config.seed
+  state = _initial_state(
+    config, workdir_path, model, tx, data.feature_shape_LD, mesh
   )
-  abstract_params = state_lib.abstract_params(model, data.feature_shape_LD)
-
-  def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
-    source = init_from.source(config)
-    params = jax.device_put(
-      init_from.params(source, abstract_params), replicated
-    )
-    return state.replace(
-      params=params,
-      opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
-    )
-
-  state = _restore_or_init(
-    workdir_path,
-    jax.jit(init_fn, out_shardings=replicated),
-    replicated,
-    start_from_source if config.init_from else None,
-  )
-  manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
-  best = best_lib.BestKeeper(workdir_path, config, abstract_params)
-  p_eval_step = jax.jit(
-    functools.partial(step_lib.eval_step, model=model),
-    in_shardings=(replicated, batch_sharded),
-    out_shardings=replicated,
-  )
+  step = int(state.step)
   process = dict(
     process_index=jax.process_index(), process_count=jax.process_count()
   )
-
-  def eval_batches():
-    return input_pipeline.eval_iterator(
-      config,
-      data.eval_store,
-      data.eval_records,
-      data.vocab,
-      num_examples=config.num_eval_examples,
-      **process,
-    )
-
-  step = int(state.step)
   train_batches, p_train_step, normalize = _objective(
     config, data, model, tx, mesh, step, process
   )
-  reporter = reporting.Reporter(workdir_path, write_files=is_chief)
-  timer = reporting.StepTimer(step, config.num_train_steps)
-  pending: list[tuple[int, dict]] = []  # per-step metrics not yet looked at
+  evaluate = validation.Validator(
+    config, model, mesh, data.vocab, data.eval_store, data.eval_records
+  )
+  manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
+  best = best_lib.BestKeeper(
+    workdir_path,
+    config,
+    state_lib.abstract_params(model, data.feature_shape_LD),
+  )
+  reporter = reporting.Reporter(
+    workdir_path, write_files=jax.process_index() == 0
+  )
+  train_metrics = _TrainMetrics(config, workdir_path, normalize, reporter, step)
   last_saved = manager.latest_step()
   logging.info(
     'training steps %d to %d: global batch %d on %d device(s), '
@@ -406,7 +407,7 @@ def train_and_evaluate(
     config.num_train_steps,
     config.batch_size,
     jax.device_count(),
-    local_batch_size,
+    parallel.per_process_batch_size(config.batch_size),
   )
 
   with preemption.StopRequest() as stop:
@@ -415,42 +416,16 @@ def train_and_evaluate(
         batch = parallel.global_batch(next(train_batches), mesh)
         state, metrics = p_train_step(state, batch)
         step += 1
-        pending.append((step, metrics))
+        train_metrics.add(step, metrics)
         last = step == config.num_train_steps
         stopping = preemption.agreed_stop(stop, step, config.log_every_steps)
-        # Reading metrics back waits for the step: do it only at intervals,
-        # and always before a checkpoint, so that no NaN is ever saved.
         save = step % config.checkpoint_every_steps == 0 or last or stopping
         if step % config.log_every_steps == 0 or save:
-          host_metrics = jax.device_get(pending)
-          pending = []
-          _raise_if_non_finite(host_metrics, last_saved, workdir_path)
-          train = normalize(_sum_metrics(host_metrics))
-          reporting.log_train(
-            step, config.num_train_steps, train, *timer.rate_and_eta(step)
-          )
-          reporter.write(step, 'train', train)
+          train_metrics.log(step, last_saved)
         if step % config.eval_every_steps == 0 or last:
-          val = evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
-          if config.num_caption_eval_images:
-            val.update(
-              parallel.agreed(
-                'computing the caption metrics',
-                lambda: (
-                  _caption_metrics(state.params, model, data, config)
-                  if is_chief
-                  else {}
-                ),
-              )
-            )
-          logging.info(
-            'step %d | eval %s',
-            step,
-            ' | '.join(f'{k} {v:.4f}' for k, v in val.items()),
-          )
-          reporter.write(step, 'eval', val)
-          reporter.plot_losses()
-          best.offer(step, val, state.params)
+          scores = evaluate(state.params)
+          _report_eval(reporter, step, scores)
+          best.offer(step, scores, state.params)
         if save:
           manager.save(step, args=ocp.args.StandardSave(state))
           last_saved = step
