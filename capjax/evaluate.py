@@ -19,29 +19,10 @@ from absl import flags
 from capjax import evaluation
 from capjax import programs
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'A trained workdir.', required=True
-)
-_STEP = flags.DEFINE_integer(
-  'step',
-  None,
-  "The checkpoint's step; default: the best checkpoint "
-  '(config.best_metric), else the newest.',
-  lower_bound=0,
-)
+_CHECKPOINT = programs.define_checkpoint_flags()
+_DECODER = programs.define_decoder_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', 'The split to caption.')
-_BEAM_SIZE = flags.DEFINE_integer(
-  'beam_size', 1, 'Beam search width; 1 is greedy search.'
-)
-_ALPHA = flags.DEFINE_float(
-  'alpha', 0.0, "Beam search's length normalisation (GNMT alpha; 0 = off)."
-)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images decoded at once.')
-_MAX_LEN = flags.DEFINE_integer(
-  'max_len',
-  0,
-  "Most words per caption, <end> included; 0: the config's longest caption.",
-)
 _NUM_IMAGES = flags.DEFINE_integer(
   'num_images', 0, "Caption the split's first images only (0: all)."
 )
@@ -50,14 +31,14 @@ _NUM_IMAGES = flags.DEFINE_integer(
 def main(argv: Sequence[str]) -> None:
   programs.refuse_arguments(argv)
   report = evaluation.evaluate_split(
-    _WORKDIR.value,
+    _CHECKPOINT.workdir.value,
     _SPLIT.value,
-    beam_size=_BEAM_SIZE.value,
-    alpha=_ALPHA.value,
+    beam_size=_DECODER.beam_size.value,
+    alpha=_DECODER.alpha.value,
     batch_size=_BATCH_SIZE.value,
-    max_len=_MAX_LEN.value or None,
+    max_len=_DECODER.max_len.value or None,
     num_images=_NUM_IMAGES.value,
-    step=_STEP.value,
+    step=_CHECKPOINT.step.value,
   )
   print(evaluation.format_report(report), flush=True)
 

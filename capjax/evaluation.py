@@ -11,111 +11,24 @@ decoder NAME (`greedy`, `beam3`, ...):
   captions_{split}_{NAME}.json   COCO results format: [{image_id, caption}]
   metrics_{split}_{NAME}.json    the scores, checkpoint step and settings
 
-`caption_metrics` is training's quicker periodic version.
+Decoding is capjax.captioning's, which training's periodic caption
+metrics share.
 """
 
-from collections.abc import Sequence
 import pathlib
 from typing import Any
 
 from absl import logging
-import jax
-import ml_collections
-import numpy as np
 
+from capjax import captioning
 from capjax import errors
 from capjax import inference
 from capjax import workdir as workdir_lib
 from capjax.data import datasets
 from capjax.data import extraction
 from capjax.data import feature_store
-from capjax.data import vocab as vocab_lib
 from capjax.metrics import coco as metrics
-from capjax.model import captioner
 from capjax.model import decoding
-
-
-def generate_captions(
-  params: Any,
-  model: captioner.Captioner,
-  store: feature_store.FeatureStore,
-  records: Sequence[datasets.Record],
-  vocab: vocab_lib.Vocab,
-  *,
-  max_len: int,
-  batch_size: int,
-  beam_size: int = 1,
-  alpha: float = 0.0,
-) -> dict[str, str]:
-  """One caption per record's image, decoded in batches: {image_id: text}.
-
-  Every batch has the same shape (the last is padded), so decoding compiles
-  once; all batches are dispatched before the first is read back.
-
-  Raises:
-    UserError: an image is not in the store.
-  """
-  rows = store.index_of(r.image_id for r in records)
-  batch_size = max(1, min(batch_size, len(rows)))
-  tokens = []
-  for start in range(0, len(rows), batch_size):
-    features_BLD = store.read(rows[start : start + batch_size])
-    padding = batch_size - len(features_BLD)
-    features_BLD = np.pad(features_BLD, ((0, padding), (0, 0), (0, 0)))
-    tokens.append(
-      decoding.caption_features(
-        params,
-        features_BLD,
-        model=model,
-        max_len=max_len,
-        beam_size=beam_size,
-        alpha=alpha,
-      ).tokens_BT
-    )
-  tokens_NT = np.concatenate(jax.device_get(tokens))[: len(rows)]
-  return dict(
-    zip((r.image_id for r in records), decoding.texts(tokens_NT, vocab))
-  )
-
-
-def caption_metrics(
-  params: Any,
-  model: captioner.Captioner,
-  store: feature_store.FeatureStore,
-  records: Sequence[datasets.Record],
-  vocab: vocab_lib.Vocab,
-  config: ml_collections.ConfigDict,
-  num_images: int,
-) -> dict[str, float]:
-  """Greedy BLEU-4 and CIDEr on the first num_images images (0: all).
-
-  For training's periodic evaluation: no Java is started (captions are
-  tokenised as the vocabulary tokenises them), so the numbers track
-  progress but are close to, not equal to, `capjax.evaluate`'s. Images
-  missing from the store (unreadable ones) are skipped.
-
-  Returns:
-    {'bleu4': ..., 'cider': ...}
-  """
-  records = store.with_features(records)
-  if num_images:
-    records = records[:num_images]
-  captions = generate_captions(
-    params,
-    model,
-    store,
-    records,
-    vocab,
-    max_len=decoding.max_caption_tokens(config),
-    batch_size=config.batch_size,
-  )
-  scores = metrics.score_captions(
-    captions,
-    {r.image_id: r.captions for r in records},
-    metrics=('Bleu_4', 'CIDEr'),
-    use_java=False,
-  )
-  return {'bleu4': scores['Bleu_4'], 'cider': scores['CIDEr']}
 
 
 def decoder_name(beam_size: int, alpha: float) -> str:
@@ -184,7 +97,7 @@ def evaluate_split(
       f'split {split!r} has no image with features to caption'
     )
   max_len = max_len or decoding.max_caption_tokens(trained.config)
-  captions = generate_captions(
+  captions = captioning.generate_captions(
     trained.params,
     trained.model,
     store,

@@ -198,7 +198,7 @@ def caption_files(
       temperature=temperature,
       rng=jax.random.PRNGKey(seed),
     )
-    texts = decoding.texts(captions.tokens_BT, trained.vocab)
+    texts = trained.vocab.decode_rows(captions.tokens_BT)
     attention_BTL = np.asarray(captions.attention_BTL)
     for (path, _, image_HW3), text, attention_TL in zip(
       inputs, texts, attention_BTL

@@ -127,6 +127,63 @@ def define_process_flags() -> ProcessFlags:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointFlags:
+  """The flags that choose a trained workdir's checkpoint."""
+
+  workdir: flags.FlagHolder[str]
+  step: flags.FlagHolder[int | None]
+
+
+def define_checkpoint_flags() -> CheckpointFlags:
+  """Defines --workdir and --step, for programs that use a trained model."""
+  return CheckpointFlags(
+    flags.DEFINE_string('workdir', None, 'A trained workdir.', required=True),
+    flags.DEFINE_integer(
+      'step',
+      None,
+      "The checkpoint's step; default: the best checkpoint "
+      '(config.best_metric), else the newest.',
+      lower_bound=0,
+    ),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderFlags:
+  """The flags of the search that decodes captions."""
+
+  beam_size: flags.FlagHolder[int]
+  alpha: flags.FlagHolder[float]
+  max_len: flags.FlagHolder[int]
+
+
+def define_decoder_flags() -> DecoderFlags:
+  """Defines --beam_size, --alpha and --max_len, bounded as the model needs.
+
+  The bounds make a bad value the user's one-line flags error, not the
+  model's ValueError.
+  """
+  return DecoderFlags(
+    flags.DEFINE_integer(
+      'beam_size', 1, 'Beam search width; 1 is greedy search.', lower_bound=1
+    ),
+    flags.DEFINE_float(
+      'alpha',
+      0.0,
+      "Beam search's length normalisation (GNMT alpha; 0 = off).",
+      lower_bound=0.0,
+    ),
+    flags.DEFINE_integer(
+      'max_len',
+      0,
+      "Most words per caption, <end> included; 0: the config's longest "
+      'caption.',
+      lower_bound=0,
+    ),
+  )
+
+
 def refuse_arguments(argv: Sequence[str]) -> None:
   """Refuses positional arguments, for programs that take flags only.
 

@@ -20,37 +20,20 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from capjax import errors
 from capjax import inference
 from capjax import plots
 from capjax import programs
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'A trained workdir.', required=True
-)
-_STEP = flags.DEFINE_integer(
-  'step',
-  None,
-  "The checkpoint's step; default: the best checkpoint "
-  '(config.best_metric), else the newest.',
-  lower_bound=0,
-)
-_BEAM_SIZE = flags.DEFINE_integer(
-  'beam_size', 1, 'Beam search width; 1 is greedy search.'
-)
-_ALPHA = flags.DEFINE_float(
-  'alpha', 0.0, "Beam search's length normalisation (GNMT alpha; 0 = off)."
-)
+_CHECKPOINT = programs.define_checkpoint_flags()
+_DECODER = programs.define_decoder_flags()
 _TEMPERATURE = flags.DEFINE_float(
   'temperature',
   0.0,
   'Sample each word at this temperature (0 = deterministic decoding).',
+  lower_bound=0.0,
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed of --temperature.')
-_MAX_LEN = flags.DEFINE_integer(
-  'max_len',
-  0,
-  "Most words per caption, <end> included; 0: the config's longest caption.",
-)
 _PLOT_DIR = flags.DEFINE_string(
   'plot_dir', '', 'Write attention plots here, one PNG per image.'
 )
@@ -60,15 +43,21 @@ def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
     raise app.UsageError('name one or more images (or .npy feature files)')
-  trained = inference.load_trained(_WORKDIR.value, _STEP.value)
+  if _TEMPERATURE.value > 0 and _DECODER.beam_size.value > 1:
+    raise errors.UserError(
+      'give --temperature (sampling) or --beam_size (search), not both'
+    )
+  trained = inference.load_trained(
+    _CHECKPOINT.workdir.value, _CHECKPOINT.step.value
+  )
   results = inference.caption_files(
     trained,
     paths,
-    beam_size=_BEAM_SIZE.value,
-    alpha=_ALPHA.value,
+    beam_size=_DECODER.beam_size.value,
+    alpha=_DECODER.alpha.value,
     temperature=_TEMPERATURE.value,
     seed=_SEED.value,
-    max_len=_MAX_LEN.value or None,
+    max_len=_DECODER.max_len.value or None,
   )
   if _PLOT_DIR.value:
     pathlib.Path(_PLOT_DIR.value).mkdir(parents=True, exist_ok=True)

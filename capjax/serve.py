@@ -24,16 +24,7 @@ from capjax.serving import protocol
 from capjax.serving import server as server_lib
 from capjax.serving import service as service_lib
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'A trained workdir.', required=True
-)
-_STEP = flags.DEFINE_integer(
-  'step',
-  None,
-  "The checkpoint's step; default: the best checkpoint "
-  '(config.best_metric), else the newest.',
-  lower_bound=0,
-)
+_CHECKPOINT = programs.define_checkpoint_flags()
 _HOST = flags.DEFINE_string(
   'host',
   '127.0.0.1',
@@ -195,7 +186,9 @@ def main(argv: Sequence[str]) -> None:
     keep_alive_s=_KEEP_ALIVE_S.value,
     max_requests_per_connection=_MAX_REQUESTS_PER_CONNECTION.value,
   )
-  trained = inference.load_trained(_WORKDIR.value, _STEP.value)
+  trained = inference.load_trained(
+    _CHECKPOINT.workdir.value, _CHECKPOINT.step.value
+  )
   service = service_lib.Service(
     trained, inference.make_extractor(trained), options
   )

@@ -204,7 +204,7 @@ def test_decoders_cut_captions_that_never_end():
     np.testing.assert_array_equal(got.lengths_B, [5, 5])
     assert all(
       len(t.split()) == 5 and set(t.split()) <= {'a', 'b'}
-      for t in decoding.texts(got.tokens_BT, vocab)
+      for t in vocab.decode_rows(got.tokens_BT)
     )
     assert np.all(np.isfinite(got.log_prob_B))
   np.testing.assert_array_equal(results[0].tokens_BT, [[A] * 5] * 2)

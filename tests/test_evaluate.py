@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from capjax import captioning
 from capjax import evaluation
 from capjax import inference
 from capjax.data import datasets
@@ -35,7 +36,7 @@ def test_generate_captions_in_padded_batches_equals_one_batch(
   store, records = val_data
   max_len = decoding.max_caption_tokens(trained.config)
   # 16 images in batches of 6: the last batch is padded with 2 empty rows.
-  got = evaluation.generate_captions(
+  got = captioning.generate_captions(
     trained.params,
     trained.model,
     store,
@@ -51,12 +52,12 @@ def test_generate_captions_in_padded_batches_equals_one_batch(
     max_len=max_len,
   )
   assert list(got) == [r.image_id for r in records]
-  assert list(got.values()) == decoding.texts(whole.tokens_BT, trained.vocab)
+  assert list(got.values()) == trained.vocab.decode_rows(whole.tokens_BT)
 
 
 def test_caption_metrics_for_training(trained, val_data):
   store, records = val_data
-  got = evaluation.caption_metrics(
+  got = captioning.caption_metrics(
     trained.params,
     trained.model,
     store,
@@ -65,7 +66,7 @@ def test_caption_metrics_for_training(trained, val_data):
     trained.config,
     num_images=10,
   )
-  captions = evaluation.generate_captions(
+  captions = captioning.generate_captions(
     trained.params,
     trained.model,
     store,

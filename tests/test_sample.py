@@ -47,14 +47,13 @@ def test_captions_equal_decoding_the_extracted_features(
   extractor = inference.make_extractor(trained)
   images = [images_lib.load_image(p) for p in examples]
   features_NLD = extractor(images)
-  expected = decoding.texts(
+  expected = trained.vocab.decode_rows(
     decoding.greedy_captions(
       trained.params,
       features_NLD,
       model=trained.model,
       max_len=decoding.max_caption_tokens(trained.config),
-    ).tokens_BT,
-    trained.vocab,
+    ).tokens_BT
   )
   # The same features as .npy files, flat (L, D) and as a (4, 4, D) grid.
   flat, grid = tmp_path / 'flat.npy', tmp_path / 'grid.npy'

@@ -434,7 +434,7 @@ runpy.run_module('capjax.train', run_name='__main__', alter_sys=True)
   'module, function, activity',
   [
     ('training.loop', 'prepare_data', 'preparing the data'),
-    ('evaluation', 'caption_metrics', 'computing the caption metrics'),
+    ('captioning', 'caption_metrics', 'computing the caption metrics'),
   ],
 )
 def test_a_failure_on_process_0_stops_every_process(

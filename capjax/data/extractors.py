@@ -233,16 +233,17 @@ def inception_v3_extractor(
 
 def _jax_inception(weights_file: str | None):
   """(features_fn, L, D) of capjax.model.inception."""
-  # noqa: PLC0415
-  from capjax.model import inception
-  from capjax.porting import keras_inception
+  # Imported here: the Keras backend needs neither JAX nor Flax.
+  from capjax.model import inception  # noqa: PLC0415
+  from capjax.model import keras_inception  # noqa: PLC0415
 
-  # pylint: enable=g-import-not-at-top
-  variables = (
-    keras_inception.converted_params(weights_file)
-    if weights_file
-    else inception.random_variables()
-  )
+  if weights_file is None:
+    variables = inception.random_variables()
+  else:
+    try:
+      variables = keras_inception.converted_params(weights_file)
+    except ValueError as e:  # the message names the file and what is wrong
+      raise errors.UserError(str(e)) from None
 
   def features_fn(images_NSS3):
     return np.asarray(inception.extract_features(variables, images_NSS3))

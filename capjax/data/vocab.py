@@ -22,12 +22,13 @@ import numpy as np
 
 from capjax import errors
 from capjax import files
+from capjax import tokens
 
 # The tutorial's `Tokenizer(filters=...)`, less the space, which separates
 # words anyway.
 FILTERS = '!"#$%&()*+.,-/:;=?@[\\]^_`{|}~'
-PAD, START, END, UNK = '<pad>', '<start>', '<end>', '<unk>'
-SPECIAL_TOKENS = (PAD, START, END, UNK)
+PAD, START, END, UNK = tokens.PAD, tokens.START, tokens.END, tokens.UNK
+SPECIAL_TOKENS = tokens.SPECIAL_TOKENS
 
 _FILTER_TABLE = str.maketrans({c: ' ' for c in FILTERS})
 _FORMAT = 'capjax.vocab/1'
@@ -89,10 +90,10 @@ class Vocab:
     """All tokens in id order, special tokens first."""
     return list(self._id_to_word)
 
-  pad_id = 0
-  start_id = 1
-  end_id = 2
-  unk_id = 3
+  pad_id = tokens.PAD_ID
+  start_id = tokens.START_ID
+  end_id = tokens.END_ID
+  unk_id = tokens.UNK_ID
 
   def __len__(self) -> int:
     return self.size
@@ -138,6 +139,10 @@ class Vocab:
       if i not in (self.start_id, self.pad_id):
         words.append(self._id_to_word[i])
     return ' '.join(words)
+
+  def decode_rows(self, ids_BT: Iterable[Iterable[int]]) -> list[str]:
+    """The text of each row of ids, e.g. of a batch of decoded captions."""
+    return [self.decode(row) for row in np.asarray(ids_BT)]
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes the vocabulary as JSON (atomically)."""

@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax.data import vocab as vocab_lib
+from capjax import tokens
 
 MAX_N = 4  # n-grams of orders 1..MAX_N
 SIGMA = 6.0  # standard deviation of the length penalty
 # The ids below <end>, <pad> and <start>, are skipped.
-END_ID = vocab_lib.Vocab.end_id
+END_ID = tokens.END_ID
 _ID_BITS = 15
 MAX_VOCAB_SIZE = 1 << _ID_BITS
 # Images per numpy pass when counting document frequencies, which bounds the

@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from capjax import errors
 from capjax.model import recurrence
 
 # Configs are only read here: ml_collections, absent on hosts that run the
@@ -291,7 +290,7 @@ def from_config(
   """The Captioner a config describes."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if config.dtype not in dtypes:
-    raise errors.UserError(
+    raise ValueError(
       f'config.dtype must be one of {sorted(dtypes)}, got {config.dtype!r}'
     )
   return Captioner(

@@ -2,7 +2,7 @@
 
   captions = decoding.caption_features(params, features_BLD, model=model,
                                        max_len=20, beam_size=3)
-  texts = decoding.texts(captions.tokens_BT, vocab)
+  texts = vocab.decode_rows(captions.tokens_BT)
 
 Each entry point is jitted once per (model, max_len, batch shape); the encoder
 and W1 run once per image, before the search loop (capjax.model.search).
@@ -12,10 +12,7 @@ import functools
 from typing import Any, TYPE_CHECKING
 
 import jax
-import numpy as np
 
-from capjax import errors
-from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import recurrence
 from capjax.model import search
@@ -145,17 +142,17 @@ def caption_features(
     rng: the sampling key.
   """
   if temperature < 0:
-    raise errors.UserError(f'temperature must be >= 0, got {temperature}')
+    raise ValueError(f'temperature must be >= 0, got {temperature}')
   if alpha < 0:
     # Checked here: under jit, beam_search's own check cannot see the value.
-    raise errors.UserError(f'alpha must be >= 0, got {alpha}')
+    raise ValueError(f'alpha must be >= 0, got {alpha}')
   if temperature > 0:
     if beam_size != 1:
-      raise errors.UserError(
+      raise ValueError(
         'sample (temperature > 0) or search (beam_size > 1), not both'
       )
     if rng is None:
-      raise errors.UserError('sampling (temperature > 0) needs an rng')
+      raise ValueError('sampling (temperature > 0) needs an rng')
     return sampled_captions(
       params, features_BLD, rng, temperature, model=model, max_len=max_len
     )
@@ -169,10 +166,5 @@ def caption_features(
       alpha=alpha,
     ).best()
   if beam_size < 1:
-    raise errors.UserError(f'beam_size must be >= 1, got {beam_size}')
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
   return greedy_captions(params, features_BLD, model=model, max_len=max_len)
-
-
-def texts(tokens_BT: Array | np.ndarray, vocab: vocab_lib.Vocab) -> list[str]:
-  """The words of each decoded row."""
-  return [vocab.decode(row) for row in np.asarray(tokens_BT)]

@@ -4,7 +4,7 @@ The network is `keras.applications.InceptionV3(include_top=False)` up to
 `mixed10`, for inference: every convolution is Keras' `conv2d_bn` (Conv2D
 without bias, BatchNormalization without scale, epsilon 1e-3, ReLU) and the
 batch norms always use the statistics stored in the variables. Weights come
-from `capjax.porting.keras_inception`, which converts Keras' ImageNet file.
+from `capjax.model.keras_inception`, which converts Keras' ImageNet file.
 
 Variables are {'params', 'batch_stats'}; each conv2d_bn is a module holding
 'conv' (kernel HWIO) and 'bn' (bias; batch_stats mean, var). Blocks are named
@@ -307,7 +307,7 @@ def extract_features(
 
   Args:
     variables: {'params', 'batch_stats'}, e.g. from
-      `capjax.porting.keras_inception.converted_params`.
+      `capjax.model.keras_inception.converted_params`.
     images_NHW3: float32 RGB in [0, 255], already resized (299x299 for the
       8x8 grid Keras gives).
     dtype: compute dtype; bfloat16 halves activation memory and is faster

@@ -28,15 +28,14 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from capjax import errors
-from capjax.data import vocab as vocab_lib
+from capjax import tokens
 
 Array = jax.Array
 StepFn = Callable[[Any, Array, Any], tuple[Array, Any, Array]]
 
-_PAD = vocab_lib.Vocab.pad_id
-_START = vocab_lib.Vocab.start_id
-_END = vocab_lib.Vocab.end_id
+_PAD = tokens.PAD_ID
+_START = tokens.START_ID
+_END = tokens.END_ID
 
 
 @flax.struct.dataclass
@@ -100,7 +99,7 @@ def length_penalty(length: Array, alpha: float | Array) -> Array:
 
 def _check_max_len(max_len: int) -> None:
   if max_len < 1:
-    raise errors.UserError(f'max_len must be >= 1, got {max_len}')
+    raise ValueError(f'max_len must be >= 1, got {max_len}')
 
 
 def _batch_size(state: Any) -> int:
@@ -220,7 +219,7 @@ def temperature_sampling(
   given rng gives the same captions every time.
   """
   if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise errors.UserError(
+    raise ValueError(
       f'temperature must be > 0, got {temperature}; greedy '
       'search is the limit of temperature 0'
     )
@@ -303,9 +302,9 @@ def beam_search(
   """
   _check_max_len(max_len)
   if beam_size < 1:
-    raise errors.UserError(f'beam_size must be >= 1, got {beam_size}')
+    raise ValueError(f'beam_size must be >= 1, got {beam_size}')
   if isinstance(alpha, (int, float)) and alpha < 0:
-    raise errors.UserError(f'alpha must be >= 0, got {alpha}')
+    raise ValueError(f'alpha must be >= 0, got {alpha}')
   k = beam_size
   b = _batch_size(state)
   repeat = lambda x: jnp.repeat(x, k, axis=0)

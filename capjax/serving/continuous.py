@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capjax.data import vocab as vocab_lib
+from capjax import tokens
 from capjax.model import captioner
 from capjax.model import decoding
 from capjax.model import recurrence
@@ -37,9 +37,9 @@ from capjax.model import search
 
 Array = jax.Array
 
-_PAD = vocab_lib.Vocab.pad_id
-_START = vocab_lib.Vocab.start_id
-_END = vocab_lib.Vocab.end_id
+_PAD = tokens.PAD_ID
+_START = tokens.START_ID
+_END = tokens.END_ID
 _CALLS_BEFORE_SHRINKING = 64
 
 

@@ -14,8 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from capjax import captioning
 from capjax import errors
-from capjax import evaluation
 from capjax.data import datasets
 from capjax.data import feature_store
 from capjax.data import input_pipeline
@@ -57,7 +57,7 @@ def _caption_metrics(
   The replicated parameters are whole on every process, so process 0 decodes
   alone, on its own device, while the others wait at the next step.
   """
-  return evaluation.caption_metrics(
+  return captioning.caption_metrics(
     jax.device_get(params),
     model,
     store,

@@ -11,7 +11,7 @@ Two sources hold the same weights in the same order:
   ('conv2d_1/kernel:0'; for the batch norms beta, moving_mean,
   moving_variance). Keras itself loads it by position, not by name.
 - an in-memory Keras model (Keras 3 or tf_keras), whose `model.layers` come
-  in that same order.
+  in that same order (`variables_from_layers` of their weights).
 
 Only the order is used, never the names: Keras numbers layers per process
 ('conv2d_57' is another layer once some other model was built first), and
@@ -36,7 +36,6 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from capjax import errors
 from capjax.model import inception
 
 PathLike = str | os.PathLike[str]
@@ -134,23 +133,21 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
     `capjax.model.inception`.
 
   Raises:
-    UserError: the file is missing, is not a legacy Keras weights file, or
+    ValueError: the file is missing, is not a legacy Keras weights file, or
       does not hold InceptionV3 without top; the message names the file.
   """
   if not pathlib.Path(h5_path).is_file():
-    raise errors.MissingFileError(
-      f'{h5_path}: no such InceptionV3 weights file'
-    )
+    raise ValueError(f'{h5_path}: no such InceptionV3 weights file')
   # Only conversion needs h5py; loading the cache does not.
   import h5py  # noqa: PLC0415
 
   try:
     f = h5py.File(h5_path, 'r')
   except OSError as e:
-    raise errors.UserError(f'{h5_path}: not an HDF5 file ({e})') from None
+    raise ValueError(f'{h5_path}: not an HDF5 file ({e})') from None
   with f:
     if 'layer_names' not in f.attrs:
-      raise errors.UserError(
+      raise ValueError(
         f"{h5_path}: no 'layer_names' attribute, so not a Keras 2 legacy "
         'HDF5 weights file like the one Keras downloads (Keras 3 '
         "'.weights.h5' files are laid out differently)"
@@ -161,23 +158,7 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
       [np.asarray(f[name][weight]) for weight in f[name].attrs['weight_names']]
       for name in f.attrs['layer_names']
     ]
-  return _variables_from_layers(layers, h5_path)
-
-
-def variables_from_keras(model: Any) -> dict[str, Any]:
-  """Converts an in-memory Keras (3 or 2) InceptionV3(include_top=False).
-
-  Args:
-    model: e.g. `keras.applications.InceptionV3(include_top=False)`.
-
-  Returns:
-    {'params', 'batch_stats'}, as `variables_from_h5`.
-
-  Raises:
-    UserError: the model is not InceptionV3 without top.
-  """
-  layers = [layer.get_weights() for layer in model.layers]
-  return _variables_from_layers(layers, f'Keras model {model.name!r}')
+  return variables_from_layers(layers, h5_path)
 
 
 def converted_params(h5_path: PathLike) -> dict[str, Any]:
@@ -189,7 +170,7 @@ def converted_params(h5_path: PathLike) -> dict[str, Any]:
   writable the conversion is returned uncached.
 
   Raises:
-    UserError: as `variables_from_h5`.
+    ValueError: as `variables_from_h5`.
   """
   h5_path, cache = pathlib.Path(h5_path), cache_path(h5_path)
   if (
@@ -222,7 +203,7 @@ def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   tmp.replace(path)
 
 
-def _variables_from_layers(
+def variables_from_layers(
   layers: list[list[np.ndarray]], source: str
 ) -> dict[str, Any]:
   """Per Keras layer its weight arrays, in Keras' order -> Flax variables."""
@@ -231,7 +212,7 @@ def _variables_from_layers(
   norms = [weights for weights in layers if len(weights) == 3]
   n = len(KERAS_ORDER)
   if len(convs) != n or len(norms) != n or len(layers) != 2 * n:
-    raise errors.UserError(
+    raise ValueError(
       f'{source}: not InceptionV3 without top: expected {n} convolutions '
       f'(1 array each) and {n} batch norms without scale (3 arrays each), '
       f'found {len(convs)} and {len(norms)} among {len(layers)} layers with '
@@ -253,7 +234,7 @@ def _variables_from_layers(
     }
     for key, array in arrays.items():
       if array.shape != expected[key].shape:
-        raise errors.UserError(
+        raise ValueError(
           f'{source}: not InceptionV3 without top: conv2d_bn {k} in Keras '
           f'order ({"/".join(key)}) has shape {array.shape}, expected '
           f'{expected[key].shape}'
