@@ -16,12 +16,12 @@ and word ids are mapped.
 """
 
 from collections.abc import Sequence
-import pathlib
 
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from capjax import configs
 from capjax import programs
 from capjax.porting import tutorial_workdir
 
@@ -43,7 +43,7 @@ _WORKDIR = flags.DEFINE_string(
 )
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
-  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  configs.DEFAULT_FILE,
   'Config of the fields the checkpoint does not fix (data set, caption '
   'length, training).',
   lock_config=True,

@@ -27,6 +27,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from capjax import configs
 from capjax import errors
 from capjax import programs
 from capjax.data import extraction
@@ -35,7 +36,7 @@ from capjax.training import parallel
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
-  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  configs.DEFAULT_FILE,
   'Configuration file.',
   lock_config=True,
 )

@@ -11,11 +11,11 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 """
 
 from collections.abc import Sequence
-import pathlib
 
 from absl import flags
 from ml_collections import config_flags
 
+from capjax import configs
 from capjax import programs
 from capjax.training import loop
 from capjax.training import parallel
@@ -28,7 +28,7 @@ _WORKDIR = flags.DEFINE_string(
 )
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
-  str(pathlib.Path(__file__).parent / 'configs' / 'default.py'),
+  configs.DEFAULT_FILE,
   'Training configuration file.',
   lock_config=True,
 )

@@ -19,21 +19,13 @@ document frequencies taken from the training references.
       --beam_size 3
 """
 
-import importlib.util
 import pathlib
 
-
-def _stage_one_config():
-  """experiments/coco_inception.py's config, from the file beside this one."""
-  path = pathlib.Path(__file__).with_name('coco_inception.py')
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from capjax import configs
 
 
 def get_config():
-  config = _stage_one_config()
+  config = configs.load(pathlib.Path(__file__).with_name('coco_inception.py'))
   config.objective = 'scst'
   config.scst_samples = 5
   config.scst_baseline = 'greedy'

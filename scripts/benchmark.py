@@ -33,6 +33,7 @@ from absl import flags
 import jax
 import tensorflow as tf
 
+from capjax import programs
 from capjax.benchmarks import cider
 from capjax.benchmarks import decoding
 from capjax.benchmarks import extraction
@@ -112,8 +113,6 @@ def _write(report: dict, make_table) -> None:
 
 def main(argv):
   del argv
-  # Before TensorFlow touches a device: it must leave the accelerators to JAX.
-  tf.config.set_visible_devices([], 'GPU')
   if _TTQ_ONLY.value or _TTQ_DATA.value:
     if not (_TTQ_DATA.value and _TTQ_FEATURES.value):
       raise app.UsageError(
@@ -173,4 +172,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # TensorFlow, imported above, is kept off the accelerators JAX uses.
+  programs.run(main)

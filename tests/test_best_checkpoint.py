@@ -134,7 +134,7 @@ def test_load_trained_loads_the_best_and_step_overrides(scripted, caplog):
   )
   # The best checkpoint holds step 6's parameters, those of checkpoints/6.
   testing_lib.leaves_equal(
-    trained.params, checkpoints.load_params(scripted, step=6)
+    trained.params, checkpoints.restore_params(scripted, step=6)[1]
   )
   caplog.clear()
   with caplog.at_level('INFO'):

@@ -163,7 +163,7 @@ def test_training_resumes_from_the_newest_good_step(
   # exactly as the first time.
   moved = copy / checkpoints.DAMAGED_DIR / str(_STEPS)
   assert (moved / in_step).stat().st_size == damaged_size
-  testing_lib.leaves_equal(state.params, checkpoints.load_params(trained))
+  testing_lib.leaves_equal(state.params, checkpoints.restore_params(trained)[1])
 
 
 def _damage_each_file(
@@ -319,5 +319,5 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
   )
   assert result.returncode == 0, result.stderr[-3000:]
   testing_lib.leaves_equal(
-    checkpoints.load_params(workdir), uninterrupted.params
+    checkpoints.restore_params(workdir)[1], uninterrupted.params
   )

@@ -188,7 +188,7 @@ def test_teacher_forced_logits_match_the_tf_model(runs, keras):
     assert not row[len(encoded) :].any()
 
   model = captioner.from_config(config, vocab.size)
-  params = checkpoints.load_params(run.workdir)
+  params = checkpoints.restore_params(run.workdir)[1]
   logits, _ = jax.jit(model.apply)(
     {'params': params}, reference['features'], tokens
   )
@@ -378,8 +378,8 @@ def test_plain_word_index_converts_alike(runs, tmp_path):
     assert (workdir / name).read_text() == (run.workdir / name).read_text()
   jax.tree_util.tree_map(
     np.testing.assert_array_equal,
-    checkpoints.load_params(workdir),
-    checkpoints.load_params(run.workdir),
+    checkpoints.restore_params(workdir)[1],
+    checkpoints.restore_params(run.workdir)[1],
   )
 
 

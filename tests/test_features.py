@@ -230,7 +230,9 @@ def test_inception_v3_coco_through_store_and_pipeline(
   np.testing.assert_allclose(grids[3], direct[0], rtol=1e-2, atol=1e-2)
 
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 100)
-  batch = next(input_pipeline.train_iterator(config, store, records, vocab))
+  batch = next(
+    input_pipeline.train_batches(config, store, records, vocab).iterator(0)
+  )
   assert batch['features'].shape == (8, 64, 2048)
   assert batch['features'].dtype == np.float16
   assert batch['tokens'].dtype == np.int32

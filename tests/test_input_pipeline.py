@@ -396,15 +396,9 @@ def test_config_entry_points(data):
   config.max_caption_len = _MAX_LEN
   config.bucket_lengths = _BUCKETS
   first = next(
-    input_pipeline.train_iterator(
-      config,
-      store,
-      records,
-      vocab,
-      start_step=3,
-      process_index=1,
-      process_count=2,
-    )
+    input_pipeline.train_batches(
+      config, store, records, vocab, process_index=1, process_count=2
+    ).iterator(3)
   )
   expected = _train_batches(
     data,

@@ -132,7 +132,7 @@ def test_training_writes_a_self_describing_workdir(straight):
   assert len(list((workdir / 'examples').glob('*.png'))) == 4
   manager = checkpoints.manager(workdir, read_only=True)
   assert manager.all_steps() == [4, 8, 12]
-  testing_lib.leaves_equal(checkpoints.load_params(workdir), state.params)
+  testing_lib.leaves_equal(checkpoints.restore_params(workdir)[1], state.params)
   saved = workdir_lib.load_config(workdir)
   assert saved.units == 24 and saved.num_train_steps == 12
   info = files.read_json(workdir / 'features.json')
@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   ):
     loop.train_and_evaluate(testing_lib.tiny_config(shapes_dir), str(workdir))
   assert checkpoints.manager(workdir, read_only=True).all_steps() == [4]
-  params = checkpoints.load_params(workdir)
+  params = checkpoints.restore_params(workdir)[1]
   assert all(np.isfinite(p).all() for p in jax.tree_util.tree_leaves(params))
 
 
@@ -313,7 +313,7 @@ def test_four_devices_match_one(tmp_path, shapes_dir, one_device):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'on 4 device(s)' in result.stderr
   testing_lib.leaves_equal(
-    checkpoints.load_params(tmp_path / 'four'), one.params, atol=2e-5
+    checkpoints.restore_params(tmp_path / 'four')[1], one.params, atol=2e-5
   )
 
 
@@ -356,7 +356,7 @@ def test_two_processes_match_one(tmp_path, shapes_dir, one_device):
     assert p.returncode == 0, out[-3000:]
   assert '4 local example(s) per process' in outputs[0]
   testing_lib.leaves_equal(
-    checkpoints.load_params(tmp_path / 'two'), one.params, atol=2e-5
+    checkpoints.restore_params(tmp_path / 'two')[1], one.params, atol=2e-5
   )
   # Only process 0 computes the caption metrics; both agree on the best.
   assert (

@@ -349,31 +349,6 @@ def train_batches(
   )
 
 
-def train_iterator(
-  config,
-  store: feature_store.FeatureStore,
-  records: Sequence[datasets.Record],
-  vocab: vocab_lib.Vocab,
-  *,
-  start_step: int = 0,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> Iterator[Batch]:
-  """Endless training batches from `start_step` on (see the module docstring).
-
-  The arguments are `train_batches`', and start_step the first step to make
-  a batch for.
-  """
-  return train_batches(
-    config,
-    store,
-    records,
-    vocab,
-    process_index=process_index,
-    process_count=process_count,
-  ).iterator(start_step)
-
-
 def eval_iterator(
   config,
   store: feature_store.FeatureStore,

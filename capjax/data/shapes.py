@@ -40,7 +40,6 @@ SHAPES = ('circle', 'square', 'triangle')
 # Half the side of an object's bounding box, as a fraction of the image side.
 SIZES = {'small': 0.1, 'large': 0.18}
 BACKGROUND = (30, 30, 30)
-NUM_CAPTIONS = 5
 
 # Layouts are redrawn until every pair of objects is clearly apart, clearly
 # ordered left to right and clearly more horizontal than vertical (or the

@@ -68,7 +68,7 @@ def _checked_record(
     failure = e
   parallel.sync_processes('capjax.train.best_checked')
   if jax.process_index() == 0:
-    moved = checkpoints.move_best_aside(workdir)
+    moved = checkpoints.move_aside(workdir, checkpoints.best_directory(workdir))
     logging.warning(
       '%s; moved to %s, the next evaluation saves a new one', failure, moved
     )

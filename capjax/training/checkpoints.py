@@ -21,7 +21,6 @@ import math
 import os
 import pathlib
 import shutil
-import sys
 from typing import Any
 
 import jax
@@ -107,32 +106,8 @@ def abstract_tree(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   )
 
 
-def _quiet_closed_event_loop() -> None:
-  """Drops the 'Event loop is closed' errors a failed restore leaves behind.
-
-  When one read of a damaged checkpoint fails, Orbax closes its event loop
-  while TensorStore still completes the other reads; their callbacks then
-  fail, unraisably, when the interpreter exits, each printing a traceback
-  after the one-line error that matters.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, 'capjax_quiet', False):
-    return
-
-  def hook(unraisable):
-    if not (
-      isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == 'Event loop is closed'
-    ):
-      previous(unraisable)
-
-  hook.capjax_quiet = True
-  sys.unraisablehook = hook
-
-
 def _reason(error: Exception) -> str:
   """The first line of an error, short enough for a one-line message."""
-  _quiet_closed_event_loop()
   text = str(error).strip().splitlines()
   first = text[0] if text else ''
   return f'{type(error).__name__}: {first[:_REASON_CHARS]}'
@@ -467,35 +442,22 @@ def _newest_readable(
   return None
 
 
-def load_params(workdir: PathLike, step: int | None = None) -> Any:
-  """The parameters of a checkpoint (the newest by default); see restore_params."""
-  return restore_params(workdir, step)[1]
+def move_aside(workdir: PathLike, damaged: pathlib.Path) -> pathlib.Path:
+  """Moves a damaged checkpoint out of the way, keeping its files.
 
+  Args:
+    workdir: the workdir.
+    damaged: a step's directory of `directory(workdir)`, or the whole
+      `best_directory(workdir)` (a damaged score may hide its step).
 
-def move_aside(workdir: PathLike, step: int) -> pathlib.Path:
-  """Moves a damaged step out of the checkpoints, keeping its files."""
-  target = pathlib.Path(workdir).absolute() / DAMAGED_DIR / str(step)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if target.exists():
-    shutil.rmtree(target)
-  shutil.move(directory(workdir) / str(step), target)
-  return target
-
-
-def move_best_aside(workdir: PathLike) -> pathlib.Path:
-  """Moves a damaged best checkpoint out of the way, keeping its files.
-
-  The whole directory moves: a damaged score may hide which step it holds.
+  Returns:
+    Where it went: damaged/<its name> in the workdir.
   """
-  target = (
-    pathlib.Path(workdir).absolute()
-    / DAMAGED_DIR
-    / (workdir_lib.BEST_CHECKPOINT_DIR)
-  )
+  target = pathlib.Path(workdir).absolute() / DAMAGED_DIR / damaged.name
   target.parent.mkdir(parents=True, exist_ok=True)
   if target.exists():
     shutil.rmtree(target)
-  shutil.move(best_directory(workdir), target)
+  shutil.move(damaged, target)
   return target
 
 

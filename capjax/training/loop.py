@@ -242,7 +242,9 @@ def _restore_or_init(
   parallel.sync_processes('capjax.train.restored')
   for damaged, reason in skipped:
     if jax.process_index() == 0:
-      moved = checkpoints.move_aside(workdir, damaged)
+      moved = checkpoints.move_aside(
+        workdir, checkpoints.directory(workdir) / str(damaged)
+      )
       logging.warning(
         'checkpoint step %d cannot be restored (%s); moved to %s',
         damaged,
