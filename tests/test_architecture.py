@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import capjax
 from capjax import layers
 
@@ -93,7 +95,7 @@ def _violations(
     if not layers.allows(allowed, _relative(imported)):
       found.append(
         f'{filename}:{line}: {_relative(module)} imports '
-        f'{_relative(imported)}; capjax/layers.py allows it '
+        f'{_relative(imported)}; its rule in capjax/layers.py allows '
         f'{_describe(allowed)}'
       )
   return found
@@ -125,7 +127,8 @@ def test_every_import_is_allowed():
       set(modules),
     )
   ]
-  assert not found, 'imports outside the layers:\n' + '\n'.join(found)
+  if found:
+    pytest.fail('imports outside the layers:\n' + '\n'.join(found), False)
 
 
 def test_function_local_imports_are_checked():
@@ -134,8 +137,8 @@ def test_function_local_imports_are_checked():
     'capjax.model.search', source, 'search.py', set(_modules())
   )
   assert found == [
-    'search.py:2: model.search imports training.loop; capjax/layers.py '
-    'allows it tokens'
+    'search.py:2: model.search imports training.loop; its rule in '
+    'capjax/layers.py allows tokens'
   ]
 
 
