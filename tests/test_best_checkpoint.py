@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from capjax import captioning
 from capjax import config_checks
 from capjax import errors
 from capjax import inference
@@ -77,8 +78,8 @@ def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
     patch.setattr(validation, 'evaluate_loss', scripted_loss)
     if cider:
       patch.setattr(
-        validation,
-        '_caption_metrics',
+        captioning,
+        'caption_metrics',
         lambda *_: {'bleu4': 0.0, 'cider': cider[next(steps)]},
       )
     return loop.train_and_evaluate(config, str(workdir))

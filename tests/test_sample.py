@@ -210,6 +210,35 @@ def test_command_line_without_checkpoint_says_so(
   assert 'Traceback' not in run.stderr and not run.stdout
 
 
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (['--beam_size=0'], 'flag --beam_size=0: 0 is not a positive integer'),
+    (['--alpha=-1'], 'flag --alpha=-1: -1.0 is not a non-negative number'),
+    (['--temperature=-1'], 'flag --temperature=-1: -1.0 is not a non-neg'),
+    (
+      ['--beam_size=2', '--temperature=0.5'],
+      'error: give --temperature (sampling) or --beam_size (search), not both',
+    ),
+  ],
+)
+def test_bad_decoder_flags_are_the_users_error(
+  trained_workdir, examples, flags, message
+):
+  # The model raises ValueError on these; the program refuses them first.
+  run = subprocess.run(
+    [sys.executable, '-m', 'capjax.sample', f'--workdir={trained_workdir}']
+    + flags
+    + [examples[0]],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 1
+  assert message in run.stderr
+  assert 'Traceback' not in run.stderr and not run.stdout
+
+
 # --- Attention plots ----------------------------------------------------------
 
 

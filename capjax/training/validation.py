@@ -44,30 +44,6 @@ def evaluate_loss(
   return losses.normalize(totals)
 
 
-def _caption_metrics(
-  params: Any,
-  model: captioner.Captioner,
-  store: feature_store.FeatureStore,
-  records: Sequence[datasets.Record],
-  vocab: vocab_lib.Vocab,
-  config: ml_collections.ConfigDict,
-) -> dict[str, float]:
-  """Greedy BLEU-4 and CIDEr on the first validation images, on this host.
-
-  The replicated parameters are whole on every process, so process 0 decodes
-  alone, on its own device, while the others wait at the next step.
-  """
-  return captioning.caption_metrics(
-    jax.device_get(params),
-    model,
-    store,
-    records,
-    vocab,
-    config,
-    config.num_caption_eval_images,
-  )
-
-
 class Validator:
   """Scores parameters on the evaluation split; the same on every process."""
 
@@ -105,15 +81,21 @@ class Validator:
     )
 
   def _caption_scores(self, params: Any) -> dict[str, float]:
+    """Greedy BLEU-4 and CIDEr on the first validation images, on process 0.
+
+    The replicated parameters are whole on every process, so process 0
+    decodes alone, on its own device, while the others wait at the next step.
+    """
     if jax.process_index() != 0:
       return {}
-    return _caption_metrics(
-      params,
+    return captioning.caption_metrics(
+      jax.device_get(params),
       self._model,
       self._store,
       self._records,
       self._vocab,
       self._config,
+      self._config.num_caption_eval_images,
     )
 
   def __call__(self, params: Any) -> dict[str, float]:
