@@ -374,6 +374,7 @@ def train_and_evaluate(
   workdir_path.mkdir(parents=True, exist_ok=True)
   if (workdir_path / workdir_lib.CONFIG_FILE).exists():
     workdir_lib.check_compatible(workdir_lib.load_config(workdir_path), config)
+  local_batch_size = parallel.per_process_batch_size(config.batch_size)
   mesh = parallel.make_mesh()
   data = _prepare_on_every_process(config, workdir_path)
   model = captioner.from_config(config, data.vocab.size)
@@ -409,7 +410,7 @@ def train_and_evaluate(
     config.num_train_steps,
     config.batch_size,
     jax.device_count(),
-    parallel.per_process_batch_size(config.batch_size),
+    local_batch_size,
   )
 
   with preemption.StopRequest() as stop:
