@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from capjax import errors
 from capjax.data import extractors
 from capjax.data import feature_store
 from capjax.data import images
@@ -254,6 +255,17 @@ def test_file_that_is_not_hdf5(tmp_path):
     ValueError, match=f'{re.escape(str(path))}: not an HDF5 file'
   ):
     keras_inception.converted_params(str(path))
+
+
+def test_a_bad_weights_file_is_the_users_error(tmp_path):
+  # The model raises ValueError; the extractor, given the user's file, says
+  # it in a UserError, which programs print as one line.
+  path = tmp_path / 'notes.h5'
+  path.write_text('not weights')
+  with pytest.raises(
+    errors.UserError, match=f'{re.escape(str(path))}: not an HDF5 file'
+  ):
+    extractors.inception_v3_extractor(str(path), backend='jax')
 
 
 def test_keras3_weights_file_is_not_the_legacy_layout(tmp_path):
