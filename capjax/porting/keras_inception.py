@@ -161,7 +161,7 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
       [np.asarray(f[name][weight]) for weight in f[name].attrs['weight_names']]
       for name in f.attrs['layer_names']
     ]
-  return _variables_from_layers(layers, h5_path)
+  return _variables_from_layers(layers, str(h5_path))
 
 
 def variables_from_keras(model: Any) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   ) as f:
     tmp = pathlib.Path(f.name)
     try:
-      np.savez(f, **arrays)
+      np.savez(f, **arrays)  # type: ignore[arg-type]
     except BaseException:
       tmp.unlink()
       raise

@@ -14,13 +14,14 @@ saves a model, its tokenizer and its outputs the way the tutorial does.
 import json
 import os
 import pathlib
+from typing import Any
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-keras = tf.keras
+keras: Any = tf.keras
 
 
 class BahdanauAttention(keras.Model):
