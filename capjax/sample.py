@@ -1,6 +1,7 @@
 r"""Captions for images: `python -m capjax.sample --workdir DIR IMAGE ...`.
 
-  python -m capjax.sample --workdir /tmp/capjax-demo /tmp/capjax-demo/examples/*.png
+  python -m capjax.sample --workdir /tmp/capjax-demo \
+    /tmp/capjax-demo/examples/*.png
   python -m capjax.sample --workdir /tmp/coco photo.jpg --beam_size 3
   python -m capjax.sample --workdir /tmp/coco photo.jpg --temperature 0.8
   python -m capjax.sample --workdir /tmp/coco photo.jpg --plot_dir /tmp/plots

@@ -1,4 +1,4 @@
-"""Optional dependencies: a program whose extra is missing says so in one line."""
+"""Optional dependencies: a program missing its extra says so in one line."""
 
 import subprocess
 import sys

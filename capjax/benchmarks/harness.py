@@ -1,4 +1,4 @@
-"""Timing that is fair on a noisy machine: interleaved medians, and the machine's peak."""
+"""Timing that is fair on a noisy machine: interleaved medians, and the peak."""
 
 from collections.abc import Callable, Hashable, Mapping
 import pathlib

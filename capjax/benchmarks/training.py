@@ -29,7 +29,7 @@ LENGTHS = (16, 32, 48)
 
 
 def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
-  """(tokens per Flickr8k training caption with <start> and <end>, its image)."""
+  """(tokens per Flickr8k training caption, <start> and <end> too; image)."""
   data = real_data.find()
   flickr = data / 'flickr8k' if data else None
   if flickr is None or not (flickr / 'Flickr_8k.trainImages.txt').exists():

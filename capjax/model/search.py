@@ -1,4 +1,4 @@
-"""Search over a step function: greedy search, temperature sampling and beam search.
+"""Search over a step function: greedy, temperature sampling and beam search.
 
 Each decoder is one `lax.while_loop` around a step closure
 
