@@ -5,8 +5,9 @@
 
 `run` parses the flags (absl), keeps the console to capjax's own lines,
 keeps TensorFlow off the accelerators (JAX owns them), and turns a
-`UserError` into one line, `error: MESSAGE`, on stderr and exit status 1. Any other exception
-is a bug and keeps its traceback.
+`UserError` into one line, `error: MESSAGE`, on stderr and exit status 1.
+A missing optional dependency is named in one line too, with the extra that
+installs it. Any other exception is a bug and keeps its traceback.
 """
 
 from collections.abc import Callable, Sequence
@@ -27,6 +28,25 @@ from absl import logging
 from capjax import errors
 
 Main = Callable[[Sequence[str]], None]
+
+# The extra (setup.cfg) that installs each optional top-level module.
+_EXTRA_OF_MODULE = {
+  'tensorflow': 'data',
+  'tensorflow_datasets': 'data',
+  'tensorboard': 'data',
+  'pycocoevalcap': 'metrics',
+  'starlette': 'serve',
+  'uvicorn': 'serve',
+  'httptools': 'serve',
+  'multipart': 'serve',
+  'python_multipart': 'serve',
+  'prometheus_client': 'serve',
+  'matplotlib': 'plots',
+  'jax2onnx': 'export',
+  'onnx': 'export',
+  'onnxruntime': 'export',
+  'torch': 'bench',
+}
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 
@@ -85,7 +105,7 @@ def hide_gpus_from_tensorflow() -> None:
   and serve on JAX features) start without its seconds and memory, and run
   where it is not installed.
   """
-  if 'tensorflow' in sys.modules:
+  if sys.modules.get('tensorflow') is not None:
     _hide_gpus(sys.modules['tensorflow'])
   else:
     sys.meta_path.insert(0, _AfterImport('tensorflow', _hide_gpus))
@@ -219,6 +239,42 @@ def _drop_closed_loop_callbacks(default_hook):
   return hook
 
 
+def missing_extra(exc: BaseException) -> str | None:
+  """The one-line error for an optional dependency that is not installed."""
+  if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+    return None
+  extra = _EXTRA_OF_MODULE.get(exc.name.split('.')[0])
+  if extra is None:
+    return None
+  return (
+    f'error: this needs {exc.name.split(".")[0]}, which is not installed: '
+    f"pip install 'capjax[{extra}]'"
+  )
+
+
+def _one_line_for_missing_extras(default_hook):
+  """A `sys.excepthook` that names the extra for a failed optional import.
+
+  A program imports its stack at module level, before `run` starts, so a
+  missing extra surfaces there, not inside `main`.
+  """
+
+  def hook(exc_type, exc, traceback):
+    message = missing_extra(exc)
+    if message is None:
+      default_hook(exc_type, exc, traceback)
+    else:
+      print(message, file=sys.stderr)
+
+  return hook
+
+
+# Programs import this module before their optional stacks (imports are
+# sorted: `capjax.programs` precedes `capjax.serving.*`), so the hook is in
+# place when one of those fails to import.
+sys.excepthook = _one_line_for_missing_extras(sys.excepthook)
+
+
 def _run_main(main: Main, tensorflow_gpus: bool, argv: list[str]) -> None:
   concise_console_logging()
   sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
@@ -228,6 +284,11 @@ def _run_main(main: Main, tensorflow_gpus: bool, argv: list[str]) -> None:
     main(argv)
   except errors.UserError as e:
     _exit_failed(f'error: {e}')
+  except ModuleNotFoundError as e:
+    message = missing_extra(e)
+    if message is None:
+      raise
+    _exit_failed(message)
 
 
 def _exit_failed(message: str) -> None:

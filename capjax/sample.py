@@ -1,6 +1,7 @@
 r"""Captions for images: `python -m capjax.sample --workdir DIR IMAGE ...`.
 
-  python -m capjax.sample --workdir /tmp/capjax-demo /tmp/capjax-demo/examples/*.png
+  python -m capjax.sample --workdir /tmp/capjax-demo \
+    /tmp/capjax-demo/examples/*.png
   python -m capjax.sample --workdir /tmp/coco photo.jpg --beam_size 3
   python -m capjax.sample --workdir /tmp/coco photo.jpg --temperature 0.8
   python -m capjax.sample --workdir /tmp/coco photo.jpg --plot_dir /tmp/plots
@@ -61,13 +62,13 @@ def main(argv: Sequence[str]) -> None:
   )
   if _PLOT_DIR.value:
     pathlib.Path(_PLOT_DIR.value).mkdir(parents=True, exist_ok=True)
-  taken = set()
+  taken: set[str] = set()
   for r in results:
     if r.error is not None:
       logging.error('%s: %s', r.path, r.error)
       continue
     print(f'{r.path}: {r.caption}', flush=True)
-    if _PLOT_DIR.value:
+    if _PLOT_DIR.value and r.attention_TL is not None:
       plots.plot_attention(
         plots.plot_path(_PLOT_DIR.value, r.path, taken),
         r.caption.split(),

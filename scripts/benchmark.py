@@ -1,4 +1,4 @@
-r"""Benchmarks capjax against the TensorFlow tutorial it rebuilds, on this machine.
+r"""Benchmarks capjax against the TensorFlow tutorial it rebuilds, here.
 
   python scripts/benchmark.py [--quick] [--out_dir=benchmark_results]
       [--time_to_quality_data=DIR --time_to_quality_features=DIR]

@@ -1,4 +1,4 @@
-"""The best checkpoint: chosen by the validation score, kept over resumes, loaded by default."""
+"""The best checkpoint: chosen by validation, kept over resumes, loaded."""
 
 import pathlib
 import shutil
@@ -86,7 +86,7 @@ def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
 
 
 def _best_of_log(workdir, metric: str, best=max) -> tuple[int, float]:
-  """(step, score) of the best evaluation in metrics.jsonl, the first on ties."""
+  """(step, score) of the best evaluation in metrics.jsonl, first on ties."""
   evals = reporting.read_metrics(workdir)['eval']
   top = best(e[metric] for e in evals)
   return next((e['step'], e[metric]) for e in evals if e[metric] == top)
@@ -94,7 +94,7 @@ def _best_of_log(workdir, metric: str, best=max) -> tuple[int, float]:
 
 @pytest.fixture(scope='module')
 def scripted(tmp_path_factory, shapes_dir):
-  """A run whose best CIDEr is at step 6, with checkpoints at every even step."""
+  """A run whose best CIDEr is at step 6, with checkpoints every even step."""
   workdir = tmp_path_factory.mktemp('scripted') / 'run'
   _train(_config(shapes_dir), workdir, cider=_CIDER)
   return workdir

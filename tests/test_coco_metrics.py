@@ -1,4 +1,4 @@
-"""capjax.metrics.coco against pycocoevalcap called directly, on real captions."""
+"""capjax.metrics.coco against pycocoevalcap called directly, on real data."""
 
 import contextlib
 import io

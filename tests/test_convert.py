@@ -1,4 +1,4 @@
-"""capjax.porting and capjax.convert: models trained with the TensorFlow tutorial, as workdirs.
+"""capjax.porting and capjax.convert: tutorial models, as workdirs.
 
 The tutorial's model is trained a few steps with real Keras layers, under
 Keras 2 (`tf_keras`, with the OptimizerV2 Adam of TF <= 2.10) and Keras 3,

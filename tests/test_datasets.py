@@ -1,4 +1,4 @@
-"""Tests of capjax.data.datasets on the real COCO/Flickr8k slices and mocked TFDS."""
+"""capjax.data.datasets on the real COCO/Flickr8k slices and mocked TFDS."""
 
 import functools
 import io

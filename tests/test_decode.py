@@ -176,12 +176,12 @@ def test_pad_and_start_are_never_generated():
 def test_greedy_compiles_once_per_shape(model_and_params):
   model, params = model_and_params
   decoding.greedy_captions(params, _features(), model=model, max_len=MAX_LEN)
-  compiled = decoding.greedy_captions._cache_size()
+  compiled = decoding.greedy_captions._cache_size()  # noqa: SLF001
   for seed in range(1, 3):
     decoding.greedy_captions(
       params, _features(seed=seed), model=model, max_len=MAX_LEN
     )
-  assert decoding.greedy_captions._cache_size() == compiled
+  assert decoding.greedy_captions._cache_size() == compiled  # noqa: SLF001
 
 
 def test_decoders_cut_captions_that_never_end():

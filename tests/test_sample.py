@@ -1,4 +1,4 @@
-"""capjax.inference, capjax.sample and capjax.plots: captions and attention plots for files."""
+"""capjax.inference, capjax.sample, capjax.plots: captions, attention plots."""
 
 import dataclasses
 import shutil

@@ -1,4 +1,4 @@
-"""Self-critical training: the loss, its gradient, the rewards and the batches."""
+"""Self-critical training: the loss, its gradient, the rewards, the batches."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Tests of capjax.data.shapes: determinism, and captions read back from pixels."""
+"""capjax.data.shapes: determinism, and captions read back from pixels."""
 
 import collections
 

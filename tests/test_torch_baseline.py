@@ -1,4 +1,4 @@
-"""The PyTorch baseline computes capjax's numbers (capjax.benchmarks.torch_tutorial)."""
+"""The PyTorch baseline (capjax.benchmarks.torch_tutorial) against capjax."""
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +11,13 @@ torch = pytest.importorskip(
   'the PyTorch baseline needs it',
 )
 
-# noqa: PLC0415, E402
-from capjax.benchmarks import torch_tutorial
-from capjax.benchmarks import workload
-from capjax.model import decoding
-from capjax.model import losses
-from capjax.training import state as state_lib
-from capjax.training import step as step_lib
+# After the importorskip: these import torch.
+from capjax.benchmarks import torch_tutorial  # noqa: E402
+from capjax.benchmarks import workload  # noqa: E402
+from capjax.model import decoding  # noqa: E402
+from capjax.model import losses  # noqa: E402
+from capjax.training import state as state_lib  # noqa: E402
+from capjax.training import step as step_lib  # noqa: E402
 
 SIZES = workload.Sizes(
   vocab_size=60, embedding_dim=16, units=24, num_locations=6, feature_dim=12

@@ -1,4 +1,4 @@
-"""Greedy decoding: capjax's one jitted loop against the tutorial's `evaluate()`.
+"""Greedy decoding: capjax's one jitted loop against the tutorial's evaluate().
 
 Random weights never produce <end>, so every caption runs the full length.
 capjax's `decoding.greedy_captions` runs at batch 64 and batch 1; the

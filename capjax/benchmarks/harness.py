@@ -1,11 +1,11 @@
-"""Timing that is fair on a noisy machine: interleaved medians, and the machine's peak."""
+"""Timing that is fair on a noisy machine: interleaved medians, and the peak."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 import pathlib
 import platform
 import statistics
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +13,12 @@ import numpy as np
 
 _PEAK_MATMUL_SIZE = 2048
 
+K = TypeVar('K', bound=Hashable)
+
 
 def interleaved_medians(
-  fns: dict[str, Callable[[], Any]], repeats: int
-) -> dict[str, float]:
+  fns: Mapping[K, Callable[[], Any]], repeats: int
+) -> dict[K, float]:
   """Median wall seconds of each fn(), the fns taking turns.
 
   Each fn is called once untimed first (compilation, tracing, caches); its
@@ -25,7 +27,7 @@ def interleaved_medians(
   """
   for fn in fns.values():
     jax.block_until_ready(fn())
-  seconds = {name: [] for name in fns}
+  seconds: dict[K, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()

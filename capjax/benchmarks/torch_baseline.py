@@ -61,7 +61,7 @@ class _TorchTimer:
       for name in _TRAINERS
     }
     self._features = torch.from_numpy(features_BLD).to(self.device)
-    self.compile_error = None
+    self.compile_error: str | None = None
 
   def fns(
     self, batches: Sequence[tuple[torch.Tensor, ...]]
@@ -122,7 +122,7 @@ def bench_torch_training(
     batch = workload.batch(features, workload.random_tokens(rng, length))
     return lambda: capjax_trainer(batch)
 
-  results = {'fixed_length': {}}
+  results: dict[str, Any] = {'fixed_length': {}}
   for t in lengths:
     tokens_BT = workload.random_tokens(rng, t)
     step_s = harness.interleaved_medians(
@@ -219,7 +219,7 @@ def bench_torch_decoding(repeats: int, max_len: int) -> dict[str, Any]:
     torch_tokens[name] = decode(features_torch).numpy()
   seconds = harness.interleaved_medians(fns, repeats)
   capjax_tokens = np.asarray(greedy(batch).tokens_BT)
-  results = {
+  results: dict[str, Any] = {
     'max_len': max_len,
     'torch_compiled_error': compile_error,
     'torch_version': torch.__version__,

@@ -230,9 +230,8 @@ def compile_cell(model: TorchCaptioner) -> None:
   # model, dtype and grad mode, and the batch of 1 (which dynamic shapes
   # still specialise), adds one. Past the default limit of 8, PyTorch runs
   # the rest eagerly without a word, and "compiled" figures would be eager.
-  torch._dynamo.config.cache_size_limit = max(  # noqa: SLF001
-    torch._dynamo.config.cache_size_limit, 64
-  )  # noqa: SLF001
+  dynamo = torch._dynamo  # noqa: SLF001
+  dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
   model.cell.compile(dynamic=True)
 
 

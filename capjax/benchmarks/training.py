@@ -29,7 +29,7 @@ LENGTHS = (16, 32, 48)
 
 
 def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
-  """(tokens per Flickr8k training caption with <start> and <end>, its image)."""
+  """(tokens per Flickr8k training caption, <start> and <end> too; image)."""
   data = real_data.find()
   flickr = data / 'flickr8k' if data else None
   if flickr is None or not (flickr / 'Flickr_8k.trainImages.txt').exists():
@@ -41,7 +41,8 @@ def flickr8k_train_captions() -> tuple[np.ndarray, np.ndarray] | None:
     for i, n in enumerate(names)
     for c in captions.get(n, ())
   ]
-  return tuple(np.array(column, np.int32) for column in zip(*pairs))
+  lengths, images = zip(*pairs)
+  return np.array(lengths, np.int32), np.array(images, np.int32)
 
 
 def bucket_frequencies(
@@ -105,7 +106,7 @@ def bench_training(repeats: int) -> dict[str, Any]:
     return harness.interleaved_medians(fns, repeats)
 
   step_s = {t: time_length(t) for t in LENGTHS}
-  results = {
+  results: dict[str, Any] = {
     'fixed_length': {
       t: {
         'capjax_captions_per_s': workload.BATCH_SIZE / s['capjax'],

@@ -1,4 +1,4 @@
-"""The TensorFlow tutorial's training step and greedy `evaluate()`, as baselines.
+"""The TensorFlow tutorial's training step and greedy evaluate(), as baselines.
 
 Both use capjax.testing.tf_reference's Keras model with carry_gru_state=False,
 the tutorial verbatim, and run on the CPU (TensorFlow never sees a GPU).

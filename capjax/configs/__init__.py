@@ -18,6 +18,8 @@ def load(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, as `--config=path` would give it."""
   path = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(path.stem, path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f'{path} is not a Python config file')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()

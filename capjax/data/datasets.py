@@ -132,16 +132,17 @@ def iter_images(config, split: str) -> Iterator[tuple[str, str | bytes]]:
       for image_id, image, _ in _tfds_coco_examples(config, part):
         yield image_id, image
       continue
+    # Every source but tfds_coco names each image's file.
     records = _load_part(config, part)
-    for image_dir in sorted({pathlib.Path(r.image).parent for r in records}):
+    paths = [(r.image_id, str(r.image)) for r in records]
+    for image_dir in sorted({pathlib.Path(p).parent for _, p in paths}):
       if not image_dir.is_dir():
         raise errors.UserError(
           f'image directory {image_dir} of split {part!r} not '
           f'found; put the images of {config.dataset!r} '
           'there'
         )
-    for r in records:
-      yield r.image_id, r.image
+    yield from paths
 
 
 def _load_part(config, split: str) -> list[Record]:
@@ -290,13 +291,13 @@ def _first_existing(
   return None
 
 
-def _flickr_split(data_dir: str, split: str) -> list[Record]:
-  if not data_dir or not pathlib.Path(data_dir).is_dir():
+def _flickr_split(data_dir_name: str, split: str) -> list[Record]:
+  if not data_dir_name or not pathlib.Path(data_dir_name).is_dir():
     raise errors.UserError(
       "dataset 'flickr' needs config.data_dir, the directory "
-      f'of the Flickr token file (got {data_dir!r})'
+      f'of the Flickr token file (got {data_dir_name!r})'
     )
-  data_dir = pathlib.Path(data_dir)
+  data_dir = pathlib.Path(data_dir_name)
   token_file = _first_existing(data_dir, _FLICKR_TOKEN_FILES)
   if token_file is None:
     raise errors.UserError(
@@ -345,8 +346,8 @@ def example_images(config) -> list[str]:
   """
   if config.dataset != 'shapes':
     return []
-  test = _shapes_records(config, 'test')
-  return [r.image for r in test[:_NUM_EXAMPLE_IMAGES]]
+  test = _shapes_records(config, 'test')[:_NUM_EXAMPLE_IMAGES]
+  return [r.image for r in test if r.image is not None]  # files, all of them
 
 
 def _shapes_records(config, split: str) -> list[Record]:

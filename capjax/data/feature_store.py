@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import os
 import pathlib
 import re
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from absl import logging
 import numpy as np
@@ -38,8 +38,14 @@ STORE_DTYPE = np.float16
 _FORMAT = 'capjax.features/1'
 
 PathLike = str | os.PathLike[str]
+
+
 # Anything with an `image_id`, such as datasets.Record.
-RecordT = TypeVar('RecordT')
+class _HasImageId(Protocol):
+  image_id: str
+
+
+RecordT = TypeVar('RecordT', bound=_HasImageId)
 
 
 def store_dir(feature_dir: PathLike, split: str) -> pathlib.Path:
@@ -141,7 +147,9 @@ class FeatureStore:
     self.num_locations: int = first['num_locations']
     self.feature_dim: int = first['feature_dim']
     self.dtype = np.dtype(first['dtype'])
-    self._paths, ids, failed = [], [], []
+    self._paths: list[pathlib.Path] = []
+    ids: list[str] = []
+    failed: list[tuple[str, str]] = []
     sizes = []
     for m, d in zip(metadata, directories):
       for shard in m['shards']:

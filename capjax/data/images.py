@@ -36,7 +36,7 @@ _HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 
 
 class ImageError(errors.UserError):
-  """An image that cannot be used. `http_status` is the answer a server gives."""
+  """An image that cannot be used; `http_status` is what a server answers."""
 
   http_status = 400
 

@@ -1,4 +1,4 @@
-"""Which examples make the batch of each training step: a pure function of (seed, step).
+"""The examples of each training step's batch: a pure function of (seed, step).
 
 A job resumed at step s gets exactly the batches an uninterrupted job would
 have had, without touching the earlier epochs' data:
@@ -125,7 +125,7 @@ class BatchSchedule:
 
   @property
   def mean_batch_tokens(self) -> float:
-    """The expected number of target tokens (<end> in, <start> out) of a batch."""
+    """The expected count of target tokens (<end> in, <start> out) per batch."""
     return self.batch_size * float(np.mean(self._lengths - 1))
 
   def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

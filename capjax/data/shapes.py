@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import pathlib
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -248,7 +249,8 @@ def write_split(directory: PathLike, split: str, shapes_config) -> pathlib.Path:
   image_dir = pathlib.Path(directory) / split
   image_dir.mkdir(parents=True, exist_ok=True)
   annotation_path(directory, split).parent.mkdir(parents=True, exist_ok=True)
-  images, annotations = [], []
+  images: list[dict[str, Any]] = []
+  annotations: list[dict[str, Any]] = []
   for example in generate(
     settings['seed'], split, settings['num_images'], settings['image_size']
   ):

@@ -102,7 +102,7 @@ def score_captions(
   res = tokenize({k: [c] for k, c in candidates.items()})
   gts = tokenize({k: list(references[k]) for k in candidates})
   wanted = [m for m in metrics if use_java or m not in JAVA_METRICS]
-  scores = {}
+  scores: dict[str, float] = {}
   # pycocoevalcap prints its BLEU statistics; keep them off the console.
   with contextlib.redirect_stdout(io.StringIO()):
     if any(m in BLEU for m in wanted):

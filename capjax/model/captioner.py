@@ -7,7 +7,7 @@ The model follows the TensorFlow tutorial's equations exactly (see
 docs/design.md) and is organised so that one recurrent step serves both
 teacher-forced training (scanned over time) and decoding (once per token):
 
-  encode(features_BLD)            -> Encoded(values_BLE, keys_BLU)  once per image
+  encode(features_BLD)            -> Encoded(values_BLE, keys_BLU), per image
   token_inputs(tokens_BT)         -> GRU input projection of the embeddings
   step(h_BU, token_in_B3U, enc)   -> (h_BU, attention_BL)            recurrent
   head(h_BTU)                     -> logits                          per state
@@ -111,7 +111,8 @@ class GRUCell(nn.Module):
   """The weights of a GRU with Keras `reset_after=True` semantics.
 
   The update itself is capjax.model.recurrence's. The parameters are
-  Keras' own, one for one. Flax's GRUCell folds b_hz and b_hr into b_x, which leaves the forward pass unchanged but not training:
+  Keras' own, one for one. Flax's GRUCell folds b_hz and b_hr into b_x,
+  which leaves the forward pass unchanged but not training:
   Adam scales each parameter's step separately, so two biases that add up move
   twice as far as their fold. The input kernel is split by rows into its
   context and token halves (Adam is elementwise, so a split changes nothing)
@@ -235,14 +236,14 @@ class Captioner(nn.Module):
     )
 
   def head(self, h_xU: Array, deterministic: bool = True) -> Array:
-    """fc2(fc1(h)) (no activation between, as in the tutorial); float32 logits."""
+    """fc2(fc1(h)), no activation between (as the tutorial); float32 logits."""
     h_xU = self.dropout(h_xU, deterministic=deterministic)
     return self.fc2(self.fc1(h_xU)).astype(jnp.float32)
 
   def decode_step(
     self, h_BU: Array, token_B: Array, encoded: recurrence.Encoded
   ) -> tuple[Array, Array, Array]:
-    """The tutorial decoder's call: (logits (B, V), new state, attention (B, L))."""
+    """The tutorial decoder's call: (logits (B, V), state, attention (B, L))."""
     token_in_B3U = self.token_inputs(token_B[:, None])[:, 0]
     h_BU, attention_BL = self.step(h_BU, token_in_B3U, encoded)
     return self.head(h_BU), h_BU, attention_BL
@@ -250,7 +251,7 @@ class Captioner(nn.Module):
   def unroll(
     self, encoded: recurrence.Encoded, token_in_BT3U: Array
   ) -> tuple[Array, Array]:
-    """`step` over time from the zero state: states (B, T, U), attention (B, T, L)."""
+    """`step` over time from the zero state: states_BTU, attention_BTL."""
     return recurrence.unroll(
       self.step_weights(), encoded, token_in_BT3U, self.carry_gru_state
     )

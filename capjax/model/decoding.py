@@ -60,7 +60,7 @@ def encode(
   h_BU = model.apply(
     variables, features_BLD.shape[0], method=captioner.Captioner.initial_state
   )
-  return encoded, h_BU
+  return encoded, h_BU  # type: ignore[return-value]
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_len'))

@@ -273,7 +273,7 @@ def preprocess(images_NHW3: Array) -> Array:
 def init_variables(rng: Array) -> dict[str, Any]:
   """Random float32 variables ({'params', 'batch_stats'}) of the network."""
   images_NHW3 = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
-  return InceptionV3().init(rng, images_NHW3)
+  return dict(InceptionV3().init(rng, images_NHW3))
 
 
 def random_variables(seed: int = 0) -> dict[str, Any]:
@@ -319,6 +319,8 @@ def extract_features(
   """
   # Scale in float32 so that bfloat16 rounds the network's input once.
   x_NHW3 = preprocess(images_NHW3.astype(jnp.float32)).astype(dtype)
-  grid_NhwD = InceptionV3(dtype=dtype).apply(variables, x_NHW3)
+  grid_NhwD: Array = InceptionV3(dtype=dtype).apply(  # type: ignore[assignment]
+    variables, x_NHW3
+  )
   n, h, w, d = grid_NhwD.shape
   return grid_NhwD.reshape(n, h * w, d).astype(jnp.float32)

@@ -158,7 +158,7 @@ def variables_from_h5(h5_path: PathLike) -> dict[str, Any]:
       [np.asarray(f[name][weight]) for weight in f[name].attrs['weight_names']]
       for name in f.attrs['layer_names']
     ]
-  return variables_from_layers(layers, h5_path)
+  return variables_from_layers(layers, str(h5_path))
 
 
 def converted_params(h5_path: PathLike) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   ) as f:
     tmp = pathlib.Path(f.name)
     try:
-      np.savez(f, **arrays)
+      np.savez(f, **arrays)  # type: ignore[arg-type]
     except BaseException:
       tmp.unlink()
       raise

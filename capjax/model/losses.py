@@ -54,7 +54,7 @@ def cross_entropy_sums(
 def attention_penalty_sums(
   attention_BTL: Array, targets_BT: Array
 ) -> dict[str, Array]:
-  """Show, Attend and Tell's doubly stochastic penalty, sum_i (1 - sum_t a_ti)^2.
+  """Show, Attend and Tell's doubly stochastic penalty: sum_i (1-sum_t a_ti)^2.
 
   Only steps that predict a real token count, so padding cannot push the
   attention around. Returns {'penalty_sum', 'caption_count'}: the mean

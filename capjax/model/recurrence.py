@@ -78,7 +78,7 @@ def _attend(
   score_kernel_U1: Array,
   encoded: Encoded,
   query_BU: Array,
-  context_tap_BE: Array = 0.0,
+  context_tap_BE: Array | float = 0.0,
 ) -> tuple[Array, Array]:
   """Bahdanau attention: the context (B, E) and the weights (B, L)."""
   # Rematerialised: the backward pass recomputes the (B, L, U) tanh from the
@@ -114,7 +114,7 @@ def _step(
   token_in_B3U: Array,
   encoded: Encoded,
   carry_gru_state: bool,
-  taps: tuple[Array, Array, Array] = (0.0, 0.0, 0.0),
+  taps: tuple[Array | float, Array | float, Array | float] = (0.0, 0.0, 0.0),
 ) -> tuple[Array, Array, Array]:
   """One step; the taps are zeros whose cotangents `unroll`'s backward reads.
 

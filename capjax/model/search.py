@@ -1,4 +1,4 @@
-"""Search over a step function: greedy search, temperature sampling and beam search.
+"""Search over a step function: greedy, temperature sampling and beam search.
 
 Each decoder is one `lax.while_loop` around a step closure
 
@@ -316,7 +316,7 @@ def beam_search(
   )
   # Rows of the flattened (B * K) state that hold image b's beams.
   row_B1 = jnp.arange(b)[:, None] * k
-  max_penalty = length_penalty(max_len, alpha)
+  max_penalty = length_penalty(jnp.asarray(max_len), alpha)
 
   def beam_cond_fn(s: _BeamState) -> Array:
     best_possible_B = s.alive_log_prob_BK[:, 0] / max_penalty

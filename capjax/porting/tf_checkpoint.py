@@ -45,8 +45,10 @@ def _variable_keys(object_graph: bytes) -> dict[str, str]:
 
   graph = trackable_object_graph_pb2.TrackableObjectGraph()
   graph.ParseFromString(object_graph)
-  keys = {}
-  pending = [(0, ())]  # node 0 is the root, the tf.train.Checkpoint
+  keys: dict[str, str] = {}
+  pending: list[tuple[int, tuple[str, ...]]] = [
+    (0, ())
+  ]  # node 0 is the root, the tf.train.Checkpoint
   while pending:
     node_id, path = pending.pop()
     node = graph.nodes[node_id]

@@ -105,7 +105,7 @@ def vocabulary(
       f'the tokenizer gives {vocab_lib.PAD!r} the id '
       f"{word_index[vocab_lib.PAD]}; the tutorial's is 0"
     )
-  by_id = {}
+  by_id: dict[int, str] = {}
   for word, i in word_index.items():
     if i in by_id:
       raise errors.UserError(

@@ -7,7 +7,7 @@ layouts:
 
   encoder/fc/{kernel,bias}
   decoder/embedding/embeddings                     (V, E)
-  decoder/gru/kernel                               (2E, 3U), input [context; token]
+  decoder/gru/kernel                               (2E, 3U), [context; token]
   decoder/gru/recurrent_kernel                     (U, 3U)
   decoder/gru/bias                                 (2, 3U), reset_after=True
   decoder/fc1/{kernel,bias}, decoder/fc2/{kernel,bias}

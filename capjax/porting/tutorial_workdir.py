@@ -84,7 +84,7 @@ def convert(
     config: the fields the checkpoint does not fix (see module docstring).
 
   Raises:
-    errors.UserError: the workdir already holds a checkpoint, or the checkpoint or
+    errors.UserError: the workdir already holds a checkpoint, or the checkpoint
       the tokenizer is not the tutorial's.
     OSError: the tokenizer file cannot be read.
   """

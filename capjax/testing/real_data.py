@@ -10,7 +10,7 @@ ENV = 'CAPJAX_TEST_DATA'
 
 
 def find() -> pathlib.Path | None:
-  """The real test images and captions, from $CAPJAX_TEST_DATA or ../shared/data."""
+  """The real test images and captions: $CAPJAX_TEST_DATA or ../shared/data."""
   candidates = []
   if os.environ.get(ENV):
     candidates.append(pathlib.Path(os.environ[ENV]))

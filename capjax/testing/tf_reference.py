@@ -14,13 +14,14 @@ saves a model, its tokenizer and its outputs the way the tutorial does.
 import json
 import os
 import pathlib
+from typing import Any
 
 os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-keras = tf.keras
+keras: Any = tf.keras
 
 
 class BahdanauAttention(keras.Model):
@@ -110,7 +111,7 @@ def perturb_biases(encoder, decoder, scale=0.1, seed=1):
 
 
 def teacher_forced(encoder, decoder, features, tokens):
-  """The tutorial's train-step loop: logits (B, T-1, V), attention (B, T-1, L)."""
+  """The tutorial's loop: logits (B, T-1, V), attention (B, T-1, L)."""
   tokens = tf.convert_to_tensor(tokens)
   hidden = decoder.reset_state(tokens.shape[0])
   x = encoder(features)
@@ -135,7 +136,7 @@ def masked_loss(tokens, logits):
 
 
 def variables(encoder, decoder):
-  """The models' trainable variables by tutorial name (capjax.convert's keys)."""
+  """The models' trainable variables by tutorial name (capjax.convert's)."""
   gru = decoder.gru.cell
   attention = decoder.attention
   named = {

@@ -81,6 +81,7 @@ def start_train(workdir, config, *, env=None) -> subprocess.Popen:
 
 def wait_for_line(process: subprocess.Popen, text: str) -> str | None:
   """The first line of the process's stderr holding `text`; None at its end."""
+  assert process.stderr is not None, 'started without stderr=PIPE'
   for line in process.stderr:
     if text in line:
       return line
