@@ -137,7 +137,7 @@ def test_flickr8k_splits(shared_data):
     ValueError, match="Flicker8k_Dataset of split 'train' not found"
   ):
     next(datasets.iter_images(config, 'train'))
-  with pytest.raises(ValueError, match='unknown Flickr split'):
+  with pytest.raises(ValueError, match="unknown flickr split 'restval'"):
     datasets.load_split(config, 'restval')
 
 
@@ -276,5 +276,5 @@ def test_tfds_coco_errors(tmp_path):
   config = _config('tfds_coco', tmp_path)
   with pytest.raises(ValueError, match='tfds build coco_captions'):
     datasets.load_split(config, 'val')
-  with pytest.raises(ValueError, match='unknown coco_captions split'):
+  with pytest.raises(ValueError, match="unknown tfds_coco split 'validation'"):
     datasets.load_split(config, 'validation')

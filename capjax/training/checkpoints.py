@@ -17,6 +17,8 @@ name, `restore_checkpoint` reads its parameters.
 """
 
 import dataclasses
+import json
+import logging as py_logging
 import math
 import os
 import pathlib
@@ -49,12 +51,40 @@ def best_directory(workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / workdir_lib.BEST_CHECKPOINT_DIR
 
 
+_READ_ONLY_NOTICE = 'Given directory is read only=%s'
+
+
+class _NoReadOnlyNotice(py_logging.Filter):
+  """Drops Orbax's warning that a read-only manager's directory is read-only.
+
+  Orbax logs it for every read-only manager it makes, which is what every
+  load asks for: it tells the user nothing.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.msg != _READ_ONLY_NOTICE
+
+
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+  """Options of a manager that only reads.
+
+  Orbax would warn for each option a read-only manager does not use and is
+  left at its default (save_interval_steps), so none is.
+  """
+  absl_logger = py_logging.getLogger('absl')  # what Orbax logs through
+  if not any(isinstance(f, _NoReadOnlyNotice) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoReadOnlyNotice())
+  return ocp.CheckpointManagerOptions(
+    create=False, read_only=True, save_interval_steps=0
+  )
+
+
 def manager(
   workdir: PathLike, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """Orbax manager of the whole train state: asynchronous, or read-only."""
   if read_only:
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    options = _read_only_options()
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
   return ocp.CheckpointManager(
@@ -95,7 +125,7 @@ def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
   """A read-only manager of a directory that can restore part of a saved tree."""
   return ocp.CheckpointManager(
     path,
-    options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    options=_read_only_options(),
     item_handlers=ocp.PyTreeCheckpointHandler(),
   )
 
@@ -130,12 +160,74 @@ def _quiet_closed_event_loop() -> None:
   sys.unraisablehook = hook
 
 
+# TensorStore's status codes of a damaged file, in words.
+_STATUS_WORDS = {
+  'OUT_OF_RANGE': 'a file is cut short',
+  'DATA_LOSS': 'a file is corrupt',
+  'FAILED_PRECONDITION': 'a file cannot be parsed',
+  'NOT_FOUND': 'a file is missing',
+}
+# Python's errors of a damaged metadata file (JSON), in words.
+_PARSE_WORDS = {
+  json.JSONDecodeError: 'is not valid JSON',
+  UnicodeDecodeError: 'is not text',
+}
+
+
+def _innermost(error: BaseException) -> BaseException:
+  while True:
+    cause = error.__cause__ or (
+      None if error.__suppress_context__ else error.__context__
+    )
+    if cause is None:
+      return error
+    error = cause
+
+
+def _file_read_by(error: BaseException) -> str | None:
+  """The file the innermost frame that names one was reading, if any.
+
+  Python's JSON and text decoding errors do not name what they decoded.
+  """
+  frames = []
+  traceback = error.__traceback__
+  while traceback is not None:
+    frames.append(traceback.tb_frame)
+    traceback = traceback.tb_next
+  for frame in reversed(frames):
+    for value in frame.f_locals.values():
+      if isinstance(value, os.PathLike) and os.path.isfile(value):
+        return os.fspath(value)
+  return None
+
+
 def _reason(error: Exception) -> str:
-  """The first line of an error, short enough for a one-line message."""
+  """Why a checkpoint cannot be read, in one line, naming the file.
+
+  Orbax wraps the error of the read that failed in one whose message holds
+  the repr of a whole TensorStore, many lines long: the innermost error is
+  the one that says what is wrong. TensorStore's own messages nest their
+  context, outermost first ('Error opening ...: Error reading ...: Error
+  decoding local file "F": reason [tensorstore_spec=...]'): the part from
+  the innermost file on is kept, without the spec.
+  """
   _quiet_closed_event_loop()
-  text = str(error).strip().splitlines()
-  first = text[0] if text else ''
-  return f'{type(error).__name__}: {first[:_REASON_CHARS]}'
+  error = _innermost(error)
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ''
+  code, _, rest = text.partition(': ')
+  if code in _STATUS_WORDS:
+    parts = rest.split(' [tensorstore_spec')[0].split(': ')
+    named = [i for i, part in enumerate(parts) if 'file "' in part]
+    kept = parts[named[-1] :] if named else parts
+    text = f'{_STATUS_WORDS[code]}: {": ".join(kept)}'
+  elif type(error) in _PARSE_WORDS:
+    path = _file_read_by(error)
+    what = f'file "{path}"' if path else 'a metadata file'
+    text = f'{what} {_PARSE_WORDS[type(error)]}: {text}'
+  else:
+    text = f'{type(error).__name__}: {text}'
+  return text[:_REASON_CHARS]
 
 
 def mismatches(expected: Any, saved: Any) -> list[str]:
