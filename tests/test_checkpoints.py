@@ -1,5 +1,6 @@
 """Checkpoints: parameters-only restores, damaged steps, resuming past them."""
 
+import gc
 import os
 import pathlib
 import shutil
@@ -114,19 +115,54 @@ def test_sample_reports_a_damaged_step_in_one_line(copy):
   assert 'pass --step 4' in result.stderr
 
 
-def test_only_late_callbacks_to_a_closed_loop_are_dropped():
-  """The aborted restore's stray RuntimeErrors, not other unraisables."""
+@types.coroutine
+def _suspend():
+  yield
+
+
+async def _read_array_index_and_device_put():
+  """Orbax's read of one array, as it handles being closed while pending."""
+  try:
+    await _suspend()
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index') from e
+
+
+def test_only_what_an_aborted_restore_leaves_is_dropped():
+  """Late callbacks to its closed loop and its pending reads, nothing else."""
   printed = []
-  hook = programs._drop_closed_loop_callbacks(printed.append)
+  hook = programs._drop_closed_loop_callbacks(printed.append)  # noqa: SLF001
   closed = types.SimpleNamespace(
-    exc_type=RuntimeError, exc_value=RuntimeError('Event loop is closed')
+    exc_type=RuntimeError,
+    exc_value=RuntimeError('Event loop is closed'),
+    object=None,
   )
   other = types.SimpleNamespace(
-    exc_type=RuntimeError, exc_value=RuntimeError('something else')
+    exc_type=RuntimeError,
+    exc_value=RuntimeError('something else'),
+    object=None,
   )
   hook(closed)
   hook(other)
+  # A pending read collected: Python closes it, and it raises.
+  previous, sys.unraisablehook = sys.unraisablehook, hook
+  try:
+    pending = _read_array_index_and_device_put()
+    pending.send(None)  # suspended
+    del pending
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
   assert printed == [other]
+  # The same coroutine failing for another reason is printed.
+  failed = types.SimpleNamespace(
+    exc_type=Exception,
+    exc_value=Exception('read failed'),
+    object=_read_array_index_and_device_put(),
+  )
+  hook(failed)
+  failed.object.close()
+  assert printed == [other, failed]
 
 
 def test_a_vocabulary_that_does_not_fit_is_named(copy):

@@ -51,18 +51,33 @@ def best_directory(workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / workdir_lib.BEST_CHECKPOINT_DIR
 
 
-_READ_ONLY_NOTICE = 'Given directory is read only=%s'
+# Orbax's log messages that tell a capjax user nothing: that a read-only
+# manager (what every load makes) is read-only; that a step's
+# _CHECKPOINT_METADATA (its save time, and the score of the best checkpoint)
+# cannot be read, which Orbax logs with the file's content. Without the
+# metadata a step still restores; without its score, the best checkpoint is
+# reported as damaged, by capjax (`read_best`).
+_ORBAX_NOISE = (
+  'Given directory is read only=',
+  'Failed to json parse Metadata file: ',
+  'Failed to read Metadata file: ',
+)
 
 
-class _NoReadOnlyNotice(py_logging.Filter):
-  """Drops Orbax's warning that a read-only manager's directory is read-only.
-
-  Orbax logs it for every read-only manager it makes, which is what every
-  load asks for: it tells the user nothing.
-  """
+class _NoOrbaxNoise(py_logging.Filter):
+  """Drops the log records of _ORBAX_NOISE."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.msg != _READ_ONLY_NOTICE
+    return not (
+      isinstance(record.msg, str) and record.msg.startswith(_ORBAX_NOISE)
+    )
+
+
+def _quiet_orbax() -> None:
+  """Keeps _ORBAX_NOISE off the console, once, before a manager is made."""
+  absl_logger = py_logging.getLogger('absl')  # what Orbax logs through
+  if not any(isinstance(f, _NoOrbaxNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxNoise())
 
 
 def _read_only_options() -> ocp.CheckpointManagerOptions:
@@ -71,9 +86,6 @@ def _read_only_options() -> ocp.CheckpointManagerOptions:
   Orbax would warn for each option a read-only manager does not use and is
   left at its default (save_interval_steps), so none is.
   """
-  absl_logger = py_logging.getLogger('absl')  # what Orbax logs through
-  if not any(isinstance(f, _NoReadOnlyNotice) for f in absl_logger.filters):
-    absl_logger.addFilter(_NoReadOnlyNotice())
   return ocp.CheckpointManagerOptions(
     create=False, read_only=True, save_interval_steps=0
   )
@@ -83,6 +95,7 @@ def manager(
   workdir: PathLike, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """Orbax manager of the whole train state: asynchronous, or read-only."""
+  _quiet_orbax()
   if read_only:
     options = _read_only_options()
   else:
@@ -108,6 +121,7 @@ def best_manager(
   replaces is deleted only after that commit. A step scored by another
   metric ranks last, so the first save under a new metric replaces it.
   """
+  _quiet_orbax()
   worst = -math.inf if mode == 'max' else math.inf
   options = ocp.CheckpointManagerOptions(
     max_to_keep=1,
@@ -123,6 +137,7 @@ def best_manager(
 
 def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
   """A read-only manager of a directory that can restore part of a saved tree."""
+  _quiet_orbax()
   return ocp.CheckpointManager(
     path,
     options=_read_only_options(),
