@@ -9,7 +9,7 @@ keeps TensorFlow off the accelerators (JAX owns them), and turns a
 is a bug and keeps its traceback.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 import contextlib
 import dataclasses
 import functools
@@ -21,13 +21,13 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import types
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from capjax import console
 from capjax import errors
 
 Main = Callable[[Sequence[str]], None]
@@ -110,26 +110,6 @@ _TENSORFLOW_IMPORT_NOISE = re.compile(
 )
 
 
-@contextlib.contextmanager
-def _native_stderr_without(noise: re.Pattern) -> Iterator[None]:
-  """Runs the block with file descriptor 2 (C++ code's stderr) into a file,
-  then writes the lines that do not start with `noise` to stderr."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode(errors='replace').splitlines(True):
-        if not noise.match(line):
-          sys.stderr.write(line)
-      sys.stderr.flush()
-
-
 def quiet_tensorflow(hide_gpus: bool) -> None:
   """Keeps TensorFlow's start-up lines off the console, and it off JAX's GPUs.
 
@@ -151,7 +131,7 @@ def quiet_tensorflow(hide_gpus: bool) -> None:
       _AfterImport(
         'tensorflow',
         then,
-        functools.partial(_native_stderr_without, _TENSORFLOW_IMPORT_NOISE),
+        functools.partial(console.stderr_without, _TENSORFLOW_IMPORT_NOISE),
       ),
     )
 
