@@ -1,6 +1,7 @@
 """Checkpoints: parameters-only restores, damaged steps, resuming past them."""
 
 import gc
+import json
 import os
 import pathlib
 import shutil
@@ -21,6 +22,7 @@ from capjax.data import vocab as vocab_lib
 from capjax.testing import serving
 from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import loop
 
 # Runs of the training loop share their compiled steps.
@@ -356,4 +358,40 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
   assert result.returncode == 0, result.stderr[-3000:]
   testing_lib.leaves_equal(
     checkpoints.load_params(workdir), uninterrupted.params
+  )
+
+
+def _read_json(path: pathlib.Path):
+  return json.loads(path.read_text())
+
+
+def test_a_reason_is_the_innermost_error_in_words_naming_its_file(tmp_path):
+  tensorstore = ValueError(
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error reading Byte range '
+    '[0, 8) of local file "/w/d/ab": Requested byte range [0, 8) is not '
+    'valid for value of size 4 [tensorstore_spec=\'{"driver":"zarr"}\']'
+  )
+  try:
+    try:
+      raise tensorstore
+    except ValueError as e:
+      raise Exception(  # noqa: TRY002 - what Orbax raises
+        'Encountered error while reading array index. See full TensorStore '
+        'details: <bound method spec of TensorStore({\n  ...\n})>.'
+      ) from e
+  except Exception as e:  # noqa: BLE001
+    wrapped = e
+  assert damage.reason(wrapped) == (
+    'a file is cut short: Error reading Byte range [0, 8) of local file '
+    '"/w/d/ab": Requested byte range [0, 8) is not valid for value of size 4'
+  )
+  metadata = tmp_path / '_METADATA'
+  metadata.write_text('{"tree": ')
+  try:
+    _read_json(metadata)
+  except json.JSONDecodeError as e:
+    cut = e
+  assert damage.reason(cut) == (
+    f'file "{metadata}" is not valid JSON: Expecting value: line 1 column 10 '
+    '(char 9)'
   )
