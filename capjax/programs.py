@@ -34,12 +34,8 @@ Main = Callable[[Sequence[str]], None]
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 
-# TensorFlow's C++ errors that are not failures (no CUDA device where it
-# looked for one; no float16 oneDNN kernels on this CPU) stay off the console
-# unless TF_CPP_MIN_LOG_LEVEL says otherwise; what fails raises. Set on
-# import: TensorFlow's libraries read it as they load, and a program's
-# imports may load them before `run`.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# TF_CPP_MIN_LOG_LEVEL as JAX sets it on import when it is unset.
+_JAX_TF_CPP_MIN_LOG_LEVEL = '1'
 
 
 class _OwnInfoOnly(py_logging.Filter):
@@ -122,6 +118,13 @@ def quiet_tensorflow(hide_gpus: bool) -> None:
     hide_gpus: keep TensorFlow (tf.data, Keras, image resizing) off the
       GPUs JAX uses.
   """
+  # TensorFlow's C++ errors that are not failures (no CUDA device where it
+  # looked for one; no float16 oneDNN kernels on this CPU) stay off too,
+  # unless the user set TF_CPP_MIN_LOG_LEVEL (to other than what JAX sets
+  # when it is unset): what fails raises. TensorFlow reads it as it loads.
+  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', _JAX_TF_CPP_MIN_LOG_LEVEL)
+  if level == _JAX_TF_CPP_MIN_LOG_LEVEL and 'tensorflow' not in sys.modules:
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
   then = _hide_gpus if hide_gpus else lambda tf: None
   if 'tensorflow' in sys.modules:
     then(sys.modules['tensorflow'])
