@@ -192,6 +192,13 @@ def refuse_arguments(argv: Sequence[str]) -> None:
 # The Orbax coroutines that read one array of a checkpoint, and one part.
 _ORBAX_DESERIALIZE = 'async_deserialize'
 _ORBAX_READ = '_read_array_index_and_device_put'
+# How asyncio reports a task's or a future's exception that nobody read, and
+# what every error of a TensorStore read ends with.
+_UNRETRIEVED = (
+  'Task exception was never retrieved',
+  'Future exception was never retrieved',
+)
+_TENSORSTORE_ERROR = '[tensorstore_spec='
 
 
 def _is_abandoned_restore(unraisable) -> bool:
@@ -221,16 +228,20 @@ def _is_abandoned_restore(unraisable) -> bool:
 class _NoAbandonedRestoreTasks(py_logging.Filter):
   """Drops asyncio's report of a failed restore's reads that were left.
 
-  The reads that fail after the first one end their tasks with an exception
-  nobody retrieves, as Orbax has given up on them (see
-  `_is_abandoned_restore`); asyncio logs each one, with TensorStore's spec.
+  The reads that fail after the first one end their tasks (Orbax's) and
+  futures (TensorStore's) with an exception nobody retrieves, as Orbax has
+  given up on them (see `_is_abandoned_restore`); asyncio logs each one,
+  with TensorStore's spec.
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.msg if isinstance(record.msg, str) else ''
     return not (
-      isinstance(record.msg, str)
-      and record.msg.startswith('Task exception was never retrieved')
-      and f'coro=<{_ORBAX_DESERIALIZE}()' in record.msg
+      message.startswith(_UNRETRIEVED)
+      and (
+        f'coro=<{_ORBAX_DESERIALIZE}()' in message
+        or _TENSORSTORE_ERROR in message
+      )
     )
 
 

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -395,3 +396,27 @@ def test_a_reason_is_the_innermost_error_in_words_naming_its_file(tmp_path):
     f'file "{metadata}" is not valid JSON: Expecting value: line 1 column 10 '
     '(char 9)'
   )
+
+
+def test_only_asyncio_reports_of_abandoned_reads_are_dropped():
+  keep = programs._NoAbandonedRestoreTasks()  # noqa: SLF001
+  record = lambda message: logging.LogRecord(
+    'asyncio', logging.ERROR, 'base_events.py', 1, message, None, None
+  )
+  abandoned = [
+    'Task exception was never retrieved\nfuture: <Task finished '
+    "coro=<async_deserialize() done> exception=ValueError('...')>",
+    'Future exception was never retrieved\nfuture: <Future finished '
+    "exception=ValueError('OUT_OF_RANGE: ... [tensorstore_spec=...]')>",
+  ]
+  other = [
+    'Future exception was never retrieved\nfuture: <Future finished '
+    "exception=ValueError('something else')>",
+    'Task was destroyed but it is pending!',
+  ]
+  assert [keep.filter(record(m)) for m in abandoned + other] == [
+    False,
+    False,
+    True,
+    True,
+  ]
