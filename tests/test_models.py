@@ -325,4 +325,3 @@ def test_nothing_hard_codes_the_feature_grid():
     logits, attention = model.apply(variables, features, tokens)
     assert logits.shape == (2, 2, 30)
     assert attention.shape == (2, 2, positions)
-
