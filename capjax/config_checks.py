@@ -1,5 +1,11 @@
 """Refusing configs that cannot work, before any data is read or compiled.
 
+This is the one place that checks a config: every field's type, every
+choice and every range. Training checks its config here before it writes,
+generates, extracts or compiles anything, and a workdir's saved config is
+checked here as it is read, so the modules that act on a config assume a
+checked one.
+
 Every config is checked against the default config's fields
 (capjax/configs/default.py): a field it does not have is refused by name, and
 a value of another type by field and expected type. A workdir's saved
@@ -7,6 +13,7 @@ config is read the same way, onto the defaults, so a field added to capjax
 after the workdir was written takes its default value.
 """
 
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -16,8 +23,58 @@ from capjax.configs import default
 
 # The validation metrics config.best_metric may name, and which way is better.
 BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
-OBJECTIVES = ('xent', 'scst')
-SCST_BASELINES = ('greedy', 'mean')
+
+# The values each choice-valued field may take (configs/default.py says what
+# each one does).
+CHOICES = {
+  'dataset': ('shapes', 'coco_json', 'flickr', 'tfds_coco'),
+  'extractor': ('inception_v3', 'patches'),
+  'extractor_backend': ('auto', 'jax', 'keras'),
+  'dtype': ('float32', 'bfloat16'),
+  'schedule': ('constant', 'warmup_cosine'),
+  'objective': ('xent', 'scst'),
+  'scst_baseline': ('greedy', 'mean'),
+  'best_metric': tuple(BEST_METRICS),
+}
+
+# The split names of the data sets that have fixed ones; a 'coco_json' split
+# names its files (data.datasets). Flickr's 'dev' is its 'val'; 'all' is
+# every image of its token file.
+SPLITS = {
+  'shapes': ('train', 'val', 'test'),
+  'flickr': ('train', 'val', 'dev', 'test', 'all'),
+  'tfds_coco': ('train', 'restval', 'val', 'test'),
+}
+
+# config.extractor_weights other than a weights file.
+NAMED_WEIGHTS = ('imagenet', 'none')
+
+_POSITIVE = (
+  'batch_size',
+  'max_caption_len',
+  'log_every_steps',
+  'eval_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'embedding_dim',
+  'units',
+  'top_k',
+  'patch_grid',
+  'extract_batch_size',
+  'shard_size',
+  'shapes.image_size',
+)
+_NOT_NEGATIVE = (
+  'num_train_steps',
+  'warmup_steps',
+  'grad_clip_norm',
+  'attention_penalty',
+  'num_eval_examples',
+  'num_caption_eval_images',
+  'shapes.num_train',
+  'shapes.num_val',
+  'shapes.num_test',
+)
 
 
 def _type_name(value: Any) -> str:
@@ -44,6 +101,10 @@ def _converted(expected: Any, value: Any) -> Any:
   raise TypeError
 
 
+def _prefixed(source: str, message: str) -> errors.UserError:
+  return errors.UserError(f'{source}: {message}' if source else message)
+
+
 def _merge(
   config: ml_collections.ConfigDict,
   values: dict[str, Any],
@@ -53,21 +114,21 @@ def _merge(
   for name, value in values.items():
     field = f'{prefix}{name}'
     if name not in config:
-      raise errors.UserError(f'{source}: unknown config field {field!r}')
+      raise _prefixed(source, f'unknown config field {field!r}')
     expected = config[name]
     if isinstance(expected, ml_collections.ConfigDict):
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
-        raise errors.UserError(
-          f'{source}: config.{field} must be a group of fields, got {value!r}'
+        raise _prefixed(
+          source, f'config.{field} must be a group of fields, got {value!r}'
         )
       _merge(expected, dict(value), f'{field}.', source)
       continue
     try:
       config[name] = _converted(expected, value)
     except TypeError:
-      raise errors.UserError(
-        f'{source}: config.{field} must be {_type_name(expected)}, got '
-        f'{value!r}'
+      raise _prefixed(
+        source,
+        f'config.{field} must be {_type_name(expected)}, got {value!r}',
       ) from None
 
 
@@ -78,7 +139,7 @@ def from_values(
 
   Args:
     values: field values, nested as the config's groups.
-    source: where they come from, named in errors (a file, 'the config').
+    source: where they come from, named in errors (a file), or ''.
 
   Raises:
     UserError: a field the default config lacks, or a value of another
@@ -89,28 +150,84 @@ def from_values(
   return config
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a UserError naming the first config field that cannot work."""
-  from_values(config.to_dict(), 'the config')
-  positive = (
-    'batch_size',
-    'max_caption_len',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-    'keep_checkpoints',
-    'embedding_dim',
-    'units',
-    'top_k',
-  )
-  for name in positive:
-    if config[name] <= 0:
-      raise errors.UserError(
-        f'config.{name} must be positive, got {config[name]}'
-      )
-  if config.num_train_steps < 0 or config.learning_rate <= 0:
+def one_of(field: str, value: Any, choices: tuple[str, ...]) -> str:
+  """The one-line refusal of `value`, not one of `choices`, for `field`."""
+  return f'{field} must be one of {", ".join(choices)}, got {value!r}'
+
+
+def split_names(
+  split: str, dataset: str = '', field: str = 'split'
+) -> list[str]:
+  """The names of a '+'-joined split: 'train+restval' -> ['train', 'restval'].
+
+  Raises:
+    UserError: an empty name, or one that `dataset` (if given) does not
+      have; the message names `field`.
+  """
+  names = [name.strip() for name in split.split('+')]
+  if not all(names):
     raise errors.UserError(
-      'config.num_train_steps must be >= 0 and config.learning_rate > 0'
+      f'{field} {split!r}: use names joined with "+", e.g. "train+restval"'
+    )
+  known = SPLITS.get(dataset)
+  for name in names:
+    if known and name not in known:
+      raise errors.UserError(
+        f'{field} {split!r}: unknown {dataset} split {name!r}; use one of '
+        f'{", ".join(known)}, joined with "+"'
+      )
+  return names
+
+
+def check_config(
+  config: ml_collections.ConfigDict, source: str = '', *, paths: bool = True
+) -> None:
+  """Raises a UserError naming the first config field that cannot work.
+
+  Args:
+    config: a training config.
+    source: the file it was read from, which starts each message, or ''.
+    paths: also check the files and directories the config names. A trained
+      workdir's config skips them: its model captions precomputed features
+      without the extractor's weights file, and its init_from source is no
+      longer read.
+  """
+  from_values(config.to_dict(), source)
+  for name, choices in CHOICES.items():
+    if config[name] not in choices:
+      raise _prefixed(source, one_of(f'config.{name}', config[name], choices))
+  try:
+    for name in ('train_split', 'eval_split'):
+      split_names(config[name], config.dataset, f'config.{name}')
+    _check_ranges(config)
+    _check_scst(config)
+    if paths:
+      _check_paths(config)
+  except errors.UserError as e:
+    raise _prefixed(source, str(e)) from None
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+  value = config
+  for part in name.split('.'):
+    value = value[part]
+  return value
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  for name in _POSITIVE:
+    if _field(config, name) <= 0:
+      raise errors.UserError(
+        f'config.{name} must be positive, got {_field(config, name)}'
+      )
+  for name in _NOT_NEGATIVE:
+    if _field(config, name) < 0:
+      raise errors.UserError(
+        f'config.{name} must be >= 0, got {_field(config, name)}'
+      )
+  if config.learning_rate <= 0:
+    raise errors.UserError(
+      f'config.learning_rate must be positive, got {config.learning_rate}'
     )
   buckets = tuple(config.bucket_lengths)
   if not buckets or min(buckets) < 2 or max(buckets) < config.max_caption_len:
@@ -122,31 +239,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
       f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}'
     )
-  _check_objective(config)
-  if config.best_metric not in BEST_METRICS:
+
+
+def check_extractor_weights(weights: str) -> None:
+  """Raises unless `weights` is one of NAMED_WEIGHTS or an existing file."""
+  if weights not in NAMED_WEIGHTS and not pathlib.Path(weights).is_file():
     raise errors.UserError(
-      f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
-      f'{config.best_metric!r}'
+      f'config.extractor_weights must be one of {", ".join(NAMED_WEIGHTS)} '
+      f'or an existing weights file, got {weights!r}'
     )
 
 
-def _check_objective(config: ml_collections.ConfigDict) -> None:
-  if config.objective not in OBJECTIVES:
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+  if config.extractor == 'inception_v3':
+    check_extractor_weights(config.extractor_weights)
+  if (
+    config.init_from
+    and not pathlib.Path(config.init_from).expanduser().is_dir()
+  ):
     raise errors.UserError(
-      f'config.objective must be one of '
-      f'{", ".join(OBJECTIVES)}, got {config.objective!r}'
+      f'config.init_from must be a workdir, got {config.init_from!r}: no '
+      'such directory'
     )
+
+
+def _check_scst(config: ml_collections.ConfigDict) -> None:
   if config.objective != 'scst':
     return
   if not config.init_from:
     raise errors.UserError(
       "config.objective 'scst' fine-tunes a trained model: set "
       'config.init_from to its workdir'
-    )
-  if config.scst_baseline not in SCST_BASELINES:
-    raise errors.UserError(
-      f'config.scst_baseline must be one of {", ".join(SCST_BASELINES)}, '
-      f'got {config.scst_baseline!r}'
     )
   least = 2 if config.scst_baseline == 'mean' else 1
   if config.scst_samples < least:

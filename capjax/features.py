@@ -28,6 +28,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from capjax import configs
+from capjax import config_checks
 from capjax import errors
 from capjax import programs
 from capjax.data import extraction
@@ -99,6 +100,7 @@ def store_numpy(
 def main(argv: Sequence[str]) -> None:
   programs.refuse_arguments(argv)
   config = _CONFIG.value
+  config_checks.check_config(config)
   feature_dir = _FEATURE_DIR.value or config.feature_dir
   if not feature_dir:
     raise errors.UserError('set --feature_dir (or config.feature_dir)')

@@ -11,13 +11,16 @@ installs it. Any other exception is a bug and keeps its traceback.
 """
 
 from collections.abc import Callable, Sequence
+import contextlib
 import dataclasses
 import functools
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging as py_logging
 import os
 import pathlib
+import re
 import sys
 import types
 
@@ -25,6 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from capjax import console
 from capjax import errors
 
 Main = Callable[[Sequence[str]], None]
@@ -50,6 +54,9 @@ _EXTRA_OF_MODULE = {
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 
+# TF_CPP_MIN_LOG_LEVEL as JAX sets it on import when it is unset.
+_JAX_TF_CPP_MIN_LOG_LEVEL = '1'
+
 
 class _OwnInfoOnly(py_logging.Filter):
   """Passes capjax's own messages, and only warnings and errors of libraries."""
@@ -70,23 +77,36 @@ def concise_console_logging() -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-  """Calls `then(module)` once the top-level module `name` is imported."""
+  """Calls `then(module)` once the top-level module `name` is imported.
 
-  def __init__(self, name: str, then: Callable[[types.ModuleType], None]):
-    self._name, self._then = name, then
+  The import itself runs in the context `around()`.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    then: Callable[[types.ModuleType], None],
+    around: Callable[[], contextlib.AbstractContextManager] = (
+      contextlib.nullcontext
+    ),
+  ):
+    self._name, self._then, self._around = name, then, around
 
   def find_spec(self, fullname, path, target=None):
-    del path, target  # the module is found by the other finders
+    del target  # the module is found by the path finder
     if fullname != self._name:
       return None
-    sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(fullname)
+    # Not removed from sys.meta_path yet: libraries look the module up
+    # (importlib.util.find_spec) without importing it, Orbax among them.
+    spec = importlib.machinery.PathFinder.find_spec(fullname, path)
     if spec is None or spec.loader is None:
       return spec
     exec_module = spec.loader.exec_module
 
     def exec_then(module):
-      exec_module(module)
+      sys.meta_path.remove(self)
+      with self._around():
+        exec_module(module)
       self._then(module)
 
     spec.loader.exec_module = exec_then
@@ -97,18 +117,46 @@ def _hide_gpus(tf: types.ModuleType) -> None:
   tf.config.set_visible_devices([], 'GPU')
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow (tf.data, Keras, image resizing) off the GPUs JAX uses.
+# What TensorFlow's C++ code prints while it is imported, before its logging
+# is set up (absl's notice of that, then INFO lines: oneDNN is on, no CUDA
+# driver was found); TF_CPP_MIN_LOG_LEVEL does not reach these.
+_TENSORFLOW_IMPORT_NOISE = re.compile(
+  r'WARNING: All log messages before absl::InitializeLog\(\) is called'
+  r'|I\d{4} [\d:.]+ +\d+ \w+\.cc:\d+\] '
+)
 
-  TensorFlow is not imported for it: the GPUs are hidden when something
-  first imports TensorFlow, so programs that never use it (sample, evaluate
-  and serve on JAX features) start without its seconds and memory, and run
+
+def quiet_tensorflow(hide_gpus: bool) -> None:
+  """Keeps TensorFlow's start-up lines off the console, and it off JAX's GPUs.
+
+  TensorFlow is not imported for it: this is done when something first
+  imports TensorFlow, so programs that never use it (sample, evaluate and
+  serve on JAX features) start without its seconds and memory, and run
   where it is not installed.
+
+  Args:
+    hide_gpus: keep TensorFlow (tf.data, Keras, image resizing) off the
+      GPUs JAX uses.
   """
+  # TensorFlow's C++ errors that are not failures (no CUDA device where it
+  # looked for one; no float16 oneDNN kernels on this CPU) stay off too,
+  # unless the user set TF_CPP_MIN_LOG_LEVEL (to other than what JAX sets
+  # when it is unset): what fails raises. TensorFlow reads it as it loads.
+  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', _JAX_TF_CPP_MIN_LOG_LEVEL)
+  if level == _JAX_TF_CPP_MIN_LOG_LEVEL and 'tensorflow' not in sys.modules:
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  then = _hide_gpus if hide_gpus else lambda tf: None
   if sys.modules.get('tensorflow') is not None:
-    _hide_gpus(sys.modules['tensorflow'])
+    then(sys.modules['tensorflow'])
   else:
-    sys.meta_path.insert(0, _AfterImport('tensorflow', _hide_gpus))
+    sys.meta_path.insert(
+      0,
+      _AfterImport(
+        'tensorflow',
+        then,
+        functools.partial(console.stderr_without, _TENSORFLOW_IMPORT_NOISE),
+      ),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,23 +266,71 @@ def refuse_arguments(argv: Sequence[str]) -> None:
     )
 
 
-def _drop_closed_loop_callbacks(default_hook):
-  """An unraisable-exception hook that drops late callbacks to a closed loop.
+# The Orbax coroutines that read one array of a checkpoint, and one part.
+_ORBAX_DESERIALIZE = 'async_deserialize'
+_ORBAX_READ = '_read_array_index_and_device_put'
+# How asyncio reports a task's or a future's exception that nobody read, and
+# what every error of a TensorStore read ends with.
+_UNRETRIEVED = (
+  'Task exception was never retrieved',
+  'Future exception was never retrieved',
+)
+_TENSORSTORE_ERROR = '[tensorstore_spec='
 
-  When a checkpoint fails to restore, Orbax closes its event loop while
-  TensorStore's other reads of the step are still in flight; as each ends,
-  its completion callback finds the loop closed and Python prints that
-  unraisable RuntimeError with a traceback, after the program has already
-  named the damaged step. Every other unraisable exception is printed.
+
+def _is_abandoned_restore(unraisable) -> bool:
+  """Whether an unraisable exception is what a failed restore leaves behind.
+
+  When one read of a damaged checkpoint fails, Orbax closes its event loop
+  with the step's other reads still pending. As each pending read's
+  TensorStore future completes, its callback finds the loop closed (an
+  unraisable RuntimeError); as each pending read's coroutine is collected,
+  Python closes it, and Orbax's `except BaseException` turns the
+  GeneratorExit into an Exception (unraisable too). Either prints a long
+  traceback after the program has already named the damaged step.
+  """
+  if (
+    unraisable.exc_type is RuntimeError
+    and str(unraisable.exc_value) == 'Event loop is closed'
+  ):
+    return True
+  coroutine = getattr(unraisable.object, 'cr_code', None)
+  return (
+    coroutine is not None
+    and coroutine.co_name == _ORBAX_READ
+    and isinstance(unraisable.exc_value.__cause__, GeneratorExit)
+  )
+
+
+class _NoAbandonedRestoreTasks(py_logging.Filter):
+  """Drops asyncio's report of a failed restore's reads that were left.
+
+  The reads that fail after the first one end their tasks (Orbax's) and
+  futures (TensorStore's) with an exception nobody retrieves, as Orbax has
+  given up on them (see `_is_abandoned_restore`); asyncio logs each one,
+  with TensorStore's spec.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.msg if isinstance(record.msg, str) else ''
+    return not (
+      message.startswith(_UNRETRIEVED)
+      and (
+        f'coro=<{_ORBAX_DESERIALIZE}()' in message
+        or _TENSORSTORE_ERROR in message
+      )
+    )
+
+
+def _drop_closed_loop_callbacks(default_hook):
+  """An unraisable-exception hook that drops what a failed restore leaves.
+
+  See `_is_abandoned_restore`; every other unraisable exception is printed.
   """
 
   def hook(unraisable):
-    if (
-      unraisable.exc_type is RuntimeError
-      and str(unraisable.exc_value) == 'Event loop is closed'
-    ):
-      return
-    default_hook(unraisable)
+    if not _is_abandoned_restore(unraisable):
+      default_hook(unraisable)
 
   return hook
 
@@ -278,8 +374,8 @@ sys.excepthook = _one_line_for_missing_extras(sys.excepthook)
 def _run_main(main: Main, tensorflow_gpus: bool, argv: list[str]) -> None:
   concise_console_logging()
   sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
-  if not tensorflow_gpus:
-    hide_gpus_from_tensorflow()
+  py_logging.getLogger('asyncio').addFilter(_NoAbandonedRestoreTasks())
+  quiet_tensorflow(hide_gpus=not tensorflow_gpus)
   try:
     main(argv)
   except errors.UserError as e:

@@ -60,7 +60,8 @@ def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
 
   Raises:
     MissingFileError: not a workdir.
-    UserError: unreadable, or a field unknown or of the wrong type.
+    UserError: unreadable, or a field that cannot work (unknown, of the
+      wrong type, not one of its choices, out of range).
   """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
@@ -70,7 +71,9 @@ def load_config(workdir: PathLike) -> ml_collections.ConfigDict:
   values = files.read_json(path)
   if not isinstance(values, dict):
     raise errors.UserError(f'{path} is not a capjax config: not a JSON object')
-  return config_checks.from_values(values, str(path))
+  config = config_checks.from_values(values, str(path))
+  config_checks.check_config(config, str(path), paths=False)
+  return config
 
 
 def require_file(workdir: PathLike, name: str) -> pathlib.Path:

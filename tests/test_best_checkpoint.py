@@ -215,8 +215,13 @@ def test_a_damaged_best_checkpoint_is_named_and_training_replaces_it(
     checkpoints.DamagedCheckpointError,
     match=r'the best checkpoint \(step 6\) in .* cannot be '
     rf'read .*pass --step {_STEPS}',
-  ):
+  ) as damaged:
     inference.load_trained(workdir)
+  # The file and the reason in words, not TensorStore's spec.
+  message = str(damaged.value)
+  assert '(a file is cut short: Error reading ' in message
+  assert f'local file "{checkpoints.best_directory(workdir)}/6/' in message
+  assert '<' not in message and 'tensorstore_spec' not in message
   with caplog.at_level('WARNING'):
     _train(_config(shapes_dir, num_train_steps=14), workdir, cider=_CIDER)
   assert 'the best checkpoint (step 6)' in caplog.text

@@ -1,5 +1,8 @@
 """Checkpoints: parameters-only restores, damaged steps, resuming past them."""
 
+import gc
+import json
+import logging
 import os
 import pathlib
 import shutil
@@ -20,6 +23,7 @@ from capjax.data import vocab as vocab_lib
 from capjax.testing import serving
 from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import loop
 
 # Runs of the training loop share their compiled steps.
@@ -114,19 +118,54 @@ def test_sample_reports_a_damaged_step_in_one_line(copy):
   assert 'pass --step 4' in result.stderr
 
 
-def test_only_late_callbacks_to_a_closed_loop_are_dropped():
-  """The aborted restore's stray RuntimeErrors, not other unraisables."""
+@types.coroutine
+def _suspend():
+  yield
+
+
+async def _read_array_index_and_device_put():
+  """Orbax's read of one array, as it handles being closed while pending."""
+  try:
+    await _suspend()
+  except BaseException as e:
+    raise Exception('Encountered error while reading array index') from e
+
+
+def test_only_what_an_aborted_restore_leaves_is_dropped():
+  """Late callbacks to its closed loop and its pending reads, nothing else."""
   printed = []
-  hook = programs._drop_closed_loop_callbacks(printed.append)
+  hook = programs._drop_closed_loop_callbacks(printed.append)  # noqa: SLF001
   closed = types.SimpleNamespace(
-    exc_type=RuntimeError, exc_value=RuntimeError('Event loop is closed')
+    exc_type=RuntimeError,
+    exc_value=RuntimeError('Event loop is closed'),
+    object=None,
   )
   other = types.SimpleNamespace(
-    exc_type=RuntimeError, exc_value=RuntimeError('something else')
+    exc_type=RuntimeError,
+    exc_value=RuntimeError('something else'),
+    object=None,
   )
   hook(closed)
   hook(other)
+  # A pending read collected: Python closes it, and it raises.
+  previous, sys.unraisablehook = sys.unraisablehook, hook
+  try:
+    pending = _read_array_index_and_device_put()
+    pending.send(None)  # suspended
+    del pending
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
   assert printed == [other]
+  # The same coroutine failing for another reason is printed.
+  failed = types.SimpleNamespace(
+    exc_type=Exception,
+    exc_value=Exception('read failed'),
+    object=_read_array_index_and_device_put(),
+  )
+  hook(failed)
+  failed.object.close()
+  assert printed == [other, failed]
 
 
 def test_a_vocabulary_that_does_not_fit_is_named(copy):
@@ -321,3 +360,63 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
   testing_lib.leaves_equal(
     checkpoints.restore_params(workdir)[1], uninterrupted.params
   )
+
+
+def _read_json(path: pathlib.Path):
+  return json.loads(path.read_text())
+
+
+def test_a_reason_is_the_innermost_error_in_words_naming_its_file(tmp_path):
+  tensorstore = ValueError(
+    'OUT_OF_RANGE: Error opening "zarr" driver: Error reading Byte range '
+    '[0, 8) of local file "/w/d/ab": Requested byte range [0, 8) is not '
+    'valid for value of size 4 [tensorstore_spec=\'{"driver":"zarr"}\']'
+  )
+  try:
+    try:
+      raise tensorstore
+    except ValueError as e:
+      raise Exception(  # noqa: TRY002 - what Orbax raises
+        'Encountered error while reading array index. See full TensorStore '
+        'details: <bound method spec of TensorStore({\n  ...\n})>.'
+      ) from e
+  except Exception as e:  # noqa: BLE001
+    wrapped = e
+  assert damage.reason(wrapped) == (
+    'a file is cut short: Error reading Byte range [0, 8) of local file '
+    '"/w/d/ab": Requested byte range [0, 8) is not valid for value of size 4'
+  )
+  metadata = tmp_path / '_METADATA'
+  metadata.write_text('{"tree": ')
+  try:
+    _read_json(metadata)
+  except json.JSONDecodeError as e:
+    cut = e
+  assert damage.reason(cut) == (
+    f'file "{metadata}" is not valid JSON: Expecting value: line 1 column 10 '
+    '(char 9)'
+  )
+
+
+def test_only_asyncio_reports_of_abandoned_reads_are_dropped():
+  keep = programs._NoAbandonedRestoreTasks()  # noqa: SLF001
+  record = lambda message: logging.LogRecord(
+    'asyncio', logging.ERROR, 'base_events.py', 1, message, None, None
+  )
+  abandoned = [
+    'Task exception was never retrieved\nfuture: <Task finished '
+    "coro=<async_deserialize() done> exception=ValueError('...')>",
+    'Future exception was never retrieved\nfuture: <Future finished '
+    "exception=ValueError('OUT_OF_RANGE: ... [tensorstore_spec=...]')>",
+  ]
+  other = [
+    'Future exception was never retrieved\nfuture: <Future finished '
+    "exception=ValueError('something else')>",
+    'Task was destroyed but it is pending!',
+  ]
+  assert [keep.filter(record(m)) for m in abandoned + other] == [
+    False,
+    False,
+    True,
+    True,
+  ]

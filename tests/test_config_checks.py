@@ -5,12 +5,30 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from capjax import config_checks
 from capjax import errors
 from capjax import inference
 from capjax.configs import default
+from capjax.data import datasets
+from capjax.model import captioner
+from capjax.testing import training as testing_lib
+from capjax.training import loop
+from capjax.training import state as state_lib
+
+# The string fields that are not a choice: paths, and splits (whose names
+# depend on the data set, checked by config_checks.split_names).
+_FREE_STRINGS = {
+  'data_dir',
+  'train_split',
+  'eval_split',
+  'feature_dir',
+  'extractor_weights',
+  'init_from',
+}
 
 
 @pytest.fixture
@@ -87,3 +105,120 @@ def test_sample_names_a_field_of_the_wrong_type_in_one_line(workdir):
     "got 'many'"
   )
   assert 'Traceback' not in result.stderr
+
+
+def test_every_string_field_is_a_checked_choice_or_free():
+  config = default.get_config()
+  strings = {name for name in config if isinstance(config[name], str)}
+  assert strings == set(config_checks.CHOICES) | _FREE_STRINGS
+  for name, choices in config_checks.CHOICES.items():
+    assert config[name] in choices  # the default is one of them
+
+
+def test_every_choice_is_one_its_module_acts_on():
+  # The modules assume a checked config: each choice must mean something.
+  config = default.get_config()
+  for dtype in config_checks.CHOICES['dtype']:
+    config.dtype = dtype
+    assert captioner.from_config(config, 10).dtype == jnp.dtype(dtype)
+  for schedule in config_checks.CHOICES['schedule']:
+    config.schedule = schedule
+    state_lib.make_optimizer(config)
+  flickr = set(datasets._FLICKR_SPLIT_LISTS) | {'all'}  # noqa: SLF001
+  assert flickr == set(config_checks.SPLITS['flickr'])
+
+
+def _refusal(field, value, choices):
+  return f'config.{field} must be one of {", ".join(choices)}, got {value!r}'
+
+
+_BAD_CHOICES = [
+  (name, 'nope', _refusal(name, 'nope', choices))
+  for name, choices in config_checks.CHOICES.items()
+] + [
+  (
+    'eval_split',
+    'dev',
+    "config.eval_split 'dev': unknown shapes split 'dev'; use one of "
+    'train, val, test, joined with "+"',
+  ),
+  (
+    'train_split',
+    'train+',
+    'config.train_split \'train+\': use names joined with "+", e.g. '
+    '"train+restval"',
+  ),
+  (
+    'extractor_weights',
+    'no/such.h5',
+    'config.extractor_weights must be one of imagenet, none or an existing '
+    "weights file, got 'no/such.h5'",
+  ),
+  (
+    'init_from',
+    'no/such/run',
+    "config.init_from must be a workdir, got 'no/such/run': no such directory",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  'field, value, message', _BAD_CHOICES, ids=[c[0] for c in _BAD_CHOICES]
+)
+def test_training_refuses_each_bad_choice_before_any_work(
+  tmp_path, field, value, message
+):
+  overrides = {field: value}
+  if field == 'extractor_weights':
+    overrides['extractor'] = 'inception_v3'
+  config = testing_lib.tiny_config(tmp_path / 'shapes', **overrides)
+  with pytest.raises(errors.UserError) as refused:
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(refused.value) == message
+  # Nothing written, generated or extracted.
+  assert sorted(tmp_path.iterdir()) == []
+
+
+def test_training_refuses_a_bad_type_before_any_work(tmp_path):
+  # A config file may build any value; ConfigDict fixes a field's type only
+  # once set.
+  values = testing_lib.tiny_config(tmp_path / 'shapes').to_dict()
+  config = ml_collections.ConfigDict(dict(values, batch_size='8'))
+  with pytest.raises(errors.UserError) as refused:
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert str(refused.value) == "config.batch_size must be an integer, got '8'"
+  assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_train_program_says_a_bad_choice_in_one_line(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'capjax.train',
+      f'--workdir={workdir}',
+      f'--config.data_dir={tmp_path / "shapes"}',
+      '--config.dtype=float16',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=testing_lib.REPO_ROOT,
+    timeout=120,
+    check=False,
+  )
+  assert result.returncode == 1
+  assert result.stderr.splitlines() == [
+    "error: config.dtype must be one of float32, bfloat16, got 'float16'"
+  ]
+  assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_workdir_config_with_a_bad_choice_names_its_file(workdir):
+  _edit_config(workdir, schedule='linear')
+  with pytest.raises(errors.UserError) as refused:
+    inference.load_trained(workdir)
+  assert str(refused.value) == (
+    f'{workdir / "config.json"}: '
+    + _refusal('schedule', 'linear', config_checks.CHOICES['schedule'])
+  )

@@ -140,8 +140,6 @@ def test_patches_extractor_cuts_row_major_cells():
   np.testing.assert_allclose(pixels[2].reshape(p * p, 3)[:, 1:], -1.0)
   np.testing.assert_allclose(pixels[3], -1.0)
   np.testing.assert_array_equal(positions, np.eye(4))
-  with pytest.raises(ValueError, match='unknown extractor'):
-    extractors.make_extractor(_coco_config('', extractor='vgg'))
 
 
 def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):

@@ -325,12 +325,3 @@ def test_nothing_hard_codes_the_feature_grid():
     logits, attention = model.apply(variables, features, tokens)
     assert logits.shape == (2, 2, 30)
     assert attention.shape == (2, 2, positions)
-
-
-def test_from_config_rejects_unknown_dtype():
-  from capjax.configs import default
-
-  config = default.get_config()
-  config.dtype = 'float16'
-  with pytest.raises(ValueError, match='config.dtype'):
-    captioner.from_config(config, vocab_size=10)

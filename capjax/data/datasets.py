@@ -36,12 +36,11 @@ from typing import NamedTuple
 
 from absl import logging
 
+from capjax import config_checks
 from capjax import errors
 from capjax import files
 from capjax.data import shapes
 
-DATASETS = ('shapes', 'coco_json', 'flickr', 'tfds_coco')
-TFDS_COCO_SPLITS = ('train', 'restval', 'val', 'test')
 _TFDS_CACHE_FORMAT = 'capjax.tfds_captions/1'
 DEFAULT_SHAPES_DIR = pathlib.Path('~/.cache/capjax/shapes')
 # Held-out `shapes` images a new workdir gets (example_images).
@@ -61,6 +60,7 @@ _FLICKR_IMAGE_DIRS = (
   'images',
 )
 PathLike = str | os.PathLike[str]
+# The split list of each Flickr split but 'all' (config_checks.SPLITS).
 _FLICKR_SPLIT_LISTS = {
   'train': 'train',
   'val': 'dev',
@@ -81,32 +81,22 @@ class Record(NamedTuple):
   captions: tuple[str, ...]
 
 
-def split_parts(split: str) -> list[str]:
-  """'train+restval' -> ['train', 'restval']."""
-  parts = [p.strip() for p in split.split('+')]
-  if not all(parts):
-    raise errors.UserError(
-      f'bad split {split!r}: use names joined with "+", e.g. "train+restval"'
-    )
-  return parts
-
-
 def load_split(config, split: str) -> list[Record]:
   """The records of a split ('+'-joined splits are concatenated).
 
   Args:
-    config: the capjax config (dataset, data_dir, shapes.*).
+    config: the capjax config (dataset, data_dir, shapes.*), checked
+      (capjax.config_checks).
     split: split name(s), see the module docstring.
 
   Returns:
     Records in the source's order; every record has at least one caption.
 
   Raises:
-    ValueError: unknown dataset or split, missing files, or an image listed
-      twice.
+    ValueError: an unknown split, missing files, or an image listed twice.
   """
   records = []
-  for part in split_parts(split):
+  for part in config_checks.split_names(split, config.dataset):
     records.extend(_load_part(config, part))
   seen = set()
   for r in records:
@@ -127,7 +117,7 @@ def iter_images(config, split: str) -> Iterator[tuple[str, str | bytes]]:
   Raises:
     ValueError: a split's image directory does not exist.
   """
-  for part in split_parts(split):
+  for part in config_checks.split_names(split, config.dataset):
     if config.dataset == 'tfds_coco':
       for image_id, image, _ in _tfds_coco_examples(config, part):
         yield image_id, image
@@ -152,12 +142,7 @@ def _load_part(config, split: str) -> list[Record]:
     return coco_json_records(*_coco_json_files(config.data_dir, split))
   if config.dataset == 'flickr':
     return _flickr_split(config.data_dir, split)
-  if config.dataset == 'tfds_coco':
-    return _tfds_coco_records(config, split)
-  raise errors.UserError(
-    f'unknown dataset {config.dataset!r}; set config.dataset to '
-    f'one of {DATASETS}'
-  )
+  return _tfds_coco_records(config, split)  # the last of the datasets
 
 
 # --- COCO-format JSON ---------------------------------------------------------
@@ -310,11 +295,6 @@ def _flickr_split(data_dir_name: str, split: str) -> list[Record]:
   )
   if split == 'all':
     return flickr_records(token_file, None, image_dir)
-  if split not in _FLICKR_SPLIT_LISTS:
-    raise errors.UserError(
-      f'unknown Flickr split {split!r}; use one of '
-      f'{sorted(_FLICKR_SPLIT_LISTS)} or "all"'
-    )
   pattern = f'Flickr_*.{_FLICKR_SPLIT_LISTS[split]}Images.txt'
   lists = sorted(data_dir.glob(pattern))
   if len(lists) != 1:
@@ -351,10 +331,6 @@ def example_images(config) -> list[str]:
 
 
 def _shapes_records(config, split: str) -> list[Record]:
-  if split not in shapes.SPLITS:
-    raise errors.UserError(
-      f'unknown shapes split {split!r}; use one of {shapes.SPLITS}'
-    )
   directory = shapes_dir(config)
   if not shapes.is_written(directory, split, config.shapes):
     logging.info('Generating shapes split %r in %s', split, directory)
@@ -368,11 +344,6 @@ def _shapes_records(config, split: str) -> list[Record]:
 
 
 def _tfds_coco_builder(config, split: str):
-  if split not in TFDS_COCO_SPLITS:
-    raise errors.UserError(
-      f'unknown coco_captions split {split!r}; use one of '
-      f'{TFDS_COCO_SPLITS} (joined with "+")'
-    )
   # Imported here: TFDS is slow to import and only this source needs it.
   import tensorflow_datasets as tfds  # noqa: PLC0415
 

@@ -23,6 +23,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from capjax import config_checks
 from capjax import errors
 from capjax.data import datasets
 from capjax.data import extractors
@@ -211,7 +212,7 @@ def extract_split(
     The split's features, opened.
   """
   extractor = extractor or extractors.make_extractor(config)
-  for part in datasets.split_parts(split):
+  for part in config_checks.split_names(split, config.dataset):
     _extract_part(
       config,
       part,
@@ -285,7 +286,7 @@ def check_made_by_config(store: feature_store.FeatureStore, config) -> None:
   extractor can remake them anyway.
   """
   made = store.extractor
-  if made.get('name') not in extractors.EXTRACTORS:
+  if made.get('name') not in config_checks.CHOICES['extractor']:
     return
   wanted = extractors.config_extractor_info(config)
   if any(made.get(key) != value for key, value in wanted.items()):

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from capjax import config_checks
 from capjax import errors
 from capjax.data import images
 
-EXTRACTORS = ('inception_v3', 'patches')
-BACKENDS = ('auto', 'jax', 'keras')
 # Side in pixels of each 'patches' cell.
 PATCH_SIZE = 16
 
@@ -82,12 +81,7 @@ def make_extractor(config) -> Extractor:
     return inception_v3_extractor(
       config.extractor_weights, config.extractor_backend
     )
-  if config.extractor == 'patches':
-    return patches_extractor(config.patch_grid)
-  raise errors.UserError(
-    f'unknown extractor {config.extractor!r}; set '
-    f'config.extractor to one of {EXTRACTORS}'
-  )
+  return patches_extractor(config.patch_grid)
 
 
 def config_extractor_info(config) -> dict[str, Any]:
@@ -178,12 +172,9 @@ def _weights_file(weights: str) -> str | None:
     return inception_weights_path()
   if weights == 'none':
     return None
-  if pathlib.Path(weights).is_file():
-    return weights
-  raise errors.UserError(
-    "extractor_weights must be 'imagenet', 'none' or an existing weights "
-    f'file, got {weights!r}'
-  )
+  # Checked again here: a trained workdir's config is not checked for files.
+  config_checks.check_extractor_weights(weights)
+  return weights
 
 
 def resolve_backend(backend: str) -> str:
@@ -192,10 +183,6 @@ def resolve_backend(backend: str) -> str:
   On a 2-core CPU, Keras (oneDNN) ran InceptionV3 about twice as fast as
   XLA; TensorFlow never sees the accelerators JAX uses.
   """
-  if backend not in BACKENDS:
-    raise errors.UserError(
-      f'config.extractor_backend must be one of {BACKENDS}, got {backend!r}'
-    )
   if backend == 'auto':
     import jax  # noqa: PLC0415
 

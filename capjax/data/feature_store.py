@@ -28,9 +28,9 @@ from typing import Any, Protocol, TypeVar
 from absl import logging
 import numpy as np
 
+from capjax import config_checks
 from capjax import errors
 from capjax import files
-from capjax.data import datasets
 
 METADATA_FILE = 'metadata.json'
 STORE_DTYPE = np.float16
@@ -181,7 +181,7 @@ class FeatureStore:
   def open_split(cls, feature_dir: PathLike, split: str) -> 'FeatureStore':
     """The stores of a split's parts ('train+restval') as one store."""
     directories = [
-      store_dir(feature_dir, p) for p in datasets.split_parts(split)
+      store_dir(feature_dir, p) for p in config_checks.split_names(split)
     ]
     return cls([_read_metadata(d) for d in directories], directories)
 

@@ -20,6 +20,8 @@ onto white, and grayscale, palette, CMYK and 16-bit images become 8-bit RGB.
 import io
 import os
 import pathlib
+import re
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -33,6 +35,12 @@ FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
 MAX_PIXELS = 50_000_000
 
 _HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+# PIL warns on opening an image of over 89 M pixels (and refuses one of
+# twice that). `load_image` checks every image against its own limit as soon
+# as it is opened, so the warning only repeats that check, in PIL's words and
+# with PIL's limit.
+warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
 
 
 class ImageError(errors.UserError):
@@ -80,6 +88,10 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
   return np.asarray(image.convert('RGB'))
 
 
+def _too_large(pixels: str, max_pixels: int) -> str:
+  return f'image of {pixels} pixels is over the limit of {max_pixels:,} pixels'
+
+
 def load_image(
   source: str | os.PathLike[str] | bytes,
   *,
@@ -108,10 +120,7 @@ def load_image(
     with _open(source) as image:
       width, height = image.size
       if width * height > max_pixels:
-        raise ImageTooLarge(
-          f'image of {width}x{height} pixels is over '
-          f'the limit of {max_pixels:,} pixels'
-        )
+        raise ImageTooLarge(_too_large(f'{width}x{height}', max_pixels))
       if draft_size and image.format == 'JPEG':
         image.draft('RGB', (draft_size, draft_size))
       image.load()  # decode now, so that a truncated file fails here
@@ -127,7 +136,11 @@ def load_image(
       f'not an image, or not in a supported format ({", ".join(FORMATS)})'
     ) from None
   except Image.DecompressionBombError as e:
-    raise ImageTooLarge(str(e)) from None
+    # PIL refuses it while opening, before capjax sees its size; its message
+    # quotes PIL's own limit.
+    size = re.search(r'\((\d+) pixels\)', str(e))
+    pixels = f'{int(size[1]):,}' if size else 'more'
+    raise ImageTooLarge(_too_large(pixels, max_pixels)) from None
   # PIL's decoders raise many types on malformed data: OSError for a
   # truncated file, but also SyntaxError, EOFError, struct.error, ValueError.
   except Exception as e:  # noqa: BLE001

@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from capjax import config_checks
 from capjax import files
 
 PathLike = str | os.PathLike[str]
 
-SPLITS = ('train', 'val', 'test')
+# Their order seeds each split's images.
+SPLITS = config_checks.SPLITS['shapes']
 COLOURS = {
   'red': (220, 50, 50),
   'green': (40, 180, 70),

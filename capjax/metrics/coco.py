@@ -16,6 +16,7 @@ together: its value depends on the whole set, not on each image alone.
 from collections.abc import Hashable, Mapping, Sequence
 import contextlib
 import io
+import re
 import shutil
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -24,6 +25,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from capjax import console
 from capjax.data import vocab as vocab_lib
 
 BLEU = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4')
@@ -39,11 +41,16 @@ def java_available() -> bool:
   return shutil.which('java') is not None
 
 
+# The statistics line the Java tokenizer prints to the stderr it inherits.
+_TOKENIZER_STATISTICS = re.compile(r'PTBTokenizer tokenized \d+ tokens at ')
+
+
 def ptb_tokenize(captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
   """pycocoevalcap's PTB tokenisation (Java): lowercase, punctuation dropped."""
-  return PTBTokenizer().tokenize(
-    {k: [{'caption': c} for c in v] for k, v in captions.items()}
-  )
+  with console.stderr_without(_TOKENIZER_STATISTICS):
+    return PTBTokenizer().tokenize(
+      {k: [{'caption': c} for c in v] for k, v in captions.items()}
+    )
 
 
 def simple_tokenize(

@@ -288,17 +288,12 @@ class Captioner(nn.Module):
 def from_config(
   config: 'ml_collections.ConfigDict', vocab_size: int
 ) -> Captioner:
-  """The Captioner a config describes."""
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-  if config.dtype not in dtypes:
-    raise ValueError(
-      f'config.dtype must be one of {sorted(dtypes)}, got {config.dtype!r}'
-    )
+  """The Captioner a (checked: capjax.config_checks) config describes."""
   return Captioner(
     vocab_size=vocab_size,
     embedding_dim=config.embedding_dim,
     units=config.units,
     carry_gru_state=config.carry_gru_state,
     dropout_rate=config.dropout_rate,
-    dtype=dtypes[config.dtype],
+    dtype=jnp.dtype(config.dtype),
   )

@@ -17,6 +17,7 @@ name, `restore_checkpoint` reads its parameters.
 """
 
 import dataclasses
+import logging as py_logging
 import math
 import os
 import pathlib
@@ -29,11 +30,10 @@ import orbax.checkpoint as ocp
 
 from capjax import errors
 from capjax import workdir as workdir_lib
+from capjax.training import damage
 
 PathLike = str | os.PathLike[str]
 DAMAGED_DIR = 'damaged_checkpoints'
-# How much of a restore error a message quotes.
-_REASON_CHARS = 300
 
 
 class DamagedCheckpointError(errors.UserError):
@@ -48,12 +48,53 @@ def best_directory(workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / workdir_lib.BEST_CHECKPOINT_DIR
 
 
+# Orbax's log messages that tell a capjax user nothing: that a read-only
+# manager (what every load makes) is read-only; that a step's
+# _CHECKPOINT_METADATA (its save time, and the score of the best checkpoint)
+# cannot be read, which Orbax logs with the file's content. Without the
+# metadata a step still restores; without its score, the best checkpoint is
+# reported as damaged, by capjax (`read_best`).
+_ORBAX_NOISE = (
+  'Given directory is read only=',
+  'Failed to json parse Metadata file: ',
+  'Failed to read Metadata file: ',
+)
+
+
+class _NoOrbaxNoise(py_logging.Filter):
+  """Drops the log records of _ORBAX_NOISE."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not (
+      isinstance(record.msg, str) and record.msg.startswith(_ORBAX_NOISE)
+    )
+
+
+def _quiet_orbax() -> None:
+  """Keeps _ORBAX_NOISE off the console, once, before a manager is made."""
+  absl_logger = py_logging.getLogger('absl')  # what Orbax logs through
+  if not any(isinstance(f, _NoOrbaxNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_NoOrbaxNoise())
+
+
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+  """Options of a manager that only reads.
+
+  Orbax would warn for each option a read-only manager does not use and is
+  left at its default (save_interval_steps), so none is.
+  """
+  return ocp.CheckpointManagerOptions(
+    create=False, read_only=True, save_interval_steps=0
+  )
+
+
 def manager(
   workdir: PathLike, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """Orbax manager of the whole train state: asynchronous, or read-only."""
+  _quiet_orbax()
   if read_only:
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    options = _read_only_options()
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
   return ocp.CheckpointManager(
@@ -77,6 +118,7 @@ def best_manager(
   replaces is deleted only after that commit. A step scored by another
   metric ranks last, so the first save under a new metric replaces it.
   """
+  _quiet_orbax()
   worst = -math.inf if mode == 'max' else math.inf
   options = ocp.CheckpointManagerOptions(
     max_to_keep=1,
@@ -92,9 +134,10 @@ def best_manager(
 
 def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
   """A read-only manager of a directory that can restore part of a saved tree."""
+  _quiet_orbax()
   return ocp.CheckpointManager(
     path,
-    options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    options=_read_only_options(),
     item_handlers=ocp.PyTreeCheckpointHandler(),
   )
 
@@ -107,10 +150,7 @@ def abstract_tree(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def _reason(error: Exception) -> str:
-  """The first line of an error, short enough for a one-line message."""
-  text = str(error).strip().splitlines()
-  first = text[0] if text else ''
-  return f'{type(error).__name__}: {first[:_REASON_CHARS]}'
+  return damage.reason(error)
 
 
 def mismatches(expected: Any, saved: Any) -> list[str]:

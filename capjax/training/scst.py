@@ -207,7 +207,7 @@ def scst_step(
     model: the Captioner.
     tx: the optimizer.
     num_samples: K, samples per image.
-    baseline: 'greedy' or 'mean' (config_checks.SCST_BASELINES).
+    baseline: 'greedy' or 'mean' (config_checks.CHOICES).
     max_len: the most tokens of a sample, <end> included.
     reward_fn: (candidates (B, C, T), batch, reward_args) -> rewards (B, C).
 

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from capjax import errors
 from capjax.model import captioner
 
 # Configs are only read here: ml_collections, absent on hosts that run the
@@ -37,17 +36,12 @@ def make_optimizer(
   """
   if config.schedule == 'constant':
     learning_rate = optax.constant_schedule(config.learning_rate)
-  elif config.schedule == 'warmup_cosine':
+  else:  # 'warmup_cosine', the other of config_checks.CHOICES['schedule']
     learning_rate = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=config.learning_rate,
       warmup_steps=config.warmup_steps,
       decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
-    )
-  else:
-    raise errors.UserError(
-      "config.schedule must be 'constant' or 'warmup_cosine', got "
-      f'{config.schedule!r}'
     )
   return adam(
     learning_rate,
