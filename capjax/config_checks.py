@@ -18,6 +18,8 @@ from capjax.configs import default
 BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
 OBJECTIVES = ('xent', 'scst')
 SCST_BASELINES = ('greedy', 'mean')
+DEVICE_DATA = ('auto', 'on', 'off')
+DEVICE_DATA_LAYOUTS = ('auto', 'replicated', 'sharded')
 
 
 def _type_name(value: Any) -> str:
@@ -123,6 +125,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}'
     )
   _check_objective(config)
+  _check_dispatch(config)
   if config.best_metric not in BEST_METRICS:
     raise errors.UserError(
       f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
@@ -154,3 +157,28 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
       f'config.scst_samples must be at least {least} with the '
       f'{config.scst_baseline!r} baseline, got {config.scst_samples}'
     )
+
+
+def _check_dispatch(config: ml_collections.ConfigDict) -> None:
+  for name, allowed in (
+    ('device_data', DEVICE_DATA),
+    ('device_data_layout', DEVICE_DATA_LAYOUTS),
+  ):
+    if config[name] not in allowed:
+      raise errors.UserError(
+        f'config.{name} must be one of {", ".join(allowed)}, got '
+        f'{config[name]!r}'
+      )
+  k = config.steps_per_dispatch
+  if k <= 0:
+    raise errors.UserError(
+      f'config.steps_per_dispatch must be positive, got {k}'
+    )
+  intervals = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+  for name in intervals:
+    if config[name] % k:
+      raise errors.UserError(
+        f'config.steps_per_dispatch ({k}) must divide config.{name} '
+        f'({config[name]}): metrics, evaluations and checkpoints happen '
+        'between dispatches'
+      )

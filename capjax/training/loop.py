@@ -15,7 +15,6 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from capjax import config_checks
@@ -27,18 +26,17 @@ from capjax.data import datasets
 from capjax.data import extraction
 from capjax.data import feature_store
 from capjax.data import input_pipeline
-from capjax.data import reference_batches
 from capjax.data import vocab as vocab_lib
-from capjax.metrics import cider
 from capjax.model import captioner
 from capjax.model import losses
 from capjax.training import best as best_lib
 from capjax.training import checkpoints
+from capjax.training import dispatch
 from capjax.training import init_from
+from capjax.training import objectives
 from capjax.training import parallel
 from capjax.training import preemption
 from capjax.training import reporting
-from capjax.training import scst
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
 
@@ -202,81 +200,6 @@ def _caption_metrics(
   )
 
 
-def _objective(
-  config: ml_collections.ConfigDict,
-  data: TrainingData,
-  model: captioner.Captioner,
-  tx: optax.GradientTransformation,
-  mesh,
-  start_step: int,
-  process: dict[str, int],
-) -> tuple[Iterator[dict], Callable, Callable]:
-  """The config.objective's batches from start_step, jitted step and means.
-
-  Returns:
-    (train batches, step(state, batch) -> (state, metric sums), the
-    function that turns summed metrics into the logged means).
-  """
-  replicated = parallel.replicated(mesh)
-  batch_sharded = parallel.batch_sharded(mesh)
-  if config.objective == 'xent':
-    batches = input_pipeline.train_batches(
-      config, data.train_store, data.train_records, data.vocab, **process
-    )
-    # Batches grouped by length hold very different token counts: dividing
-    # by a fixed count keeps every token's weight (losses.caption_loss).
-    normalizer = (
-      batches.schedule.mean_batch_tokens if config.group_by_length else None
-    )
-    step = jax.jit(
-      functools.partial(
-        step_lib.train_step,
-        model=model,
-        tx=tx,
-        attention_penalty=config.attention_penalty,
-        token_normalizer=normalizer,
-      ),
-      in_shardings=(replicated, batch_sharded),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-    )
-    return batches.iterator(start_step), step, losses.normalize
-  references = reference_batches.image_references(
-    input_pipeline.make_examples(
-      data.train_store, data.train_records, data.vocab, config.max_caption_len
-    )
-  )
-  # SCST's idf comes from the training references (Rennie et al.).
-  doc_freqs = jax.device_put(
-    cider.document_frequencies(references.references_MRT, data.vocab.size),
-    replicated,
-  )
-  batches = reference_batches.ImageBatches(
-    references,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    cache_features=config.cache_features,
-    **process,
-  ).iterator(start_step)
-  scst_step = jax.jit(
-    scst.make_step(model, tx, config),
-    in_shardings=(replicated, batch_sharded, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
-  logging.info(
-    'SCST on %d training images: %d samples each, %s baseline',
-    len(references),
-    config.scst_samples,
-    config.scst_baseline,
-  )
-  return (
-    batches,
-    lambda state, batch: scst_step(state, batch, doc_freqs),
-    scst.normalize,
-  )
-
-
 def _restore_or_init(
   workdir: pathlib.Path,
   init_fn: Callable,
@@ -392,12 +315,18 @@ def train_and_evaluate(
     )
 
   step = int(state.step)
-  train_batches, p_train_step, normalize = _objective(
-    config, data, model, tx, mesh, step, process
+  # The data path (config.device_data) and the steps run per jitted call
+  # (config.steps_per_dispatch).
+  objective, device_evaluator = objectives.build(
+    config, data, model, tx, mesh, process
   )
+  dispatcher = dispatch.Dispatcher(
+    objective, mesh, step, config.num_train_steps, config.steps_per_dispatch
+  )
+  normalize = objective.normalize
   reporter = reporting.Reporter(workdir_path, write_files=is_chief)
   timer = reporting.StepTimer(step, config.num_train_steps)
-  pending: list[tuple[int, dict]] = []  # per-step metrics not yet looked at
+  pending: list = []  # metrics of the steps run, not yet looked at
   last_saved = manager.latest_step()
   logging.info(
     'training steps %d to %d: global batch %d on %d device(s), '
@@ -412,17 +341,15 @@ def train_and_evaluate(
   with preemption.StopRequest() as stop:
     try:
       while step < config.num_train_steps:
-        batch = parallel.global_batch(next(train_batches), mesh)
-        state, metrics = p_train_step(state, batch)
-        step += 1
-        pending.append((step, metrics))
+        state, step, metrics = dispatcher.run(state, step)
+        pending += metrics
         last = step == config.num_train_steps
         stopping = preemption.agreed_stop(stop, step, config.log_every_steps)
         # Reading metrics back waits for the step: do it only at intervals,
         # and always before a checkpoint, so that no NaN is ever saved.
         save = step % config.checkpoint_every_steps == 0 or last or stopping
         if step % config.log_every_steps == 0 or save:
-          host_metrics = jax.device_get(pending)
+          host_metrics = dispatch.per_step(jax.device_get(pending))
           pending = []
           _raise_if_non_finite(host_metrics, last_saved, workdir_path)
           train = normalize(_sum_metrics(host_metrics))
@@ -431,7 +358,11 @@ def train_and_evaluate(
           )
           reporter.write(step, 'train', train)
         if step % config.eval_every_steps == 0 or last:
-          val = evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
+          val = (
+            device_evaluator(state.params)
+            if device_evaluator
+            else evaluate_loss(state.params, eval_batches(), p_eval_step, mesh)
+          )
           if config.num_caption_eval_images:
             val.update(
               parallel.agreed(
