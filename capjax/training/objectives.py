@@ -43,18 +43,29 @@ class Objective:
 
   Attributes:
     items: start step -> the endless items of the steps from there on.
-    step: (state, global inputs, constants, key) -> (state, metric sums),
-      pure; key is static (the item's).
+    gather: (global inputs, constants, key) -> the step's batch, pure; key
+      is static (the item's). The host path's inputs are the batch.
+    train: (state, batch, constants) -> (state, metric sums), pure.
     constants: device arrays every step takes (resident tables, idf).
     normalize: summed metrics -> the logged means.
     choice: the data path, and why.
   """
 
   items: Callable[[int], Iterator[Item]]
-  step: Callable
+  gather: Callable
+  train: Callable
   constants: dict[str, Any]
   normalize: Callable[[dict], dict[str, float]]
   choice: device_data.Choice
+
+  def step(self, state, inputs, constants, key):
+    """(state, metric sums) of one step on its inputs; pure."""
+    return self.train(state, self.gather(inputs, constants, key), constants)
+
+
+def _host_batch(batch, constants, key):
+  del constants, key
+  return batch
 
 
 def _take(table: jax.Array, ids: jax.Array, mesh: Mesh) -> jax.Array:
@@ -111,24 +122,36 @@ class Evaluator:
     self._grids = grids
     self._mesh = mesh
     store = batches.examples.store
-    self._constants = dict(
+    self.constants = dict(
       _examples_constants(batches.examples, mesh), grids=grids.put(store)
     )
     self._model = model
 
+  def gather(self, ids, constants, length: int) -> dict[str, jax.Array]:
+    """The features and tokens of a batch's ids (-1: padding); pure."""
+    valid = ids >= 0
+    safe = jnp.maximum(ids, 0)
+    features = self._grids.gather(
+      constants['grids'], _take(constants['image_index'], safe, self._mesh)
+    )
+    tokens = _take(constants['tokens'], safe, self._mesh)[:, :length]
+    return {
+      'features': jnp.where(valid[:, None, None], features, 0),
+      'tokens': jnp.where(valid[:, None], tokens, 0),
+    }
+
+  def global_ids(self, index: int) -> tuple[jax.Array, int]:
+    """(the ids of evaluation batch `index`, -1 for padding; its T)."""
+    ids, length = self._batches.rows(index)
+    local = np.full(self._batches.local_batch_size, -1, np.int32)
+    local[: len(ids)] = ids
+    (global_ids,) = parallel.global_batch({'ids': local}, self._mesh).values()
+    return global_ids, length
+
   @functools.cache  # noqa: B019 (one Evaluator per run)
   def _step(self, length: int) -> Callable:
     def step(params, ids, constants):
-      valid = ids >= 0
-      safe = jnp.maximum(ids, 0)
-      features = self._grids.gather(
-        constants['grids'], _take(constants['image_index'], safe, self._mesh)
-      )
-      tokens = _take(constants['tokens'], safe, self._mesh)[:, :length]
-      batch = {
-        'features': jnp.where(valid[:, None, None], features, 0),
-        'tokens': jnp.where(valid[:, None], tokens, 0),
-      }
+      batch = self.gather(ids, constants, length)
       return step_lib.eval_step(params, batch, model=self._model)
 
     replicated = parallel.replicated(self._mesh)
@@ -137,7 +160,7 @@ class Evaluator:
       in_shardings=(
         replicated,
         parallel.batch_sharded(self._mesh),
-        jax.tree_util.tree_map(lambda a: a.sharding, self._constants),
+        jax.tree_util.tree_map(lambda a: a.sharding, self.constants),
       ),
       out_shardings=replicated,
     )
@@ -145,12 +168,9 @@ class Evaluator:
   def __call__(self, params: Any) -> dict[str, float]:
     totals = None
     for index in range(self._batches.num_batches):
-      ids, length = self._batches.rows(index)
-      local = np.full(self._batches.local_batch_size, -1, np.int32)
-      local[: len(ids)] = ids
-      (global_ids,) = parallel.global_batch({'ids': local}, self._mesh).values()
+      global_ids, length = self.global_ids(index)
       sums = jax.device_get(
-        self._step(length)(params, global_ids, self._constants)
+        self._step(length)(params, global_ids, self.constants)
       )
       totals = (
         sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
@@ -232,19 +252,21 @@ def _xent(config, batches, model, tx, grids, choice) -> Objective:
   normalizer = (
     batches.schedule.mean_batch_tokens if config.group_by_length else None
   )
-  train = functools.partial(
+  train_step = functools.partial(
     step_lib.train_step,
     model=model,
     tx=tx,
     attention_penalty=config.attention_penalty,
     token_normalizer=normalizer,
   )
+  train = lambda state, batch, constants: train_step(state, batch)
   if grids is None:
     return Objective(
       lambda start: (
         (b, b['tokens'].shape[1]) for b in batches.iterator(start)
       ),
-      lambda state, batch, constants, length: train(state, batch),
+      _host_batch,
+      train,
       {},
       losses.normalize,
       choice,
@@ -260,16 +282,15 @@ def _xent(config, batches, model, tx, grids, choice) -> Objective:
       _, example_ids, length = batches.schedule.rows(step)
       yield {'ids': example_ids.astype(np.int32)}, length
 
-  def step(state, inputs, constants, length):
+  def gather(inputs, constants, length):
     ids = inputs['ids']
     rows = _take(constants['image_index'], ids, mesh)
-    batch = {
+    return {
       'features': grids.gather(constants['grids'], rows),
       'tokens': _take(constants['tokens'], ids, mesh)[:, :length],
     }
-    return train(state, batch)
 
-  return Objective(items, step, constants, losses.normalize, choice)
+  return Objective(items, gather, train, constants, losses.normalize, choice)
 
 
 def _scst(
@@ -294,12 +315,14 @@ def _scst(
     config.scst_samples,
     config.scst_baseline,
   )
+  train = lambda state, batch, constants: scst_step(
+    state, batch, constants['doc_freqs']
+  )
   if grids is None:
     return Objective(
       lambda start: ((b, 0) for b in batches.iterator(start)),
-      lambda state, batch, constants, key: scst_step(
-        state, batch, constants['doc_freqs']
-      ),
+      _host_batch,
+      train,
       {'doc_freqs': doc_freqs},
       scst.normalize,
       choice,
@@ -319,17 +342,16 @@ def _scst(
     for step in itertools.count(start):
       yield {'images': batches.images(step).astype(np.int32)}, 0
 
-  def step(state, inputs, constants, key):
+  def gather(inputs, constants, key):
     del key
     images = inputs['images']
     references_BRT = _take(constants['references_MRT'], images, mesh)
-    batch = {
+    return {
       'features': grids.gather(
         constants['grids'], _take(constants['rows_M'], images, mesh)
       ),
       'references': references_BRT,
       'reference_mask': jnp.any(references_BRT != 0, axis=-1),
     }
-    return scst_step(state, batch, constants['doc_freqs'])
 
-  return Objective(items, step, constants, scst.normalize, choice)
+  return Objective(items, gather, train, constants, scst.normalize, choice)
