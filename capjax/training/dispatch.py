@@ -19,7 +19,8 @@ import collections
 from collections.abc import Callable, Iterator
 import dataclasses
 import functools
-from typing import Any
+import time
+from typing import Any, TypeVar
 
 from absl import logging
 import jax
@@ -33,6 +34,7 @@ from capjax.training import parallel
 
 # Units whose inputs are on the device before the one running ends.
 PREFETCH_UNITS = 2
+T = TypeVar('T')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +95,16 @@ def _global(unit: Unit, mesh: Mesh) -> Unit:
 
 
 def prefetch_to_device(
-  iterator: Iterator[Unit], mesh: Mesh, size: int = PREFETCH_UNITS
-) -> Iterator[Unit]:
-  """The units with their inputs on the devices, `size` of them ahead."""
+  iterator: Iterator[T], put: Callable[[T], T], size: int = PREFETCH_UNITS
+) -> Iterator[T]:
+  """put(item) of each item, `size` items ahead of the one handed out.
+
+  `put` starts the transfer to the devices (asynchronously where the
+  backend can), so the next items' transfers overlap the step running.
+  """
   queue = collections.deque()
-  for unit in iterator:
-    queue.append(_global(unit, mesh))
+  for item in iterator:
+    queue.append(put(item))
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
@@ -121,8 +127,11 @@ class Dispatcher:
     self._num_steps = num_steps
     self._units = prefetch_to_device(
       units(objective.items(start), start, num_steps, steps_per_dispatch),
-      mesh,
+      lambda unit: _global(unit, mesh),
     )
+    # Seconds spent waiting for inputs: where the step outruns the host,
+    # the host path's steps wait.
+    self.input_wait_s = 0.0
     self._constants_sharding = jax.tree_util.tree_map(
       lambda a: a.sharding, objective.constants
     )
@@ -168,7 +177,9 @@ class Dispatcher:
     stop = boundary(step, self._k, self._num_steps)
     entries = []
     while step < stop:
+      start = time.perf_counter()
       unit = next(self._units)
+      self.input_wait_s += time.perf_counter() - start
       assert unit.first == step, (unit.first, step)
       state, metrics = self._call(unit.key, unit.scanned)(
         state, unit.inputs, self._objective.constants
