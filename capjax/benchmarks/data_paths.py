@@ -169,7 +169,7 @@ def bench_data_paths(
   with_workdir.mkdir()
   demo_data = loop.prepare_data(demo, with_workdir, write_files=False)
   on_off = {'host': {'device_data': 'off'}, 'device': {'device_data': 'on'}}
-  report = {
+  report: dict[str, Any] = {
     'tutorial_sizes': bench_row(tutorial, tutorial_data, on_off, 2, repeats),
     'demo': bench_row(demo, demo_data, on_off, 8, repeats),
     'demo_steps_per_dispatch': bench_row(

@@ -232,7 +232,7 @@ def put_table(
   if layout == 'replicated':
     sharding = NamedSharding(mesh, PartitionSpec())
     shape = (num_rows, *row_shape)
-    whole = []
+    whole: list[np.ndarray] = []
 
     def callback(index):
       del index

@@ -102,7 +102,7 @@ def prefetch_to_device(
   `put` starts the transfer to the devices (asynchronously where the
   backend can), so the next items' transfers overlap the step running.
   """
-  queue = collections.deque()
+  queue: collections.deque[T] = collections.deque()
   for item in iterator:
     queue.append(put(item))
     if len(queue) > size:
