@@ -258,6 +258,17 @@ def test_training_on_the_device_is_bit_identical(
   assert ('scanned 4 times' in caplog.text) == (k == 4)
 
 
+def test_data_that_cannot_fit_is_refused_before_compiling(
+  tmp_path, shapes_dir, monkeypatch
+):
+  monkeypatch.setattr(device_data, 'free_memory', lambda: (1000, 'test'))
+  workdir = tmp_path / 'run'
+  with pytest.raises(errors.UserError, match='does not fit: it needs 0.0'):
+    loop.train_and_evaluate(_config(shapes_dir, device_data='on'), str(workdir))
+  # Nothing was restored, initialised or saved.
+  assert not (workdir / 'checkpoints').exists()
+
+
 def test_auto_says_which_path_and_why(tmp_path, shapes_dir, caplog):
   caplog.set_level(logging.INFO)
   loop.train_and_evaluate(

@@ -270,6 +270,16 @@ def train_and_evaluate(
 
   model = captioner.from_config(config, data.vocab.size)
   tx = state_lib.make_optimizer(config)
+  # The data path (config.device_data): chosen, and the data put on the
+  # devices, before anything is compiled.
+  objective, device_evaluator = objectives.build(
+    config,
+    data,
+    model,
+    tx,
+    mesh,
+    dict(process_index=jax.process_index(), process_count=jax.process_count()),
+  )
   replicated = parallel.replicated(mesh)
   batch_sharded = parallel.batch_sharded(mesh)
   init_fn = functools.partial(
@@ -315,11 +325,7 @@ def train_and_evaluate(
     )
 
   step = int(state.step)
-  # The data path (config.device_data) and the steps run per jitted call
-  # (config.steps_per_dispatch).
-  objective, device_evaluator = objectives.build(
-    config, data, model, tx, mesh, process
-  )
+  # Train steps run per jitted call (config.steps_per_dispatch).
   dispatcher = dispatch.Dispatcher(
     objective, mesh, step, config.num_train_steps, config.steps_per_dispatch
   )
