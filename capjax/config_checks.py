@@ -35,6 +35,8 @@ CHOICES = {
   'objective': ('xent', 'scst'),
   'scst_baseline': ('greedy', 'mean'),
   'best_metric': tuple(BEST_METRICS),
+  'device_data': ('auto', 'on', 'off'),
+  'device_data_layout': ('auto', 'replicated', 'sharded'),
 }
 
 # The split names of the data sets that have fixed ones; a 'coco_json' split
@@ -239,6 +241,7 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
       f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}'
     )
+  _check_dispatch(config)
 
 
 def check_extractor_weights(weights: str) -> None:
@@ -277,3 +280,44 @@ def _check_scst(config: ml_collections.ConfigDict) -> None:
       f'config.scst_samples must be at least {least} with the '
       f'{config.scst_baseline!r} baseline, got {config.scst_samples}'
     )
+
+
+def _check_dispatch(config: ml_collections.ConfigDict) -> None:
+  for name, allowed in (
+    ('device_data', DEVICE_DATA),
+    ('device_data_layout', DEVICE_DATA_LAYOUTS),
+  ):
+    if config[name] not in allowed:
+      raise errors.UserError(
+        f'config.{name} must be one of {", ".join(allowed)}, got '
+        f'{config[name]!r}'
+      )
+  k = config.steps_per_dispatch
+  if k <= 0:
+    raise errors.UserError(
+      f'config.steps_per_dispatch must be positive, got {k}'
+    )
+  intervals = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+  for name in intervals:
+    if config[name] % k:
+      raise errors.UserError(
+        f'config.steps_per_dispatch ({k}) must divide config.{name} '
+        f'({config[name]}): metrics, evaluations and checkpoints happen '
+        'between dispatches'
+      )
+
+
+def _check_dispatch(config: ml_collections.ConfigDict) -> None:
+  k = config.steps_per_dispatch
+  if k <= 0:
+    raise errors.UserError(
+      f'config.steps_per_dispatch must be positive, got {k}'
+    )
+  intervals = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+  for name in intervals:
+    if config[name] % k:
+      raise errors.UserError(
+        f'config.steps_per_dispatch ({k}) must divide config.{name} '
+        f'({config[name]}): metrics, evaluations and checkpoints happen '
+        'between dispatches'
+      )

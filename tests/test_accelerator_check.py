@@ -58,7 +58,16 @@ def test_every_row_runs_without_tensorflow(tmp_path):
   precision, *rows = report['rows']
   assert precision['capjax_default_precision'] < 1e-4
   assert precision['torch'] < 1e-4
-  for row in rows:
+  paths = [r for r in rows if r['row'].startswith('training data path')]
+  # Each batch size of each dtype, on the three paths.
+  assert len(paths) == 2 * len(report['settings']['plan']['train_batches'])
+  for row in paths:
+    assert all(row[p] > 0 for p in ('host_path', 'device_path', 'ceiling')), row
+  assert (
+    '| device / host | device / ceiling |'
+    in (tmp_path / 'accelerator.md').read_text()
+  )
+  for row in (r for r in rows if r not in paths):
     assert row['capjax'] > 0, row
     if 'beam' not in row['row']:
       assert row['torch_eager'] > 0, row

@@ -39,6 +39,8 @@ CORE = (
   'capjax.training.checkpoints',
   'capjax.training.parallel',
   'capjax.training.preemption',
+  'capjax.training.device_data',
+  'capjax.training.dispatch',
   'capjax.inference',
 )
 MAX_MODULE_LINES = 500

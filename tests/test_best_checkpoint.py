@@ -34,10 +34,15 @@ def shapes_dir(tmp_path_factory):
 
 
 def _config(shapes_dir, **overrides):
-  """Evaluations and checkpoints every 2 steps, all checkpoints kept."""
+  """Evaluations and checkpoints every 2 steps, all checkpoints kept.
+
+  On the host data path, whose validation loss (loop.evaluate_loss) `_train`
+  scripts.
+  """
   return testing_lib.tiny_config(
     shapes_dir,
     **{
+      'device_data': 'off',
       'num_train_steps': _STEPS,
       'eval_every_steps': 2,
       'checkpoint_every_steps': 2,

@@ -9,7 +9,15 @@ with those unimportable). Rows, each timed interleaved (harness), captions/s:
   and bfloat16: capjax's jitted step (bfloat16 compute, float32 parameters)
   against PyTorch eager and compiled (bfloat16 under `torch.autocast`);
 - greedy decoding at each of `Plan.decode_batches`, capjax and PyTorch;
-- beam search at `Plan.beam_batch`: capjax only, PyTorch's baseline has none.
+- beam search at `Plan.beam_batch`: capjax only, PyTorch's baseline has none;
+- the data paths of training at T = `Plan.length`, each of
+  `Plan.train_batches`, float32 and bfloat16, capjax only, `DATA_PATH_STEPS`
+  steps per timed call, float16 grids of `DATA_PATH_ROWS` batches: the host
+  path (each batch gathered in NumPy from grids in host memory, then put on
+  the device two batches ahead, as config.device_data='off' does), the
+  device path (the grids resident on the device, each batch gathered inside
+  the jitted step from its ids: 'on') and the ceiling (the step alone, on
+  batches already on the device).
 
 And a precision row: the largest |difference| between capjax's float32
 logits on the device and on the CPU, at JAX's default matmul precision and
@@ -38,9 +46,14 @@ from capjax.benchmarks import harness
 from capjax.benchmarks import torch_tutorial
 from capjax.benchmarks import workload
 from capjax.model import decoding
+from capjax.training import dispatch
 
 BEAM_SIZE = 3
+DATA_PATH_STEPS = 4
+DATA_PATH_ROWS = 4
+DATA_PATHS = ('host_path', 'device_path', 'ceiling')
 PRECISION_ROW = 'float32 logits, max |difference| from capjax on the CPU'
+DATA_PATH_ROW = 'training data path'
 DTYPES = {
   'float32': (jnp.float32, torch.float32),
   'bfloat16': (jnp.bfloat16, torch.bfloat16),
@@ -190,6 +203,43 @@ class _Check:
     )
     return _rates(batch_size, fns, errors, self.plan.repeats)
 
+  def data_paths(self, batch_size: int, dtype: str) -> dict[str, Any]:
+    """Captions/s of training fed by each data path (module docstring)."""
+    rng = np.random.default_rng(4)
+    rows = DATA_PATH_ROWS * batch_size
+    grids_NLD = workload.random_features(rng, rows, self.plan.sizes).astype(
+      np.float16
+    )
+    tokens_NT = workload.random_tokens(
+      rng, self.plan.length, rows, self.plan.sizes.vocab_size
+    )
+    ids = lambda: rng.integers(0, rows, batch_size).astype(np.int32)
+    trainer = self.capjax_trainer(dtype)
+
+    def host_batches():
+      while True:
+        i = ids()
+        yield {'features': grids_NLD[i], 'tokens': tokens_NT[i]}
+
+    host = dispatch.prefetch_to_device(host_batches(), jax.device_put)
+    tables = jax.device_put({'features': grids_NLD, 'tokens': tokens_NT})
+    fixed = jax.device_put(next(host_batches()))
+
+    def steps(fn):
+      return lambda: [fn() for _ in range(DATA_PATH_STEPS)][-1]
+
+    seconds = harness.interleaved_medians(
+      {
+        'host_path': steps(lambda: trainer(next(host))),
+        'device_path': steps(
+          lambda: trainer.on_ids(jax.device_put(ids()), tables)
+        ),
+        'ceiling': steps(lambda: trainer(fixed)),
+      },
+      self.plan.repeats,
+    )
+    return {k: DATA_PATH_STEPS * batch_size / s for k, s in seconds.items()}
+
   def greedy(self, batch_size: int) -> dict[str, Any]:
     features, _ = self.inputs(batch_size, seed=1)
     features_j = jnp.asarray(features)
@@ -290,6 +340,14 @@ def _rows(check: _Check) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
       check.beam,
     )
   )
+  rows += [
+    (
+      f'{DATA_PATH_ROW}, T={plan.length}, batch {b}, {dtype}',
+      functools.partial(check.data_paths, b, dtype),
+    )
+    for dtype in DTYPES
+    for b in plan.train_batches
+  ]
   return rows
 
 
@@ -346,6 +404,36 @@ def _ratio(row: dict[str, Any], key: str) -> str:
   return f'{row["capjax"] / row[key]:.1f}x'
 
 
+def _path_ratio(row: dict[str, Any], a: str, b: str) -> str:
+  return f'{row[a] / row[b]:.2f}x' if a in row and b in row else ''
+
+
+def _data_path_table(rows: list[dict[str, Any]]) -> list[str]:
+  """The data path rows: captions/s of each path, and their ratios."""
+  lines = [
+    '| training captions/s | host path (grids in host memory, prefetched) '
+    '| device path (gathered in the step) | ceiling (batch on the device) '
+    '| device / host | device / ceiling |',
+    '|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    if not row['row'].startswith(DATA_PATH_ROW):
+      continue
+    lines.append(
+      '| '
+      + ' | '.join(
+        [
+          row['row'],
+          *(_figure(row, k) for k in DATA_PATHS),
+          _path_ratio(row, 'device_path', 'host_path'),
+          _path_ratio(row, 'device_path', 'ceiling'),
+        ]
+      )
+      + ' |'
+    )
+  return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
   """The table, the precision row, the skipped rows and the settings."""
   lines = [
@@ -357,6 +445,8 @@ def markdown(report: dict[str, Any]) -> str:
   for row in report['rows']:
     if row['row'] == PRECISION_ROW:
       precision = row
+      continue
+    if row['row'].startswith(DATA_PATH_ROW):
       continue
     lines.append(
       '| '
@@ -372,7 +462,7 @@ def markdown(report: dict[str, Any]) -> str:
       )
       + ' |'
     )
-  lines.append('')
+  lines += ['', *_data_path_table(report['rows']), '']
   if precision is None or 'skipped' in precision:
     lines.append(f'{PRECISION_ROW}: skipped.')
   else:

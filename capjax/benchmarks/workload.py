@@ -14,6 +14,8 @@ import numpy as np
 
 from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
+from capjax.training import device_data
+from capjax.training import parallel
 from capjax.training import state as state_lib
 from capjax.training import step as step_lib
 
@@ -95,6 +97,25 @@ class CapjaxTrainer:
   def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
     self._state, _ = self._step(self._state, batch)
     return self._state.params
+
+  def on_ids(self, ids_B: jax.Array, tables: dict[str, jax.Array]) -> jax.Array:
+    """A step on rows `ids_B` of device-resident 'features' and 'tokens',
+    gathered inside the step as config.device_data does."""
+    self._state, _ = self._gather_step(self._state, ids_B, tables)
+    return self._state.params
+
+  @functools.cached_property
+  def _gather_step(self):
+    mesh = parallel.make_mesh()
+
+    def step(state, ids_B, tables):
+      batch = {
+        name: device_data.gather_rows(table, ids_B, 'replicated', mesh)
+        for name, table in tables.items()
+      }
+      return self._step(state, batch)
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def batch(

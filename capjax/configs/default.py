@@ -72,6 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
   # Keep the features of the training set in memory after the first epoch.
   config.cache_features = True
   config.shuffle_buffer = 10_000
+  # Where training batches are made (capjax.training.device_data). 'on': the
+  # split's float16 grids and tokens are put on the devices once, and each
+  # step gathers its batch there from the schedule's example ids (the same
+  # batches as the host's, to the bit); refused in one line if they fit no
+  # device. 'off': the host reads each batch and copies it over (prefetched
+  # two steps ahead). 'auto': 'on' where the data fits in half of each
+  # device's free memory, else 'off'; the log says which and why.
+  config.device_data = 'auto'
+  # With device_data on, several devices: 'replicated' (each holds all the
+  # grids, no communication), 'sharded' (each holds 1/n of them; each step
+  # gathers its rows across the devices with one collective) or 'auto'
+  # (replicated where a replica fits, else sharded).
+  config.device_data_layout = 'auto'
 
   # --- Model ----------------------------------------------------------------
   # Half the tutorial's sizes (256, 512), which `shapes` does not need: the
@@ -129,6 +142,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.scst_baseline = 'greedy'
 
   # --- Bookkeeping ----------------------------------------------------------
+  # Train steps run per jitted call (a lax.scan over the step): for small
+  # models, where launching each step costs more than the step. Metrics,
+  # checkpoints, evaluation and stops happen between calls, so it must divide
+  # the three intervals below.
+  config.steps_per_dispatch = 1
   config.log_every_steps = 100
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

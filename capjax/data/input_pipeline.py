@@ -136,6 +136,10 @@ class TrainBatches:
     self._reader = concurrent.futures.ThreadPoolExecutor(1)
     self._all_features: np.ndarray | None = None
 
+  @property
+  def examples(self) -> Examples:
+    return self._examples
+
   def _read_block(
     self, epoch: int, block: int
   ) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +243,18 @@ class EvalBatches:
       min(num_examples, len(examples)) if num_examples > 0 else len(examples)
     )
     self.num_batches = -(-self.num_examples // batch_size)
+    self.local_batch_size = self._local
 
-  def batch(self, index: int) -> Batch:
-    """This process's slice of global evaluation batch `index`."""
+  @property
+  def examples(self) -> Examples:
+    return self._examples
+
+  def rows(self, index: int) -> tuple[np.ndarray, int]:
+    """(this process's example ids of batch `index`, its T).
+
+    The ids are those of the real rows; the batch has local batch size rows,
+    the rest padding.
+    """
     if not 0 <= index < self.num_batches:
       raise ValueError(f'batch index {index} not in [0, {self.num_batches})')
     start = index * self._batch_size
@@ -250,7 +263,11 @@ class EvalBatches:
       int(self._examples.lengths[start:stop].max()), self._buckets
     )
     local_start = start + self._process_index * self._local
-    ids = np.arange(local_start, min(local_start + self._local, stop))
+    return np.arange(local_start, min(local_start + self._local, stop)), length
+
+  def batch(self, index: int) -> Batch:
+    """This process's slice of global evaluation batch `index`."""
+    ids, length = self.rows(index)
     store = self._examples.store
     real = len(ids)
     features = np.zeros(

@@ -104,6 +104,10 @@ class ImageBatches:
     self.steps_per_epoch = len(references) // batch_size
     self._all_features = references.store.read_all() if cache_features else None
 
+  @property
+  def references(self) -> ImageReferences:
+    return self._references
+
   def images(self, step: int) -> np.ndarray:
     """This process's images of a step, as indices into `references`."""
     epoch, position = divmod(step, self.steps_per_epoch)

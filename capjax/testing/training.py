@@ -61,7 +61,7 @@ def config_flags(config) -> list[str]:
   return flags
 
 
-def start_train(workdir, config, *, env=None) -> subprocess.Popen:
+def start_train(workdir, config, *, env=None, extra=()) -> subprocess.Popen:
   """`python -m capjax.train` running in the background, its output piped."""
   return subprocess.Popen(
     [
@@ -70,6 +70,7 @@ def start_train(workdir, config, *, env=None) -> subprocess.Popen:
       'capjax.train',
       f'--workdir={workdir}',
       *config_flags(config),
+      *extra,
     ],
     cwd=REPO_ROOT,
     stdout=subprocess.DEVNULL,

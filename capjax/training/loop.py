@@ -4,7 +4,7 @@
 Rerunning it resumes from the latest checkpoint in the workdir.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 import dataclasses
 import functools
 import pathlib
@@ -23,21 +23,17 @@ from capjax import workdir as workdir_lib
 from capjax.data import datasets
 from capjax.data import extraction
 from capjax.data import feature_store
-from capjax.data import input_pipeline
-from capjax.data import reference_batches
 from capjax.data import vocab as vocab_lib
-from capjax.metrics import cider
 from capjax.model import captioner
-from capjax.model import losses
 from capjax.training import best as best_lib
 from capjax.training import checkpoints
+from capjax.training import dispatch
 from capjax.training import init_from
+from capjax.training import objectives
 from capjax.training import parallel
 from capjax.training import preemption
 from capjax.training import reporting
-from capjax.training import scst
 from capjax.training import state as state_lib
-from capjax.training import step as step_lib
 from capjax.training import validation
 
 
@@ -142,81 +138,6 @@ def _raise_if_non_finite(
 def _sum_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
   keys = step_metrics[0][1].keys()
   return {k: sum(float(m[k]) for _, m in step_metrics) for k in keys}
-
-
-def _objective(
-  config: ml_collections.ConfigDict,
-  data: TrainingData,
-  model: captioner.Captioner,
-  tx: optax.GradientTransformation,
-  mesh,
-  start_step: int,
-  process: dict[str, int],
-) -> tuple[Iterator[dict], Callable, Callable]:
-  """The config.objective's batches from start_step, jitted step and means.
-
-  Returns:
-    (train batches, step(state, batch) -> (state, metric sums), the
-    function that turns summed metrics into the logged means).
-  """
-  replicated = parallel.replicated(mesh)
-  batch_sharded = parallel.batch_sharded(mesh)
-  if config.objective == 'xent':
-    batches = input_pipeline.train_batches(
-      config, data.train_store, data.train_records, data.vocab, **process
-    )
-    # Batches grouped by length hold very different token counts: dividing
-    # by a fixed count keeps every token's weight (losses.caption_loss).
-    normalizer = (
-      batches.schedule.mean_batch_tokens if config.group_by_length else None
-    )
-    step = jax.jit(
-      functools.partial(
-        step_lib.train_step,
-        model=model,
-        tx=tx,
-        attention_penalty=config.attention_penalty,
-        token_normalizer=normalizer,
-      ),
-      in_shardings=(replicated, batch_sharded),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-    )
-    return batches.iterator(start_step), step, losses.normalize
-  references = reference_batches.image_references(
-    input_pipeline.make_examples(
-      data.train_store, data.train_records, data.vocab, config.max_caption_len
-    )
-  )
-  # SCST's idf comes from the training references (Rennie et al.).
-  doc_freqs = jax.device_put(
-    cider.document_frequencies(references.references_MRT, data.vocab.size),
-    replicated,
-  )
-  batches = reference_batches.ImageBatches(
-    references,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    cache_features=config.cache_features,
-    **process,
-  ).iterator(start_step)
-  scst_step = jax.jit(
-    scst.make_step(model, tx, config),
-    in_shardings=(replicated, batch_sharded, replicated),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
-  logging.info(
-    'SCST on %d training images: %d samples each, %s baseline',
-    len(references),
-    config.scst_samples,
-    config.scst_baseline,
-  )
-  return (
-    batches,
-    lambda state, batch: scst_step(state, batch, doc_freqs),
-    scst.normalize,
-  )
 
 
 def _restore_or_init(
@@ -331,14 +252,15 @@ class _TrainMetrics:
     self._normalize = normalize
     self._reporter = reporter
     self._timer = reporting.StepTimer(start_step, config.num_train_steps)
-    self._pending: list[tuple[int, dict]] = []
+    self._pending: list = []  # dispatch.Dispatcher.run's entries
 
-  def add(self, step: int, metrics: dict) -> None:
-    self._pending.append((step, metrics))
+  def extend(self, entries: list) -> None:
+    """Adds the entries of `dispatch.Dispatcher.run`, still on the device."""
+    self._pending += entries
 
   def log(self, step: int, last_saved: int | None) -> None:
     """Logs the mean since the last call; raises on a non-finite loss."""
-    host_metrics = jax.device_get(self._pending)
+    host_metrics = dispatch.per_step(jax.device_get(self._pending))
     self._pending = []
     _raise_if_non_finite(host_metrics, last_saved, self._workdir)
     train = self._normalize(_sum_metrics(host_metrics))
@@ -379,18 +301,32 @@ def train_and_evaluate(
   data = _prepare_on_every_process(config, workdir_path)
   model = captioner.from_config(config, data.vocab.size)
   tx = state_lib.make_optimizer(config)
+  # The data path (config.device_data): chosen, and the data put on the
+  # devices, before anything is compiled.
+  objective, device_loss = objectives.build(
+    config,
+    data,
+    model,
+    tx,
+    mesh,
+    dict(process_index=jax.process_index(), process_count=jax.process_count()),
+  )
   state = _initial_state(
     config, workdir_path, model, tx, data.feature_shape_LD, mesh
   )
   step = int(state.step)
-  process = dict(
-    process_index=jax.process_index(), process_count=jax.process_count()
-  )
-  train_batches, p_train_step, normalize = _objective(
-    config, data, model, tx, mesh, step, process
+  # Train steps run per jitted call (config.steps_per_dispatch).
+  dispatcher = dispatch.Dispatcher(
+    objective, mesh, step, config.num_train_steps, config.steps_per_dispatch
   )
   evaluate = validation.Validator(
-    config, model, mesh, data.vocab, data.eval_store, data.eval_records
+    config,
+    model,
+    mesh,
+    data.vocab,
+    data.eval_store,
+    data.eval_records,
+    device_loss=device_loss,
   )
   manager = checkpoints.manager(workdir_path, config.keep_checkpoints)
   best = best_lib.BestKeeper(
@@ -401,7 +337,9 @@ def train_and_evaluate(
   reporter = reporting.Reporter(
     workdir_path, write_files=jax.process_index() == 0
   )
-  train_metrics = _TrainMetrics(config, workdir_path, normalize, reporter, step)
+  train_metrics = _TrainMetrics(
+    config, workdir_path, objective.normalize, reporter, step
+  )
   last_saved = manager.latest_step()
   logging.info(
     'training steps %d to %d: global batch %d on %d device(s), '
@@ -416,10 +354,8 @@ def train_and_evaluate(
   with preemption.StopRequest() as stop:
     try:
       while step < config.num_train_steps:
-        batch = parallel.global_batch(next(train_batches), mesh)
-        state, metrics = p_train_step(state, batch)
-        step += 1
-        train_metrics.add(step, metrics)
+        state, step, entries = dispatcher.run(state, step)
+        train_metrics.extend(entries)
         last = step == config.num_train_steps
         stopping = preemption.agreed_stop(stop, step, config.log_every_steps)
         save = step % config.checkpoint_every_steps == 0 or last or stopping

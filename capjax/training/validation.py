@@ -55,8 +55,11 @@ class Validator:
     vocab: vocab_lib.Vocab,
     store: feature_store.FeatureStore,
     records: Sequence[datasets.Record],
+    device_loss: Callable[[Any], dict[str, float]] | None = None,
   ):
+    """device_loss: the loss over batches gathered on the devices, if any."""
     self._config = config
+    self._device_loss = device_loss
     self._model = model
     self._mesh = mesh
     self._vocab = vocab
@@ -100,8 +103,10 @@ class Validator:
 
   def __call__(self, params: Any) -> dict[str, float]:
     """The loss, token accuracy and, if configured, the caption metrics."""
-    scores = evaluate_loss(
-      params, self._batches(), self._p_eval_step, self._mesh
+    scores = (
+      self._device_loss(params)
+      if self._device_loss
+      else evaluate_loss(params, self._batches(), self._p_eval_step, self._mesh)
     )
     if self._config.num_caption_eval_images:
       scores.update(
