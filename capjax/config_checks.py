@@ -18,6 +18,7 @@ from capjax.configs import default
 BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
 OBJECTIVES = ('xent', 'scst')
 SCST_BASELINES = ('greedy', 'mean')
+BEST_RULES = ('best', 'last_within')
 
 
 def _type_name(value: Any) -> str:
@@ -128,6 +129,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.best_metric must be one of {", ".join(BEST_METRICS)}, got '
       f'{config.best_metric!r}'
     )
+  if config.best_rule not in BEST_RULES:
+    raise errors.UserError(
+      f'config.best_rule must be one of {", ".join(BEST_RULES)}, got '
+      f'{config.best_rule!r}'
+    )
+  if config.best_rule != 'best' and config.best_metric == 'loss':
+    raise errors.UserError(
+      f"config.best_rule {config.best_rule!r} needs a caption metric: set "
+      "config.best_metric to 'cider' or 'bleu4'"
+    )
 
 
 def _check_objective(config: ml_collections.ConfigDict) -> None:
@@ -147,6 +158,10 @@ def _check_objective(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
       f'config.scst_baseline must be one of {", ".join(SCST_BASELINES)}, '
       f'got {config.scst_baseline!r}'
+    )
+  if config.scst_xent_weight < 0 or config.init_from_step < 0:
+    raise errors.UserError(
+      'config.scst_xent_weight and config.init_from_step must be >= 0'
     )
   least = 2 if config.scst_baseline == 'mean' else 1
   if config.scst_samples < least:

@@ -357,7 +357,8 @@ def train_and_evaluate(
   def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
     source = init_from.source(config)
     params = jax.device_put(
-      init_from.params(source, abstract_params), replicated
+      init_from.params(source, abstract_params, config.init_from_step),
+      replicated,
     )
     return state.replace(
       params=params,
