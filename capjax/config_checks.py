@@ -134,10 +134,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.best_rule must be one of {", ".join(BEST_RULES)}, got '
       f'{config.best_rule!r}'
     )
-  if config.best_rule != 'best' and config.best_metric == 'loss':
+  if config.best_rule != 'best' and (
+    config.best_metric == 'loss' or not config.num_caption_eval_images
+  ):
     raise errors.UserError(
-      f"config.best_rule {config.best_rule!r} needs a caption metric: set "
-      "config.best_metric to 'cider' or 'bleu4'"
+      f'config.best_rule {config.best_rule!r} needs a caption metric: '
+      "set config.best_metric to 'cider' or 'bleu4' and "
+      'config.num_caption_eval_images above 0'
     )
 
 

@@ -1,5 +1,6 @@
-"""The best checkpoint: chosen by the validation score, kept over resumes, loaded by default."""
+"""The best checkpoint: chosen by validation score, kept, loaded by default."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from capjax import config_checks
 from capjax import errors
 from capjax import inference
 from capjax.testing import training as testing_lib
+from capjax.training import best as best_lib
 from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import reporting
@@ -84,7 +86,7 @@ def _train(config, workdir: pathlib.Path, *, cider=None, loss=None):
 
 
 def _best_of_log(workdir, metric: str, best=max) -> tuple[int, float]:
-  """(step, score) of the best evaluation in metrics.jsonl, the first on ties."""
+  """(step, score) of the best evaluation in metrics.jsonl, first on ties."""
   evals = reporting.read_metrics(workdir)['eval']
   top = best(e[metric] for e in evals)
   return next((e['step'], e[metric]) for e in evals if e[metric] == top)
@@ -92,7 +94,7 @@ def _best_of_log(workdir, metric: str, best=max) -> tuple[int, float]:
 
 @pytest.fixture(scope='module')
 def scripted(tmp_path_factory, shapes_dir):
-  """A run whose best CIDEr is at step 6, with checkpoints at every even step."""
+  """A run whose best CIDEr is at step 6, with checkpoints at even steps."""
   workdir = tmp_path_factory.mktemp('scripted') / 'run'
   _train(_config(shapes_dir), workdir, cider=_CIDER)
   return workdir
@@ -254,3 +256,48 @@ def test_an_unknown_best_metric_is_refused(shapes_dir):
     match="config.best_metric must be one of cider, bleu4, loss, got 'bleu'",
   ):
     config_checks.check_config(_config(shapes_dir, best_metric='bleu'))
+
+
+def test_keeps_within_the_interval_of_the_top():
+  top = best_lib.Top(step=6, score=0.5, low=0.35)
+  assert best_lib.keeps_within(0.2, None) == (True, True)
+  assert best_lib.keeps_within(0.6, top) == (True, True)
+  assert best_lib.keeps_within(0.4, top) == (True, False)
+  assert best_lib.keeps_within(0.35, top) == (True, False)
+  assert best_lib.keeps_within(0.3, top) == (False, False)
+  assert best_lib.keeps_within(float('nan'), top) == (False, False)
+
+
+def test_last_within_keeps_the_newest_step_inside_the_tops_interval(
+  tmp_path, shapes_dir
+):
+  """Step 6 scores highest (0.5, interval from 0.35).
+
+  Step 8 falls below the interval, 10 and 12 lie inside: the rule keeps
+  12, where 'best' keeps 6.
+  """
+  workdir = tmp_path / 'run'
+  config = _config(shapes_dir, best_rule='last_within')
+  steps = iter(_eval_steps(config, workdir))
+
+  def scripted(*_):
+    cider = _CIDER[next(steps)]
+    return {'bleu4': 0.0, 'cider': cider, 'cider_low': cider - 0.15}
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, '_caption_metrics', scripted)
+    loop.train_and_evaluate(config, str(workdir))
+  best = checkpoints.read_best(workdir)
+  assert (best.step, best.score) == (12, 0.5)
+  assert sorted(
+    p.name for p in checkpoints.best_directory(workdir).iterdir()
+  ) == ['12']
+  top = json.loads((workdir / best_lib.TOP_FILE).read_text())
+  assert top == {'step': 6, 'score': 0.5, 'low': pytest.approx(0.35)}
+
+
+def test_last_within_needs_the_caption_evaluation(shapes_dir):
+  with pytest.raises(errors.UserError, match='best_rule'):
+    config_checks.check_config(
+      _config(shapes_dir, best_rule='last_within', best_metric='loss')
+    )

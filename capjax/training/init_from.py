@@ -56,7 +56,7 @@ def vocab(path: pathlib.Path) -> vocab_lib.Vocab:
 
 
 def check_features(path: pathlib.Path, info: dict[str, Any]) -> None:
-  """Raises a UserError unless the source was trained on features like `info`."""
+  """Raises a UserError unless the source was trained on features as `info`."""
   feature_store.require_same_features(
     files.read_json(workdir_lib.require_file(path, workdir_lib.FEATURES_FILE)),
     info,
