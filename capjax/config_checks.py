@@ -35,6 +35,7 @@ CHOICES = {
   'objective': ('xent', 'scst'),
   'scst_baseline': ('greedy', 'mean'),
   'best_metric': tuple(BEST_METRICS),
+  'best_rule': ('best', 'last_within'),
   'device_data': ('auto', 'on', 'off'),
   'device_data_layout': ('auto', 'replicated', 'sharded'),
 }
@@ -242,6 +243,14 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
       f'config.dropout_rate must be in [0, 1), got {config.dropout_rate}'
     )
   _check_dispatch(config)
+  if config.best_rule != 'best' and (
+    config.best_metric == 'loss' or not config.num_caption_eval_images
+  ):
+    raise errors.UserError(
+      f'config.best_rule {config.best_rule!r} needs a caption metric: '
+      "set config.best_metric to 'cider' or 'bleu4' and "
+      'config.num_caption_eval_images above 0'
+    )
 
 
 def check_extractor_weights(weights: str) -> None:
@@ -274,37 +283,16 @@ def _check_scst(config: ml_collections.ConfigDict) -> None:
       "config.objective 'scst' fine-tunes a trained model: set "
       'config.init_from to its workdir'
     )
+  if config.scst_xent_weight < 0 or config.init_from_step < 0:
+    raise errors.UserError(
+      'config.scst_xent_weight and config.init_from_step must be >= 0'
+    )
   least = 2 if config.scst_baseline == 'mean' else 1
   if config.scst_samples < least:
     raise errors.UserError(
       f'config.scst_samples must be at least {least} with the '
       f'{config.scst_baseline!r} baseline, got {config.scst_samples}'
     )
-
-
-def _check_dispatch(config: ml_collections.ConfigDict) -> None:
-  for name, allowed in (
-    ('device_data', DEVICE_DATA),
-    ('device_data_layout', DEVICE_DATA_LAYOUTS),
-  ):
-    if config[name] not in allowed:
-      raise errors.UserError(
-        f'config.{name} must be one of {", ".join(allowed)}, got '
-        f'{config[name]!r}'
-      )
-  k = config.steps_per_dispatch
-  if k <= 0:
-    raise errors.UserError(
-      f'config.steps_per_dispatch must be positive, got {k}'
-    )
-  intervals = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
-  for name in intervals:
-    if config[name] % k:
-      raise errors.UserError(
-        f'config.steps_per_dispatch ({k}) must divide config.{name} '
-        f'({config[name]}): metrics, evaluations and checkpoints happen '
-        'between dispatches'
-      )
 
 
 def _check_dispatch(config: ml_collections.ConfigDict) -> None:

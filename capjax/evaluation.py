@@ -9,12 +9,16 @@ caption evaluation (capjax.metrics.coco), and writes into the workdir, for
 decoder NAME (`greedy`, `beam3`, ...):
 
   captions_{split}_{NAME}.json   COCO results format: [{image_id, caption}]
-  metrics_{split}_{NAME}.json    the scores, checkpoint step and settings
+  metrics_{split}_{NAME}.json    the scores, their bootstrap intervals over
+                                 the images, checkpoint step and settings
+  comparison_{split}_{NAME}.json with `compare`: both models' scores on the
+                                 same images and their paired differences
 
 Decoding is capjax.captioning's, which training's periodic caption
 metrics share.
 """
 
+from collections.abc import Sequence
 import pathlib
 from typing import Any
 
@@ -27,6 +31,7 @@ from capjax import workdir as workdir_lib
 from capjax.data import datasets
 from capjax.data import extraction
 from capjax.data import feature_store
+from capjax.metrics import bootstrap as bootstrap_lib
 from capjax.metrics import coco as metrics
 from capjax.model import decoding
 
@@ -60,6 +65,35 @@ def _split_features(
   return store
 
 
+def _split_captions(
+  trained: inference.TrainedModel,
+  store: feature_store.FeatureStore,
+  records: Sequence[datasets.Record],
+  decoder: dict[str, Any],
+  batch_size: int,
+) -> dict[str, str]:
+  return captioning.generate_captions(
+    trained.params,
+    trained.model,
+    store,
+    records,
+    trained.vocab,
+    max_len=decoder['max_len'],
+    batch_size=batch_size,
+    beam_size=decoder['beam_size'],
+    alpha=decoder['alpha'],
+  )
+
+
+def _save_captions(path: pathlib.Path, captions: dict[str, str]) -> None:
+  workdir_lib.save_json(
+    path,
+    [
+      {'image_id': _coco_image_id(i), 'caption': c} for i, c in captions.items()
+    ],
+  )
+
+
 def evaluate_split(
   workdir: str,
   split: str,
@@ -70,6 +104,10 @@ def evaluate_split(
   max_len: int | None = None,
   num_images: int = 0,
   step: int | None = None,
+  bootstrap: int = 0,
+  seed: int = 0,
+  compare: str | None = None,
+  compare_step: int | None = None,
 ) -> dict[str, Any]:
   """Decodes and scores a split; writes the captions and the report.
 
@@ -82,10 +120,22 @@ def evaluate_split(
     max_len: the most tokens per caption; default: the config's.
     num_images: caption only the split's first images (0: all).
     step: the checkpoint's step; None for the best, else the newest.
+    bootstrap: resamples of the images for each score's 95% interval
+      (capjax.metrics.bootstrap); 0: no intervals.
+    seed: the resampling's seed.
+    compare: another workdir, whose model captions the same images with the
+      same decoder; the report's 'comparison' then holds both scores and
+      their paired differences (this model minus that one). Needs
+      bootstrap > 0.
+    compare_step: that model's checkpoint, as `step`.
 
   Returns:
-    The report written to metrics_{split}_{decoder}.json.
+    The report written to metrics_{split}_{decoder}.json, with
+    'comparison' (written to comparison_{split}_{decoder}.json) when
+    comparing.
   """
+  if compare and bootstrap <= 0:
+    raise errors.UserError('--compare needs --bootstrap > 0 resamples')
   trained = inference.load_trained(workdir, step)
   records = datasets.load_split(trained.config, split)
   store = _split_features(trained, split, str(workdir))
@@ -96,18 +146,24 @@ def evaluate_split(
     raise errors.UserError(
       f'split {split!r} has no image with features to caption'
     )
-  max_len = max_len or decoding.max_caption_tokens(trained.config)
-  captions = captioning.generate_captions(
-    trained.params,
-    trained.model,
-    store,
-    kept,
-    trained.vocab,
-    max_len=max_len,
-    batch_size=batch_size,
-    beam_size=beam_size,
-    alpha=alpha,
-  )
+  other = None
+  if compare:
+    # Loaded before decoding: a wrong path fails at once.
+    other = inference.load_trained(compare, compare_step)
+    feature_store.require_same_features(
+      other.feature_info,
+      store.describe(),
+      expected_what=f'the features the model of {compare} was trained on',
+      got_what=f'the features of split {split!r}',
+    )
+  name = decoder_name(beam_size, alpha)
+  decoder = {
+    'name': name,
+    'beam_size': beam_size,
+    'alpha': alpha,
+    'max_len': max_len or decoding.max_caption_tokens(trained.config),
+  }
+  captions = _split_captions(trained, store, kept, decoder, batch_size)
   use_java = metrics.java_available()
   if not use_java:
     logging.warning(
@@ -116,36 +172,56 @@ def evaluate_split(
       'close to, not equal to, the official ones. Install a '
       'Java runtime for the COCO evaluation proper.'
     )
-  scores = metrics.score_captions(
-    captions, {r.image_id: r.captions for r in kept}, use_java=use_java
-  )
+  references = {r.image_id: r.captions for r in kept}
+  scored = metrics.score_images(captions, references, use_java=use_java)
 
-  name = decoder_name(beam_size, alpha)
   # The split as a file name, made as its feature store's name is.
   tag = feature_store.file_name(split)
   workdir = pathlib.Path(workdir)
   results_path = workdir / f'captions_{tag}_{name}.json'
-  workdir_lib.save_json(
-    results_path,
-    [
-      {'image_id': _coco_image_id(i), 'caption': c} for i, c in captions.items()
-    ],
-  )
+  _save_captions(results_path, captions)
   report = {
     'split': split,
     'step': trained.step,
     'num_images': len(kept),
-    'decoder': {
-      'name': name,
-      'beam_size': beam_size,
-      'alpha': alpha,
-      'max_len': max_len,
-    },
+    'decoder': decoder,
     'tokenizer': 'ptb' if use_java else 'simple',
-    'metrics': scores,
+    'metrics': scored.scores,
     'captions_file': results_path.name,
   }
+  if bootstrap > 0:
+    report['intervals'] = {
+      m: list(v)
+      for m, v in bootstrap_lib.intervals(scored, bootstrap, seed).items()
+    }
+    report['bootstrap'] = bootstrap_lib.describe(bootstrap, seed)
   workdir_lib.save_json(workdir / f'metrics_{tag}_{name}.json', report)
+  if other is not None:
+    other_captions = _split_captions(other, store, kept, decoder, batch_size)
+    other_scored = metrics.score_images(
+      other_captions, references, use_java=use_java
+    )
+    other_path = workdir / f'captions_{tag}_{name}_compared.json'
+    _save_captions(other_path, other_captions)
+    comparison = {
+      'split': split,
+      'num_images': len(kept),
+      'decoder': decoder,
+      'tokenizer': report['tokenizer'],
+      'workdir': {'step': trained.step, 'metrics': scored.scores},
+      'other': {
+        'workdir': str(compare),
+        'step': other.step,
+        'metrics': other_scored.scores,
+        'captions_file': other_path.name,
+      },
+      'difference': bootstrap_lib.paired_differences(
+        scored, other_scored, bootstrap, seed
+      ),
+      'bootstrap': report['bootstrap'],
+    }
+    workdir_lib.save_json(workdir / f'comparison_{tag}_{name}.json', comparison)
+    report = dict(report, comparison=comparison)
   return report
 
 
@@ -156,7 +232,30 @@ def format_report(report: dict[str, Any]) -> str:
     f'{report["decoder"]["name"]} decoding, checkpoint step '
     f'{report["step"]}, {report["tokenizer"]} tokenisation'
   ]
-  lines += [
-    f'  {name:<8} {value:7.4f}' for name, value in report['metrics'].items()
-  ]
+  intervals = report.get('intervals', {})
+  if intervals:
+    lines[0] += (
+      f'; {report["bootstrap"]["level"]:.0%} bootstrap intervals over '
+      f'images ({report["bootstrap"]["resamples"]} resamples)'
+    )
+  for name, value in report['metrics'].items():
+    if name in intervals:
+      lines.append(
+        f'  {name:<8} {bootstrap_lib.format_interval(value, intervals[name])}'
+      )
+    else:
+      lines.append(f'  {name:<8} {value:7.4f}')
+  comparison = report.get('comparison')
+  if comparison:
+    other = comparison['other']
+    lines.append(
+      f'minus {other["workdir"]} (checkpoint step {other["step"]}) on the '
+      'same images, paired bootstrap:'
+    )
+    lines.append(f'  {"":<8} {"other":>7}  {"difference [interval]"}')
+    for name, diff in comparison['difference'].items():
+      lines.append(
+        f'  {name:<8} {other["metrics"][name]:7.4f}  '
+        f'{bootstrap_lib.format_interval(diff["value"], diff)}'
+      )
   return '\n'.join(lines)

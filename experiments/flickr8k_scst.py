@@ -16,7 +16,13 @@ features, a new optimizer and a new workdir, and trains on the CIDEr-D of
       --config.data_dir $DATA --config.feature_dir $FEATURES \
       --config.init_from ~/capjax/runs/flickr8k \
       --workdir ~/capjax/runs/flickr8k_scst
-  python -m capjax.evaluate --workdir ~/capjax/runs/flickr8k_scst --split test
+  # Did it help? Both stages on the same test images, paired bootstrap:
+  python -m capjax.evaluate --workdir ~/capjax/runs/flickr8k_scst \
+      --split test --compare ~/capjax/runs/flickr8k
+
+On small data this recipe is not shown to help: scripts/scst_cv.py
+cross-validates it and its variants (README, "Two stages"), and no variant
+has yet gained test CIDEr on every fold.
 """
 
 import pathlib

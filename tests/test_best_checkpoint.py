@@ -1,5 +1,6 @@
 """The best checkpoint: chosen by validation, kept over resumes, loaded."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from capjax import config_checks
 from capjax import errors
 from capjax import inference
 from capjax.testing import training as testing_lib
+from capjax.training import best as best_lib
 from capjax.training import checkpoints
 from capjax.training import loop
 from capjax.training import reporting
@@ -266,3 +268,48 @@ def test_an_unknown_best_metric_is_refused(shapes_dir):
     match="config.best_metric must be one of cider, bleu4, loss, got 'bleu'",
   ):
     config_checks.check_config(_config(shapes_dir, best_metric='bleu'))
+
+
+def test_keeps_within_the_interval_of_the_top():
+  top = best_lib.Top(step=6, score=0.5, low=0.35)
+  assert best_lib.keeps_within(0.2, None) == (True, True)
+  assert best_lib.keeps_within(0.6, top) == (True, True)
+  assert best_lib.keeps_within(0.4, top) == (True, False)
+  assert best_lib.keeps_within(0.35, top) == (True, False)
+  assert best_lib.keeps_within(0.3, top) == (False, False)
+  assert best_lib.keeps_within(float('nan'), top) == (False, False)
+
+
+def test_last_within_keeps_the_newest_step_inside_the_tops_interval(
+  tmp_path, shapes_dir
+):
+  """Step 6 scores highest (0.5, interval from 0.35).
+
+  Step 8 falls below the interval, 10 and 12 lie inside: the rule keeps
+  12, where 'best' keeps 6.
+  """
+  workdir = tmp_path / 'run'
+  config = _config(shapes_dir, best_rule='last_within')
+  steps = iter(_eval_steps(config, workdir))
+
+  def scripted(*_):
+    cider = _CIDER[next(steps)]
+    return {'bleu4': 0.0, 'cider': cider, 'cider_low': cider - 0.15}
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, '_caption_metrics', scripted)
+    loop.train_and_evaluate(config, str(workdir))
+  best = checkpoints.read_best(workdir)
+  assert (best.step, best.score) == (12, 0.5)
+  assert sorted(
+    p.name for p in checkpoints.best_directory(workdir).iterdir()
+  ) == ['12']
+  top = json.loads((workdir / best_lib.TOP_FILE).read_text())
+  assert top == {'step': 6, 'score': 0.5, 'low': pytest.approx(0.35)}
+
+
+def test_last_within_needs_the_caption_evaluation(shapes_dir):
+  with pytest.raises(errors.UserError, match='best_rule'):
+    config_checks.check_config(
+      _config(shapes_dir, best_rule='last_within', best_metric='loss')
+    )

@@ -1,4 +1,4 @@
-"""capjax.evaluation and capjax.evaluate: captions of a split, their scores, the command line."""
+"""capjax.evaluation and capjax.evaluate: captions, scores, command line."""
 
 import json
 import subprocess
@@ -109,6 +109,40 @@ def test_evaluate_split_without_java(trained, trained_workdir, monkeypatch):
     {r.image_id: r.captions for r in records},
     use_java=False,
   )
+
+
+def test_compare_with_itself_is_zero_with_a_zero_width_interval(
+  trained_workdir, monkeypatch
+):
+  monkeypatch.setattr(metrics.shutil, 'which', lambda name: None)
+  report = evaluation.evaluate_split(
+    str(trained_workdir),
+    'val',
+    num_images=8,
+    bootstrap=200,
+    compare=str(trained_workdir),
+  )
+  comparison = report['comparison']
+  assert comparison['other']['metrics'] == report['metrics']
+  assert set(comparison['difference']) == set(report['metrics'])
+  for diff in comparison['difference'].values():
+    assert diff == {'value': 0.0, 'low': 0.0, 'high': 0.0}
+  saved = json.loads(
+    (trained_workdir / 'comparison_val_greedy.json').read_text()
+  )
+  assert saved == comparison
+  # The model's own scores carry their intervals, which hold the scores.
+  for name, (low, high) in report['intervals'].items():
+    assert low <= report['metrics'][name] <= high
+  assert report['bootstrap']['resamples'] == 200
+  assert 'minus' in evaluation.format_report(report)
+
+
+def test_compare_needs_resamples(trained_workdir):
+  with pytest.raises(ValueError, match='--compare needs --bootstrap'):
+    evaluation.evaluate_split(
+      str(trained_workdir), 'val', compare=str(trained_workdir)
+    )
 
 
 def test_evaluate_split_errors(trained_workdir, tmp_path):

@@ -128,6 +128,47 @@ def test_loss_and_gradient_equal_a_hand_computation(tiny):
   )
 
 
+def test_reference_xent_is_minus_the_mean_log_p_of_the_real_references(tiny):
+  """Each reference's log p by hand; padded reference rows count nothing."""
+  model, params, features_BLD = tiny
+  features_BLD = features_BLD[:2]
+  start = vocab_lib.Vocab.start_id
+  references_BRT = jnp.array(
+    [
+      [[start, 3, 4, _END, 0], [start, 5, _END, 0, 0]],
+      [[start, 6, 7, 8, _END], [0, 0, 0, 0, 0]],
+    ]
+  )
+  mask_BR = jnp.array([[True, True], [True, False]])
+  got = scst.reference_xent(
+    params, features_BLD, references_BRT, mask_BR, model=model
+  )
+  refs = np.asarray(references_BRT)
+  want = -np.mean(
+    [
+      _hand_log_prob(model, params, features_BLD[b], list(refs[b, r, 1:]))
+      for b, r in ((0, 0), (0, 1), (1, 0))
+    ]
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  batch = {
+    'features': features_BLD,
+    'references': references_BRT,
+    'reference_mask': mask_BR,
+  }
+  samples_BKT = jnp.array([[[3, _END, 0, 0, 0]], [[6, 6, _END, 0, 0]]])
+  advantage_BK = jnp.array([[0.5], [-1.0]])
+  pg = scst.policy_gradient_loss(
+    params, features_BLD, samples_BKT, advantage_BK, model=model
+  )
+  for weight in (0.0, 0.2):
+    loss, xent = scst.mixed_loss(
+      params, batch, samples_BKT, advantage_BK, model=model, xent_weight=weight
+    )
+    np.testing.assert_allclose(loss, pg + weight * want, rtol=1e-5)
+    np.testing.assert_allclose(xent, want if weight else 0.0, rtol=1e-5)
+
+
 def test_baselines():
   reward_BK = jnp.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
   np.testing.assert_allclose(

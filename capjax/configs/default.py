@@ -134,12 +134,21 @@ def get_config() -> ml_collections.ConfigDict:
   # with a fresh optimizer; its vocabulary is used and its features must be
   # these. Empty: start from random parameters.
   config.init_from = ''
+  # The step of init_from's checkpoint to start from; 0: its best checkpoint
+  # (else its newest).
+  config.init_from_step = 0
   # SCST: captions sampled per image (temperature 1), and the baseline each
   # one's reward is compared with: 'greedy', the reward of the image's greedy
   # caption (Rennie et al. 2017), or 'mean', the mean reward of the image's
   # other samples (needs scst_samples >= 2).
   config.scst_samples = 5
   config.scst_baseline = 'greedy'
+  # SCST: weight of a cross-entropy term on the batch's reference captions
+  # mixed into the policy-gradient loss (0 = off): minus the mean over
+  # references of their log-probability, summed over tokens as the samples'
+  # is, so that it anchors the policy to the human captions (Paulus et al.
+  # 2018's mixed objective).
+  config.scst_xent_weight = 0.0
 
   # --- Bookkeeping ----------------------------------------------------------
   # Train steps run per jitted call (a lax.scan over the step): for small
@@ -162,5 +171,11 @@ def get_config() -> ml_collections.ConfigDict:
   # higher is better) or 'loss' (lower is better). With the caption
   # evaluation off, 'cider' and 'bleu4' fall back to 'loss'.
   config.best_metric = 'cider'
+  # Which evaluation's checkpoint is kept as the best: 'best', the highest
+  # score; or 'last_within', the newest evaluation whose score lies inside
+  # the 95% bootstrap interval of the highest (capjax.training.best), which
+  # prefers the longer-trained model when the difference is noise. Needs
+  # best_metric 'cider' or 'bleu4'.
+  config.best_rule = 'best'
 
   return config

@@ -11,14 +11,21 @@ official ones.
 
 CIDEr weighs n-grams by their document frequency over the references scored
 together: its value depends on the whole set, not on each image alone.
+
+`score_images` also keeps what each image contributes (`ImageScores`), from
+which capjax.metrics.bootstrap recomputes the corpus scores of resampled
+image sets without running the scorers again.
 """
 
 from collections.abc import Hashable, Mapping, Sequence
 import contextlib
+import dataclasses
 import io
 import re
 import shutil
 
+import numpy as np
+from pycocoevalcap.bleu import bleu_scorer
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -78,6 +85,46 @@ def _check(
     raise ValueError(f'image {empty[0]!r} has no reference caption')
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageScores:
+  """Corpus scores and each image's share of them.
+
+  Attributes:
+    scores: {metric: corpus score}, as `score_captions` returns them.
+    image_ids: the images, in the order of the rows below.
+    bleu_counts_N10: BLEU's statistics of each image (when a BLEU metric was
+      asked for): candidate length, closest reference length, then the
+      candidate's 1..4-gram counts and its clipped matches of each; corpus
+      BLEU is a function of their sums (`bootstrap.bleu_of_counts`).
+    per_image: {metric: (N,) scores} for METEOR, ROUGE_L and CIDEr, whose
+      corpus score is their mean (METEOR's is Java's aggregate of its
+      statistics, close to but not exactly the mean). CIDEr's document
+      frequencies are those of all N images' references.
+  """
+
+  scores: dict[str, float]
+  image_ids: tuple[Key, ...]
+  bleu_counts_N10: np.ndarray | None
+  per_image: dict[str, np.ndarray]
+
+
+def _bleu_counts(
+  gts: Mapping[Key, list[str]], res: Mapping[Key, list[str]]
+) -> np.ndarray:
+  """(N, 10) BLEU statistics per image, as pycocoevalcap's Bleu(4) cooks them.
+
+  The reference length is the one closest to the candidate's ('closest',
+  Bleu's option for more than one image).
+  """
+  rows = []
+  for key in gts:
+    refs = bleu_scorer.cook_refs(gts[key])
+    test = bleu_scorer.cook_test(res[key][0], refs)
+    reflen = min((abs(n - test['testlen']), n) for n in refs[0])[1]
+    rows.append([test['testlen'], reflen, *test['guess'], *test['correct']])
+  return np.array(rows, np.float64).reshape(-1, 10)
+
+
 def score_captions(
   candidates: Mapping[Key, str],
   references: Mapping[Key, Sequence[str]],
@@ -85,7 +132,20 @@ def score_captions(
   metrics: Sequence[str] = ALL_METRICS,
   use_java: bool | None = None,
 ) -> dict[str, float]:
-  """Corpus-level caption metrics.
+  """Corpus-level caption metrics: `score_images(...).scores`."""
+  return score_images(
+    candidates, references, metrics=metrics, use_java=use_java
+  ).scores
+
+
+def score_images(
+  candidates: Mapping[Key, str],
+  references: Mapping[Key, Sequence[str]],
+  *,
+  metrics: Sequence[str] = ALL_METRICS,
+  use_java: bool | None = None,
+) -> ImageScores:
+  """Corpus-level caption metrics, with each image's statistics.
 
   Args:
     candidates: one generated caption per image id.
@@ -95,7 +155,8 @@ def score_captions(
       Without Java, JAVA_METRICS are left out of the result.
 
   Returns:
-    {metric name: score}, in ALL_METRICS order.
+    The scores ({metric name: score}, in ALL_METRICS order) and each
+    image's statistics (see ImageScores).
   """
   unknown = set(metrics) - set(ALL_METRICS)
   if unknown:
@@ -109,18 +170,25 @@ def score_captions(
   res = tokenize({k: [c] for k, c in candidates.items()})
   gts = tokenize({k: list(references[k]) for k in candidates})
   wanted = [m for m in metrics if use_java or m not in JAVA_METRICS]
-  scores: dict[str, float] = {}
+  scores, per_image, bleu_counts = {}, {}, None
   # pycocoevalcap prints its BLEU statistics; keep them off the console.
   with contextlib.redirect_stdout(io.StringIO()):
     if any(m in BLEU for m in wanted):
       bleu, _ = Bleu(4).compute_score(gts, res)
       scores.update(zip(BLEU, bleu))
+      bleu_counts = _bleu_counts(gts, res)
     for name, scorer_cls in (
       ('METEOR', Meteor),
       ('ROUGE_L', Rouge),
       ('CIDEr', Cider),
     ):
       if name in wanted:
-        score, _ = scorer_cls().compute_score(gts, res)
+        score, image_scores = scorer_cls().compute_score(gts, res)
         scores[name] = score
-  return {m: float(scores[m]) for m in ALL_METRICS if m in wanted}
+        per_image[name] = np.asarray(image_scores, np.float64)
+  return ImageScores(
+    {m: float(scores[m]) for m in ALL_METRICS if m in wanted},
+    tuple(gts),
+    bleu_counts,
+    per_image,
+  )

@@ -9,11 +9,18 @@ The record (step and score) lives on disk with the parameters, so a resumed
 run continues from it. A tie keeps the earlier step: a resume repeats the
 evaluations after its checkpoint, and an exact resume scores them exactly
 as before, so it ends with the best step and score of an uninterrupted run.
+
+`config.best_rule` 'last_within' keeps instead the newest evaluation whose
+score lies inside the 95% bootstrap interval (over the validation images)
+of the highest score so far: on a small validation set a later step that
+scores a little lower is not measurably worse, and it has trained longer.
+The highest score and its interval's lower end are kept beside the
+checkpoint (TOP_FILE), so a resumed run keeps applying the rule.
 """
 
 import math
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -22,8 +29,39 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from capjax import config_checks
+from capjax import files
 from capjax.training import checkpoints
 from capjax.training import parallel
+
+TOP_FILE = 'best_rule_top.json'
+
+
+class Top(NamedTuple):
+  """The highest validation score so far and its interval's lower end."""
+
+  step: int
+  score: float
+  low: float
+
+
+def keeps_within(score: float, top: Top | None) -> tuple[bool, bool]:
+  """'last_within': (keep this evaluation, it is the new top).
+
+  A higher score than the top's is the new top; a score at or above the
+  top's lower end is kept as the newest within its interval.
+  """
+  if not np.isfinite(score):
+    return False, False
+  if top is None or score > top.score:
+    return True, True
+  return score >= top.low, False
+
+
+def _read_top(workdir: pathlib.Path) -> Top | None:
+  path = workdir / TOP_FILE
+  if not path.is_file():
+    return None
+  return Top(**files.read_json(path))
 
 
 def metric_of(config: ml_collections.ConfigDict) -> str:
@@ -115,6 +153,8 @@ class BestKeeper:
     elif record is not None:
       logging.info('the best so far: %s', record.describe())
     self._record = record
+    self._rule = config.best_rule
+    self._top = _read_top(workdir) if self._rule == 'last_within' else None
     # Creating the manager creates the directory (process 0): a process
     # still reading it above could see it half made and call it damaged.
     parallel.sync_processes('capjax.train.best_read')
@@ -132,7 +172,22 @@ class BestKeeper:
     # Only process 0 computes the caption metrics; every process must take
     # the same decision, as each takes part in the save.
     score = parallel.from_process_0(scores.get(self._metric, math.nan))
-    if not improves(score, scores['loss'], self._metric, self._record):
+    if self._rule == 'last_within':
+      low = parallel.from_process_0(scores.get(f'{self._metric}_low', math.nan))
+      keep, is_top = keeps_within(
+        score if np.isfinite(scores['loss']) else math.nan, self._top
+      )
+      if not keep:
+        return
+      if is_top:
+        self._top = Top(step, score, low)
+      # Orbax keeps the highest-scoring step of its manager, and the step
+      # kept here may score lower than the one it replaces: that one goes
+      # first (a stop in between leaves no best checkpoint until the next
+      # evaluation).
+      for older in self._manager.all_steps():
+        self._manager.delete(older)
+    elif not improves(score, scores['loss'], self._metric, self._record):
       return
     # Orbax saves no step at or below its newest. A record of a later step
     # comes from a run this one does not repeat exactly (it resumed under
@@ -150,6 +205,8 @@ class BestKeeper:
       metrics={self._metric: score},
     )
     self._manager.wait_until_finished()
+    if self._top is not None and jax.process_index() == 0:
+      files.write_json_atomic(self._workdir / TOP_FILE, self._top._asdict())
     self._record = checkpoints.Checkpoint(
       self._workdir, step, 'best', self._metric, score
     )

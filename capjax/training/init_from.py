@@ -2,10 +2,11 @@
 
 Self-critical training fine-tunes a cross-entropy model: a new workdir, a
 new optimizer, the parameters of the other workdir's best checkpoint (else
-its newest). The two runs must agree on everything the parameters depend
-on, so that is checked before anything is compiled: the model's fields, the
-vocabulary (taken from the source) and the features (the source's
-`features.json` against the training store).
+its newest, or the step config.init_from_step names). The two runs must
+agree on everything the parameters depend on, so that is checked before
+anything is compiled: the model's fields, the vocabulary (taken from the
+source) and the features (the source's `features.json` against the training
+store).
 """
 
 import pathlib
@@ -55,7 +56,7 @@ def vocab(path: pathlib.Path) -> vocab_lib.Vocab:
 
 
 def check_features(path: pathlib.Path, info: dict[str, Any]) -> None:
-  """Raises a UserError unless the source was trained on features like `info`."""
+  """Raises a UserError unless the source was trained on features as `info`."""
   feature_store.require_same_features(
     files.read_json(workdir_lib.require_file(path, workdir_lib.FEATURES_FILE)),
     info,
@@ -64,9 +65,13 @@ def check_features(path: pathlib.Path, info: dict[str, Any]) -> None:
   )
 
 
-def params(path: pathlib.Path, expected: Any) -> Any:
-  """The source's best (else newest) parameters, checked against `expected`."""
-  checkpoint = checkpoints.resolve(path)
+def params(path: pathlib.Path, expected: Any, step: int = 0) -> Any:
+  """The source's parameters, checked against `expected`.
+
+  Those of checkpoint `step` (config.init_from_step), or with step 0 of its
+  best checkpoint, else its newest.
+  """
+  checkpoint = checkpoints.resolve(path, step or None)
   logging.info(
     'starting from %s of %s (config.init_from), with a new optimizer',
     checkpoint.describe(),

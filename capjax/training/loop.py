@@ -217,7 +217,8 @@ def _initial_state(
     source = init_from.source(config)
     abstract_params = state_lib.abstract_params(model, feature_shape_LD)
     params = jax.device_put(
-      init_from.params(source, abstract_params), replicated
+      init_from.params(source, abstract_params, config.init_from_step),
+      replicated,
     )
     return state.replace(
       params=params,

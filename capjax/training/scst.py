@@ -13,7 +13,11 @@ For each image of the batch the step
    greedy decode);
 4. descends  loss = -1/(B K) sum_bk (r_bk - b_bk) log p(sample_bk),
    where log p is the sum of the sample's token log-probabilities,
-   recomputed by teacher forcing so that it has a gradient.
+   recomputed by teacher forcing so that it has a gradient; with
+   config.scst_xent_weight w > 0, plus w times the mean -log p of the
+   image's reference captions (`reference_xent`), a cross-entropy anchor to
+   the human captions for small data sets, where the policy otherwise
+   drifts toward captions the training references no longer support.
 
 The sum over a sample's tokens is the sequence log-probability that the
 policy-gradient theorem differentiates, and the 1/(B K) makes the gradient an
@@ -24,8 +28,8 @@ changing the direction.
 
 The samples and the baseline carry no gradient: (r - b) is a constant
 weight. Dropout is off (config.dropout_rate is not used): log p must be the
-probability of the policy that drew the samples. Padding after a sample's <end> is neither scored by CIDEr-D nor
-counted in log p.
+probability of the policy that drew the samples. Padding after a sample's
+<end> is neither scored by CIDEr-D nor counted in log p.
 """
 
 from collections.abc import Callable
@@ -113,6 +117,54 @@ def policy_gradient_loss(
   return -jnp.mean(jax.lax.stop_gradient(advantage_BK) * log_p_BK)
 
 
+def reference_xent(
+  params: Any,
+  features_BLD: Array,
+  references_BRT: Array,
+  reference_mask_BR: Array,
+  *,
+  model: captioner.Captioner,
+) -> Array:
+  """Minus the mean log p of the real references, each summed over tokens.
+
+  The references' leading <start> is dropped: `sequence_log_probs` feeds it.
+  """
+  log_p_BR = sequence_log_probs(
+    params, features_BLD, references_BRT[:, :, 1:], model=model
+  )
+  weight_BR = reference_mask_BR.astype(log_p_BR.dtype)
+  return -jnp.sum(weight_BR * log_p_BR) / jnp.maximum(jnp.sum(weight_BR), 1.0)
+
+
+def mixed_loss(
+  params: Any,
+  batch: Batch,
+  samples_BKT: Array,
+  advantage_BK: Array,
+  *,
+  model: captioner.Captioner,
+  xent_weight: float,
+) -> tuple[Array, Array]:
+  """The policy-gradient loss plus xent_weight times `reference_xent`.
+
+  Returns:
+    (the loss, the cross-entropy term alone: 0 when xent_weight is 0).
+  """
+  loss = policy_gradient_loss(
+    params, batch['features'], samples_BKT, advantage_BK, model=model
+  )
+  if not xent_weight:
+    return loss, jnp.zeros((), loss.dtype)
+  xent = reference_xent(
+    params,
+    batch['features'],
+    batch['references'],
+    batch['reference_mask'],
+    model=model,
+  )
+  return loss + xent_weight * xent, xent
+
+
 def baseline_of(
   reward_BK: Array, greedy_reward_B: Array | None, baseline: str
 ) -> Array:
@@ -195,6 +247,7 @@ def scst_step(
   baseline: str,
   max_len: int,
   reward_fn: RewardFn = cider_reward,
+  xent_weight: float = 0.0,
 ) -> tuple[state_lib.TrainState, dict[str, Array]]:
   """One SCST step on a batch of images with their references.
 
@@ -210,6 +263,7 @@ def scst_step(
     baseline: 'greedy' or 'mean' (config_checks.CHOICES).
     max_len: the most tokens of a sample, <end> included.
     reward_fn: (candidates (B, C, T), batch, reward_args) -> rewards (B, C).
+    xent_weight: the weight of `reference_xent` in the loss (0: none).
 
   Returns:
     The new state and the batch's metric sums (see `normalize`).
@@ -227,12 +281,13 @@ def scst_step(
     max_len=max_len,
   )
   advantage_BK = scored['reward_BK'] - scored['baseline_BK']
-  loss, grads = jax.value_and_grad(policy_gradient_loss)(
+  (loss, xent), grads = jax.value_and_grad(mixed_loss, has_aux=True)(
     state.params,
-    batch['features'],
+    batch,
     scored['samples_BKT'],
     advantage_BK,
     model=model,
+    xent_weight=xent_weight,
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -245,6 +300,7 @@ def scst_step(
       scored['samples_BKT'] != vocab_lib.Vocab.pad_id, dtype=jnp.float32
     ),
     'sample_count': jnp.asarray(advantage_BK.size, jnp.float32),
+    'xent_sum': xent * advantage_BK.size,
   }
   return state.replace(
     step=state.step + 1, params=params, opt_state=opt_state
@@ -258,6 +314,7 @@ def normalize(sums: dict[str, Any]) -> dict[str, float]:
     'reward': float(sums['reward_sum']) / samples,
     'baseline': float(sums['baseline_sum']) / samples,
     'sample_length': float(sums['sample_token_sum']) / samples,
+    'reference_xent': float(sums['xent_sum']) / samples,
   }
 
 
@@ -272,4 +329,5 @@ def make_step(
     num_samples=config.scst_samples,
     baseline=config.scst_baseline,
     max_len=decoding.max_caption_tokens(config),
+    xent_weight=config.scst_xent_weight,
   )
