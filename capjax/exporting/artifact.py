@@ -128,6 +128,7 @@ def export_workdir(
       vocab=trained.vocab,
       input_name=inputs[0]['name'],
       image_size=image_size,
+      per_image=search.beam_size > 1,
     )
     extra = {'signatures': saved_model.describe_signatures(image_size)}
   description = metadata.describe(

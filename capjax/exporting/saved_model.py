@@ -14,7 +14,8 @@ SavedModel runs what capjax runs. Two signatures:
 Both return the four arrays of the ONNX graph and `caption`, the words.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import pathlib
 
 from capjax.data import vocab as vocab_lib
@@ -23,6 +24,53 @@ from capjax.exporting import graph
 BYTES = 'image_bytes'  # TF Serving decodes base64 for inputs named *_bytes
 CAPTION = 'caption'
 PIXELS_SIGNATURE = 'pixels'
+
+
+@contextlib.contextmanager
+def _stablehlo_for_tensorflow() -> Iterator[None]:
+  """JAX's programs serialized for TensorFlow's older StableHLO.
+
+  jax.export writes StableHLO at least 4 weeks old; TensorFlow's
+  XlaCallModule lags further behind (TF 2.21 reads up to 1.13.7, JAX 0.10
+  writes 1.15) and refuses newer ops. 12 weeks old fits. jax.export has no
+  option for it, hence the patch of its private serializer while saving.
+  """
+  from jax._src.export import _export  # noqa: PLC0415
+
+  original = _export._module_to_bytecode  # noqa: SLF001
+  hlo = _export.hlo
+
+  def to_bytecode(module):
+    target = hlo.get_version_from_compatibility_requirement(
+      hlo.StablehloCompatibilityRequirement.WEEK_12
+    )
+    return _export._jax.mlir.serialize_portable_artifact(  # noqa: SLF001
+      module, target, _export.xb.get_backend().serialize_with_sdy
+    )
+
+  _export._module_to_bytecode = to_bytecode  # noqa: SLF001
+  try:
+    yield
+  finally:
+    _export._module_to_bytecode = original  # noqa: SLF001
+
+
+def _per_image(fn: Callable, item_shape: tuple[int, ...]) -> Callable:
+  """fn converted for a batch of one, mapped over a batch by tf.map_fn."""
+  import jax  # noqa: PLC0415
+  import tensorflow as tf  # noqa: PLC0415
+  from jax.experimental import jax2tf  # noqa: PLC0415
+
+  one = jax.ShapeDtypeStruct((1, *item_shape), jax.numpy.float32)
+  signature = tuple(
+    tf.TensorSpec(a.shape[1:], a.dtype.name) for a in jax.eval_shape(fn, one)
+  )
+  fn_tf = jax2tf.convert(fn, with_gradient=False)
+
+  def one_image(x):
+    return tuple(a[0] for a in fn_tf(x[None]))
+
+  return lambda x: tf.map_fn(one_image, x, fn_output_signature=signature)
 
 
 def describe_signatures(image_size: int | None) -> dict:
@@ -57,26 +105,35 @@ def save(
   vocab: vocab_lib.Vocab,
   input_name: str,
   image_size: int | None,
+  per_image: bool,
 ) -> pathlib.Path:
-  """Writes the SavedModel of `fn` into `directory`; returns saved_model.pb."""
+  """Writes the SavedModel of `fn` into `directory`; returns saved_model.pb.
+
+  per_image: convert for one image and map it over the batch in TensorFlow.
+  Beam search needs it: with a symbolic batch size, its top_k lowers to a
+  sort of dynamic shape that TensorFlow cannot compile.
+  """
   # TensorFlow only here: ONNX export and the rest of capjax run without it.
   import tensorflow as tf  # noqa: PLC0415
   from jax.experimental import jax2tf  # noqa: PLC0415
 
-  fn_tf = jax2tf.convert(
-    fn, polymorphic_shapes=['(b, ...)'], with_gradient=False
-  )
+  if per_image:
+    arrays_fn = _per_image(fn, item_shape)
+  else:
+    arrays_fn = jax2tf.convert(
+      fn, polymorphic_shapes=['(b, ...)'], with_gradient=False
+    )
   module = tf.Module()
   module.words = tf.constant(vocab.words)
 
   def results(x):
-    arrays = fn_tf(x)
+    arrays = arrays_fn(x)
     named = dict(zip(graph.OUTPUTS, arrays))
     named[CAPTION] = _words(named['tokens'], module.words)
     return named
 
   spec = tf.TensorSpec([None, *item_shape], tf.float32, name=input_name)
-  from_input = tf.function(results, input_signature=[spec])
+  from_input = tf.function(results, input_signature=[spec], autograph=False)
   signatures = {}
   if image_size is None:
     signatures['serving_default'] = from_input
@@ -86,7 +143,10 @@ def save(
       image = tf.io.decode_image(data, channels=3, expand_animations=False)
       return tf.image.resize(image, (image_size, image_size))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES)])
+    @tf.function(
+      input_signature=[tf.TensorSpec([None], tf.string, name=BYTES)],
+      autograph=False,
+    )
     def from_bytes(image_bytes):
       pixels = tf.map_fn(
         decode,
@@ -98,5 +158,6 @@ def save(
     signatures['serving_default'] = from_bytes
     signatures[PIXELS_SIGNATURE] = from_input
   module.from_input = from_input
-  tf.saved_model.save(module, str(directory), signatures=signatures)
+  with _stablehlo_for_tensorflow():
+    tf.saved_model.save(module, str(directory), signatures=signatures)
   return directory / 'saved_model.pb'
