@@ -125,6 +125,7 @@ def onnx_greedy(trained_workdir, tmp_path_factory):
   return _export(trained_workdir, tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_artifact_layout_and_metadata(onnx_greedy, trained):
   out = onnx_greedy.out
   assert (out / 'model' / '1' / 'model.onnx').is_file()
@@ -157,6 +158,7 @@ def test_artifact_layout_and_metadata(onnx_greedy, trained):
   )
 
 
+@pytest.mark.slow
 def test_onnx_client_without_capjax_equals_sample_greedy(
   onnx_greedy, trained, shapes_images
 ):
@@ -173,3 +175,141 @@ def test_onnx_client_without_capjax_equals_sample_beam(
   for paths in (shapes_images, shapes_images[3:4]):
     texts, captions = capjax_captions(trained, paths, beam_size=3)
     assert_same_captions(run_client(exported.out, paths), texts, captions)
+
+
+# Loads the SavedModel and captions the images twice, from their encoded
+# bytes (serving_default) and from capjax's resized pixels ('pixels').
+_RUN_SAVED_MODEL = """
+import json
+import numpy as np
+import tensorflow as tf
+model_dir, pixels_path, *paths = sys.argv[1:]
+model = tf.saved_model.load(model_dir)
+data = tf.constant([open(p, 'rb').read() for p in paths])
+by_input = {
+  'bytes': model.signatures['serving_default'](image_bytes=data),
+  'pixels': model.signatures['pixels'](pixels=tf.constant(np.load(pixels_path))),
+}
+print(json.dumps({
+  name: {k: v.numpy().tolist() if k != 'caption' else
+         [c.decode() for c in v.numpy()] for k, v in out.items()}
+  for name, out in by_input.items()
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_saved_model_without_capjax_equals_sample(
+  trained_workdir, tmp_path_factory, trained, shapes_images, beam_size
+):
+  exported = _export(
+    trained_workdir, tmp_path_factory, fmt='saved_model', beam_size=beam_size
+  )
+  assert exported.model == exported.out / 'model' / '1' / 'saved_model.pb'
+  extractor = inference.make_extractor(trained)
+  for paths in (shapes_images, shapes_images[3:4]):
+    pixels = exported.out / f'pixels{len(paths)}.npy'
+    np.save(
+      pixels, np.stack([extractor.prepare(images_lib.load_image(p)) for p in paths])
+    )
+    got = json.loads(
+      run_without_capjax(_RUN_SAVED_MODEL, exported.model.parent, pixels, *paths)
+    )
+    texts, captions = capjax_captions(trained, paths, beam_size)
+    for out in got.values():
+      assert out['caption'] == texts
+      rows = [
+        {'caption': c, 'tokens': t, 'log_prob': p, 'attention': a[:n]}
+        for c, t, p, a, n in zip(
+          out['caption'],
+          out['tokens'],
+          out['log_prob'],
+          out['attention'],
+          out['lengths'],
+        )
+      ]
+      assert_same_captions(rows, texts, captions)
+
+
+def _workdir_copy(trained_workdir, tmp_path, features=None, **config_fields):
+  """The trained workdir with another features.json or config fields."""
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  for name in (workdir_lib.VOCAB_FILE, workdir_lib.FEATURES_FILE):
+    (workdir / name).write_bytes((trained_workdir / name).read_bytes())
+  (workdir / 'best_checkpoint').symlink_to(trained_workdir / 'best_checkpoint')
+  (workdir / 'checkpoints').symlink_to(trained_workdir / 'checkpoints')
+  config = workdir_lib.load_config(trained_workdir)
+  for key, value in config_fields.items():
+    config[key] = value
+  workdir_lib.save_config(workdir, config)
+  if features is not None:
+    workdir_lib.save_json(workdir / workdir_lib.FEATURES_FILE, features)
+  return workdir
+
+
+def test_features_from_numpy_need_from_features(trained_workdir, tmp_path):
+  features = files.read_json(trained_workdir / workdir_lib.FEATURES_FILE)
+  features['extractor'] = {'name': 'custom'}
+  workdir = _workdir_copy(trained_workdir, tmp_path, features)
+  with pytest.raises(errors.UserError, match='--from_features') as e:
+    artifact.export_workdir(workdir, tmp_path / 'out')
+  assert "'custom'" in str(e.value) and '--from_numpy' in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_keras_only_inception_weights_have_no_jax_form(
+  trained_workdir, tmp_path
+):
+  features = {
+    'extractor': {'name': 'inception_v3', 'weights': 'x', 'backend': 'keras'},
+    'num_locations': 16,
+    'feature_dim': 784,
+  }
+  workdir = _workdir_copy(
+    trained_workdir, tmp_path, features, extractor_weights='my_model.keras'
+  )
+  with pytest.raises(errors.UserError, match='no JAX form') as e:
+    artifact.export_workdir(workdir, tmp_path / 'out')
+  assert 'my_model.keras' in str(e.value) and '--from_features' in str(e.value)
+
+
+def test_a_primitive_the_converter_lacks_is_named(
+  trained_workdir, tmp_path, monkeypatch
+):
+  import jax2onnx  # noqa: PLC0415
+
+  def no_rule(*args, **kwargs):
+    raise NotImplementedError(
+      "[lowering] No plugins registered for primitive 'top_k'"
+    )
+
+  monkeypatch.setattr(jax2onnx, 'to_onnx', no_rule)
+  with pytest.raises(errors.UserError) as e:
+    artifact.export_workdir(trained_workdir, tmp_path / 'out', beam_size=3)
+  assert "'top_k'" in str(e.value) and 'beam search' in str(e.value)
+
+
+def test_program_reports_an_unexportable_workdir_in_one_line(
+  trained_workdir, tmp_path
+):
+  features = files.read_json(trained_workdir / workdir_lib.FEATURES_FILE)
+  features['extractor'] = {'name': 'custom'}
+  workdir = _workdir_copy(trained_workdir, tmp_path, features)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'capjax.export',
+      f'--workdir={workdir}',
+      f'--out={tmp_path / "out"}',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'Traceback' not in result.stderr
