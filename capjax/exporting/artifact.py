@@ -88,7 +88,7 @@ def export_workdir(
   )
   if from_features:
     item_shape = trained.feature_shape_LD
-    fn = graph.features_fn(trained, search)
+    fn = graph.features_fn(trained.model, trained.params, search)
     image_size = None
   else:
     extractor = extractor_lib.graph_extractor(
@@ -96,7 +96,7 @@ def export_workdir(
     )
     image_size = extractor.image_size
     item_shape = (image_size, image_size, 3)
-    fn = graph.pixels_fn(trained, search, extractor)
+    fn = graph.pixels_fn(trained.model, trained.params, search, extractor)
   inputs = [metadata.input_spec(item_shape, from_features)]
   outputs = metadata.output_specs(search.max_len, trained.feature_shape_LD[0])
   out = pathlib.Path(out)

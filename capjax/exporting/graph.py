@@ -8,13 +8,14 @@ from it.
 
 from collections.abc import Callable
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from capjax import errors
-from capjax import inference
 from capjax.exporting import extractor as extractor_lib
+from capjax.model import captioner
 from capjax.model import decoding
 
 Array = jax.Array
@@ -60,7 +61,9 @@ class Search:
 CaptionsFn = Callable[[Array], tuple[Array, Array, Array, Array]]
 
 
-def features_fn(trained: inference.TrainedModel, search: Search) -> CaptionsFn:
+def features_fn(
+  model: captioner.Captioner, params: Any, search: Search
+) -> CaptionsFn:
   """features_BLD float32 -> (tokens_BT, lengths_B, log_prob_B, attention_BTL)."""
 
   # Traced afresh, unjitted: jit would cache the trace the converter makes
@@ -68,18 +71,18 @@ def features_fn(trained: inference.TrainedModel, search: Search) -> CaptionsFn:
   def captions_fn(features_BLD):
     if search.beam_size > 1:
       captions = decoding.beam_captions.__wrapped__(
-        trained.params,
+        params,
         features_BLD,
-        model=trained.model,
+        model=model,
         max_len=search.max_len,
         beam_size=search.beam_size,
         alpha=search.alpha,
       ).best()
     else:
       captions = decoding.greedy_captions.__wrapped__(
-        trained.params,
+        params,
         features_BLD,
-        model=trained.model,
+        model=model,
         max_len=search.max_len,
       )
     return (
@@ -93,12 +96,13 @@ def features_fn(trained: inference.TrainedModel, search: Search) -> CaptionsFn:
 
 
 def pixels_fn(
-  trained: inference.TrainedModel,
+  model: captioner.Captioner,
+  params: Any,
   search: Search,
   extractor: extractor_lib.GraphExtractor,
 ) -> CaptionsFn:
   """pixels_BSS3 float32 in [0, 255], resized -> the captions' four arrays."""
-  decode = features_fn(trained, search)
+  decode = features_fn(model, params, search)
 
   def captions_fn(pixels_BSS3):
     return decode(extractor.features_fn(pixels_BSS3.astype(jnp.float32)))
