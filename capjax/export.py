@@ -1,4 +1,4 @@
-r"""Exports a trained captioner to run without capjax: `python -m capjax.export`.
+r"""A trained captioner for use without capjax: `python -m capjax.export`.
 
   python -m capjax.export --workdir /tmp/coco --out /tmp/coco-onnx
   python -m capjax.export --workdir /tmp/coco --out /tmp/coco-beam \

@@ -26,7 +26,7 @@ _HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 
 
 def load_image(path: str) -> np.ndarray:
-  """An image file as capjax decodes it: 8-bit RGB (H, W, 3), as viewers show it."""
+  """An image file as capjax decodes it: 8-bit RGB (H, W, 3), as shown."""
   with Image.open(path, formats=FORMATS) as image:
     image.load()
     image = ImageOps.exif_transpose(image)
@@ -54,7 +54,7 @@ def _taps(in_size: int, out_size: int):
 
 
 def resize_bilinear(image_HW3: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear resize to (size, size, 3) float32, tf.image.resize's arithmetic."""
+  """Bilinear resize to (size, size, 3) float32, as tf.image.resize."""
   top, bottom, y_lerp = _taps(image_HW3.shape[0], size)
   left, right, x_lerp = _taps(image_HW3.shape[1], size)
   y_lerp, x_lerp = y_lerp[:, None, None], x_lerp[None, :, None]

@@ -15,6 +15,7 @@ PROGRAMS = (
   'capjax.serve',
   'capjax.convert',
   'capjax.features',
+  'capjax.export',
 )
 # What runs on an accelerator host with only JAX installed: the model, its
 # losses and decoding, the train step and state, checkpoint loading.

@@ -1,4 +1,4 @@
-"""capjax.export: a graph that captions as capjax.sample does, run without capjax.
+"""capjax.export: a graph that captions as capjax.sample, run without capjax.
 
 The reference client (examples/onnx_caption.py) and the SavedModel run in
 processes where capjax, JAX and Flax cannot be imported; their token ids
@@ -188,7 +188,9 @@ model = tf.saved_model.load(model_dir)
 data = tf.constant([open(p, 'rb').read() for p in paths])
 by_input = {
   'bytes': model.signatures['serving_default'](image_bytes=data),
-  'pixels': model.signatures['pixels'](pixels=tf.constant(np.load(pixels_path))),
+  'pixels': model.signatures['pixels'](
+    pixels=tf.constant(np.load(pixels_path))
+  ),
 }
 print(json.dumps({
   name: {k: v.numpy().tolist() if k != 'caption' else
@@ -211,10 +213,13 @@ def test_saved_model_without_capjax_equals_sample(
   for paths in (shapes_images, shapes_images[3:4]):
     pixels = exported.out / f'pixels{len(paths)}.npy'
     np.save(
-      pixels, np.stack([extractor.prepare(images_lib.load_image(p)) for p in paths])
+      pixels,
+      np.stack([extractor.prepare(images_lib.load_image(p)) for p in paths]),
     )
     got = json.loads(
-      run_without_capjax(_RUN_SAVED_MODEL, exported.model.parent, pixels, *paths)
+      run_without_capjax(
+        _RUN_SAVED_MODEL, exported.model.parent, pixels, *paths
+      )
     )
     texts, captions = capjax_captions(trained, paths, beam_size)
     for out in got.values():
@@ -348,7 +353,11 @@ def _inception_workdir(workdir: pathlib.Path, shared_data: pathlib.Path):
   workdir_lib.save_json(
     workdir / workdir_lib.FEATURES_FILE,
     {
-      'extractor': {'name': 'inception_v3', 'weights': 'none', 'backend': 'jax'},
+      'extractor': {
+        'name': 'inception_v3',
+        'weights': 'none',
+        'backend': 'jax',
+      },
       'num_locations': shape_LD[0],
       'feature_dim': shape_LD[1],
     },
@@ -365,7 +374,9 @@ def test_inception_on_real_photos_greedy(tmp_path, shared_data):
   """32 COCO photos through InceptionV3 (random weights): capjax's tokens."""
   workdir = _inception_workdir(tmp_path / 'workdir', shared_data)
   exported = artifact.export_workdir(workdir, tmp_path / 'out')
-  paths = sorted(str(p) for p in (shared_data / 'coco-mini' / 'val2017').glob('*.jpg'))
+  paths = sorted(
+    str(p) for p in (shared_data / 'coco-mini' / 'val2017').glob('*.jpg')
+  )
   paths = paths[:32]
   trained = inference.load_trained(workdir)
   texts, captions = capjax_captions(trained, paths, beam_size=1)

@@ -1,10 +1,10 @@
 """A workdir's checkpoint -> an artifact directory that servers take as it is.
 
-  OUT/capjax_export.json   what the graph takes and gives (metadata.py)
-  OUT/vocab.json           token ids -> words
-  OUT/model/config.pbtxt   Triton's model configuration (ONNX only)
-  OUT/model/1/model.onnx   the graph (ONNX), or
-  OUT/model/1/saved_model.pb, variables/   (SavedModel, for TF Serving)
+OUT/capjax_export.json   what the graph takes and gives (metadata.py)
+OUT/vocab.json           token ids -> words
+OUT/model/config.pbtxt   Triton's model configuration (ONNX only)
+OUT/model/1/model.onnx   the graph (ONNX), or
+OUT/model/1/saved_model.pb, variables/   (SavedModel, for TF Serving)
 """
 
 import dataclasses

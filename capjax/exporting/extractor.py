@@ -67,7 +67,9 @@ def _inception_variables(weights: str) -> Any:
 
   if weights == 'none':
     return inception.random_variables()
-  path = extractors.inception_weights_path() if weights == 'imagenet' else weights
+  path = (
+    extractors.inception_weights_path() if weights == 'imagenet' else weights
+  )
   if not path.endswith('.h5'):
     raise errors.UserError(
       f'InceptionV3 weights {weights!r} have no JAX form: capjax converts '

@@ -64,7 +64,7 @@ CaptionsFn = Callable[[Array], tuple[Array, Array, Array, Array]]
 def features_fn(
   model: captioner.Captioner, params: Any, search: Search
 ) -> CaptionsFn:
-  """features_BLD float32 -> (tokens_BT, lengths_B, log_prob_B, attention_BTL)."""
+  """features_BLD -> (tokens_BT, lengths_B, log_prob_B, attention_BTL)."""
 
   # Traced afresh, unjitted: jit would cache the trace the converter makes
   # under its patches of jax.numpy and Flax, and later calls would reuse it.

@@ -1,4 +1,4 @@
-"""The files beside an exported graph: vocab.json, capjax_export.json, Triton's config.
+"""The files beside an exported graph: vocab, metadata, Triton's config.
 
 capjax_export.json says everything a client needs to feed the graph and
 read its answers without capjax: the preprocessing, the special token ids,
@@ -66,7 +66,7 @@ def describe(
   image_size: int | None,
   extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """capjax_export.json's contents; image_size None: the graph takes features."""
+  """capjax_export.json's contents; image_size None: a graph of features."""
   if image_size is None:
     preprocessing = {
       'input': 'feature grids (L, D) as the extractor below makes them',
@@ -114,7 +114,9 @@ def triton_config(
   def entry(spec):
     dims = ', '.join(str(d) for d in spec['shape'][1:])
     # Triton needs a dimension per item: a scalar is [ 1 ], reshaped to [ ].
-    shape = f'dims: [ {dims} ]' if dims else 'dims: [ 1 ] reshape: { shape: [ ] }'
+    shape = (
+      f'dims: [ {dims} ]' if dims else 'dims: [ 1 ] reshape: { shape: [ ] }'
+    )
     return (
       f'  {{ name: "{spec["name"]}" '
       f'data_type: {_TRITON_TYPES[spec["dtype"]]} {shape} }}'

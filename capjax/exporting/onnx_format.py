@@ -93,7 +93,9 @@ def _per_image_loop(
     *g.node,
     helper.make_node('Identity', ['cond_in'], ['cond_out']),
   ]
-  body_outputs = [helper.make_tensor_value_info('cond_out', onnx.TensorProto.BOOL, [])]
+  body_outputs = [
+    helper.make_tensor_value_info('cond_out', onnx.TensorProto.BOOL, [])
+  ]
   for out in g.output:
     name = out.name[len(_INNER) :]
     body_nodes.append(
@@ -116,7 +118,9 @@ def _per_image_loop(
   outer_nodes = [
     helper.make_node('Shape', [input_name], ['batch_1'], start=0, end=1),
     helper.make_node('Squeeze', ['batch_1'], ['batch']),
-    helper.make_node('Loop', ['batch', 'loop_true'], list(output_names), body=body),
+    helper.make_node(
+      'Loop', ['batch', 'loop_true'], list(output_names), body=body
+    ),
   ]
   constants = [
     helper.make_tensor('loop_axis0', i64, [1], [0]),
@@ -131,7 +135,11 @@ def _per_image_loop(
   graph = helper.make_graph(
     outer_nodes,
     'capjax',
-    [helper.make_tensor_value_info(input_name, image_type.elem_type, image_shape)],
+    [
+      helper.make_tensor_value_info(
+        input_name, image_type.elem_type, image_shape
+      )
+    ],
     outputs,
     initializer=[*g.initializer, *constants],
   )
@@ -143,7 +151,9 @@ def _per_image_loop(
   return model
 
 
-def _missing_primitive(error: NotImplementedError, what: str) -> errors.UserError:
+def _missing_primitive(
+  error: NotImplementedError, what: str
+) -> errors.UserError:
   match = re.search(r"primitive '([^']+)'", str(error))
   primitive = match.group(1) if match else str(error)
   return errors.UserError(

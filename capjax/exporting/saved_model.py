@@ -58,8 +58,8 @@ def _stablehlo_for_tensorflow() -> Iterator[None]:
 def _per_image(fn: Callable, item_shape: tuple[int, ...]) -> Callable:
   """fn converted for a batch of one, mapped over a batch by tf.map_fn."""
   import jax  # noqa: PLC0415
-  import tensorflow as tf  # noqa: PLC0415
   from jax.experimental import jax2tf  # noqa: PLC0415
+  import tensorflow as tf  # noqa: PLC0415
 
   one = jax.ShapeDtypeStruct((1, *item_shape), jax.numpy.float32)
   signature = tuple(
@@ -114,8 +114,8 @@ def save(
   sort of dynamic shape that TensorFlow cannot compile.
   """
   # TensorFlow only here: ONNX export and the rest of capjax run without it.
-  import tensorflow as tf  # noqa: PLC0415
   from jax.experimental import jax2tf  # noqa: PLC0415
+  import tensorflow as tf  # noqa: PLC0415
 
   if per_image:
     arrays_fn = _per_image(fn, item_shape)
