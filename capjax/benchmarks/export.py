@@ -9,7 +9,10 @@ Two models with random weights (so every caption runs the full length):
 
 Each is timed at batch 1 (latency) and batch 64 (captions/s), capjax and
 ONNX Runtime taking turns; both must give the same tokens. The export's
-time and the graph's size are reported too.
+time and the graph's size are reported too. scripts/benchmark.py runs it
+when jax2onnx is installed; alone:
+
+  python -m capjax.benchmarks.export REPEATS MAX_LEN
 """
 
 import functools

@@ -57,7 +57,7 @@ def _convert(
       return fn(x)
 
   try:
-    return to_onnx(
+    model = to_onnx(
       traced,
       [shape],
       opset=OPSET,
@@ -70,6 +70,58 @@ def _convert(
     # traces made under the converter's patches; later calls must not
     # reuse them.
     jax.clear_caches()
+  _hoist_loop_constants(model.graph)
+  return model
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+  """Every node input named `old`, in `graph` and its subgraphs, -> `new`."""
+  for node in graph.node:
+    for k, name in enumerate(node.input):
+      if name == old:
+        node.input[k] = new
+    for attribute in node.attribute:
+      if attribute.type == onnx.AttributeProto.GRAPH:
+        _rename_uses(attribute.g, old, new)
+
+
+def _hoist_loop_constants(graph: onnx.GraphProto) -> None:
+  """Values a Loop only passes on, read from the outer scope instead.
+
+  jax2onnx makes every value the while loop closes over (the parameters)
+  a loop-carried variable that each iteration hands on through Identity, so
+  ONNX Runtime copies all the weights at every step. A subgraph may read
+  the outer graph's values directly: this rewires each such variable to
+  its value outside, and drops it from the loop.
+  """
+  for node in graph.node:
+    if node.op_type != 'Loop':
+      continue
+    (body_attr,) = [a for a in node.attribute if a.name == 'body']
+    body = body_attr.g
+    producers = {o: n for n in body.node for o in n.output}
+    num_carried = len(body.input) - 2
+    passed_on = []
+    for j in range(num_carried):
+      name = body.input[j + 2].name
+      producer = producers.get(body.output[j + 1].name)
+      if (
+        producer is not None
+        and producer.op_type == 'Identity'
+        and list(producer.input) == [name]
+        and node.input[j + 2]  # an omitted optional input has no value
+      ):
+        passed_on.append(j)
+    for j in reversed(passed_on):
+      outer = node.input[j + 2]
+      producer = producers[body.output[j + 1].name]
+      body.node.remove(producer)
+      _rename_uses(body, body.input[j + 2].name, outer)
+      _rename_uses(graph, node.output[j], outer)
+      del body.input[j + 2]
+      del body.output[j + 1]
+      del node.input[j + 2]
+      del node.output[j]
 
 
 def _per_image_loop(
