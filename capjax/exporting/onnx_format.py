@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 import contextlib
 import re
 
+from flax import linen
+from flax.linen import pooling
 import jax
 import jax.numpy as jnp
 import onnx
@@ -20,31 +22,51 @@ from onnx import helper
 from capjax import errors
 
 OPSET = 23
-# jax.numpy as JAX defines it, before jax2onnx patches it while tracing.
-_JNP = dict(vars(jnp))
-# Patches that fail with a symbolic batch size (search.py's jnp.full).
-_UNPATCH = ('full',)
+# jax2onnx replaces functions while it traces. Its jnp.full needs a
+# concrete shape (search.py fills a (batch,) vector): the original is put
+# back, its primitive converts. (Putting back all of jax.numpy breaks other
+# ops' dynamic shapes.) Its Flax pools take the window by keyword only, and
+# capjax.model.inception passes it by position: they are called by keyword.
+# Their originals would not do: the max pool they emit becomes an ONNX
+# MaxPool that ONNX Runtime refuses. Taken at import, before any patching.
+_FULL = jnp.full
+_POOLS = tuple(
+  (module, name, getattr(module, name))
+  for module in (linen, pooling)
+  for name in ('max_pool', 'avg_pool')
+)
 _INNER = 'image_'  # prefix of the one-image graph's input and outputs
 
 
-@contextlib.contextmanager
-def _plain_jax_numpy() -> Iterator[None]:
-  """jax.numpy's own functions, in place of jax2onnx's patches of them.
+def _window_by_keyword(patched: Callable) -> Callable:
+  def pool(inputs, window_shape, strides=None, padding='VALID', **kwargs):
+    return patched(
+      inputs,
+      window_shape=window_shape,
+      strides=strides,
+      padding=padding,
+      **kwargs,
+    )
 
-  jax2onnx replaces jnp.full with a version that needs a concrete shape;
-  with a symbolic batch size it fails. The primitive the original emits
-  converts. (Restoring all of jax.numpy breaks other ops' dynamic shapes.)
-  """
-  patched = {
-    k: v for k, v in vars(jnp).items() if k in _UNPATCH and _JNP[k] is not v
-  }
-  for name in patched:
-    setattr(jnp, name, _JNP[name])
+  return pool
+
+
+@contextlib.contextmanager
+def _convertible() -> Iterator[None]:
+  """jax2onnx's patches, amended for capjax's calls (see _FULL, _POOLS)."""
+  saved = [(jnp, 'full', jnp.full)]
+  saved += [(m, n, getattr(m, n)) for m, n, original in _POOLS]
+  if jnp.full is not _FULL:
+    jnp.full = _FULL
+  for module, name, original in _POOLS:
+    current = getattr(module, name)
+    if current is not original:
+      setattr(module, name, _window_by_keyword(current))
   try:
     yield
   finally:
-    for name, value in patched.items():
-      setattr(jnp, name, value)
+    for module, name, value in saved:
+      setattr(module, name, value)
 
 
 def _convert(
@@ -53,7 +75,7 @@ def _convert(
   from jax2onnx import to_onnx  # noqa: PLC0415
 
   def traced(x):
-    with _plain_jax_numpy():
+    with _convertible():
       return fn(x)
 
   try:
