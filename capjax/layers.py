@@ -17,7 +17,15 @@ LIBRARIES = 'any library'
 # Benchmarks and test helpers sit outside the layers.
 ANYTHING = 'anything'
 
-PROGRAMS = ('train', 'sample', 'evaluate', 'serve', 'convert', 'features')
+PROGRAMS = (
+  'train',
+  'sample',
+  'evaluate',
+  'serve',
+  'convert',
+  'features',
+  'export',
+)
 
 MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
   # Programs.

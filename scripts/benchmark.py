@@ -144,6 +144,11 @@ def main(argv):
   report['decoding'] = decoding.bench_decoding(
     repeats, _DECODE_LEN.value, tutorial_images=1 if quick else 2
   )
+  # ONNX Runtime is optional (the export extra): without it, no export rows.
+  if importlib.util.find_spec('jax2onnx') is not None:
+    from capjax.benchmarks import export  # noqa: PLC0415
+
+    report['export'] = export.bench_export(repeats, _DECODE_LEN.value)
   # PyTorch is optional (the bench extra): without it, no PyTorch rows.
   if importlib.util.find_spec('torch') is not None:
     from capjax.benchmarks import torch_baseline  # noqa: PLC0415

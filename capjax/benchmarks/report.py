@@ -82,6 +82,34 @@ def table_rows(report: dict) -> list[list[str]]:
       None,
     )
   )
+  e = report.get('export')
+  for name, label in (
+    ('shapes', 'shapes model from pixels'),
+    ('tutorial', 'tutorial-size decoder from features'),
+  ):
+    if not e:
+      break
+    r = e[name]
+    rows.append(
+      _row(
+        f'exported graph, {label}: capjax vs ONNX Runtime, greedy batch 1 '
+        '(latency ms, lower is better)',
+        f'{r["capjax_latency_ms"]:.1f}',
+        f'{r["onnx_latency_ms"]:.1f}',
+        r['onnx_latency_ms'] / r['capjax_latency_ms'],
+        None,
+      )
+    )
+    rows.append(
+      _row(
+        f'exported graph, {label}: capjax vs ONNX Runtime, greedy batch '
+        f'{e["batch_size"]} (captions/s)',
+        f'{r["capjax_captions_per_s"]:.1f}',
+        f'{r["onnx_captions_per_s"]:.1f}',
+        r['capjax_captions_per_s'] / r['onnx_captions_per_s'],
+        None,
+      )
+    )
   p = report['pipeline_examples_per_s']
   for cache in (False, True):
     rows.append(
