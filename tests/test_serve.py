@@ -1,4 +1,4 @@
-"""capjax.serving and capjax.serve: the HTTP service, against a real server on 127.0.0.1.
+"""capjax.serving and capjax.serve: the HTTP service, on 127.0.0.1.
 
 Most tests talk to one `python -m capjax.serve` process. The queue-full test
 runs the app in this process with a decoder it holds back, so that the
@@ -264,7 +264,7 @@ def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
 
 
 def test_continuous_rows_are_greedy_search(trained):
-  """Rows joining and leaving at random give decoding.caption_features' answers."""
+  """Rows joining and leaving at random: decoding.caption_features' answers."""
   rng = np.random.default_rng(0)
   features = rng.normal(size=(12,) + tuple(trained.feature_shape_LD)).astype(
     np.float32
@@ -343,6 +343,13 @@ def test_image_pool_checks_memory_before_decoding():
   # A JPEG decodes at the largest draft scale that keeps 64 pixels.
   assert imaging.decode_bytes(jpeg, 64) == 375 * 250 * 20
   assert imaging.decode_bytes(b'not an image', 64) is None
+  # A progressive JPEG keeps its coefficients at full size: 3000 x 2000
+  # luma and, subsampled 2 x 2, two chroma planes of 1500 x 1000.
+  progressive = io.BytesIO()
+  Image.new('RGB', (3000, 2000)).save(progressive, 'JPEG', progressive=True)
+  assert imaging.decode_bytes(progressive.getvalue(), 64) == (
+    375 * 250 * 20 + 2 * (3000 * 2000 + 2 * 1504 * 1000)
+  )
   pool = imaging.ImagePool(
     lambda image: image,
     image_size=64,
@@ -946,6 +953,61 @@ def test_fetch_url_follows_redirects_but_checks_each(files_url, examples):
   with pytest.raises(requests.RequestError) as error:
     fetch_lib.fetch_url(f'{files_url}/image', max_bytes=1000, timeout_s=1.0)
   assert error.value.status == 403 and 'loopback' in str(error.value)
+
+
+@pytest.mark.parametrize(
+  'url', ['http://[::1/', 'http://[evil]/', 'http://x:99999/', 'ftp://x/']
+)
+def test_fetch_url_refuses_malformed_urls_with_a_400(url):
+  with pytest.raises(requests.RequestError) as error:
+    fetch_lib.fetch_url(url, max_bytes=1000, timeout_s=1.0)
+  assert error.value.status == 400
+
+
+def test_fetch_url_refuses_a_redirect_to_a_malformed_url(files_url):
+  with pytest.raises(requests.RequestError) as error:
+    fetch_lib.fetch_url(
+      f'{files_url}/redirect?to=http://[evil/',
+      max_bytes=1000,
+      timeout_s=1.0,
+      refuse=_loopback_only,
+    )
+  assert error.value.status in (400, 502)
+
+
+def test_fetch_url_deadline_is_for_the_whole_fetch():
+  """A remote sending a header byte every 0.3 s, under a 1 s limit."""
+  listener = socket.create_server(('127.0.0.1', 0))
+  stop = threading.Event()
+
+  def dribble():
+    connection, _ = listener.accept()
+    with connection:
+      for byte in b'HTTP/1.1 200 OK\r\n' + b'X: y\r\n' * 100:
+        if stop.is_set():
+          return
+        try:
+          connection.send(bytes([byte]))
+        except OSError:
+          return
+        time.sleep(0.3)
+
+  thread = threading.Thread(target=dribble, daemon=True)
+  thread.start()
+  start = time.monotonic()
+  try:
+    with pytest.raises(requests.RequestError) as error:
+      fetch_lib.fetch_url(
+        f'http://127.0.0.1:{listener.getsockname()[1]}/',
+        max_bytes=1000,
+        timeout_s=1.0,
+        refuse=_loopback_only,
+      )
+  finally:
+    stop.set()
+    listener.close()
+  assert error.value.status == 504
+  assert time.monotonic() - start < 1.5
 
 
 # --- The page in a browser ----------------------------------------------------
