@@ -1015,13 +1015,37 @@ def test_fetch_url_deadline_is_for_the_whole_fetch():
 _CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 
 
-def test_page_captions_an_upload_in_chromium(server, examples, expected):
+# Pixel of the page's canvas at fractions (x, y) of its size: [r, g, b].
+_PIXEL_JS = """([x, y]) => {
+  const canvas = document.getElementById('view');
+  return Array.from(canvas.getContext('2d').getImageData(
+      Math.floor(x * canvas.width), Math.floor(y * canvas.height), 1, 1
+  ).data.slice(0, 3));
+}"""
+
+
+@pytest.mark.parametrize('width, height', [(1280, 900), (390, 844)])
+def test_page_shows_each_words_attention_in_chromium(
+  server, examples, expected, tmp_path, width, height
+):
+  """Each word, chosen by pointer or arrow key, colours its highest cell.
+
+  Screenshots of the page at a desktop and a phone size go to tmp_path.
+  """
   playwright_api = pytest.importorskip(
     'playwright.sync_api', reason='the page test needs `pip install playwright`'
   )
   if not os.path.exists(_CHROMIUM):
     pytest.skip('the page test needs Chromium (apt-get install chromium)')
   url, _ = server
+  status, _, answer = post_image(url, read(examples[1]), '?attention=true')
+  assert status == 200
+  rows, cols = answer['attention_grid']
+  words = [t for t in answer['tokens'] if t != '<end>']
+
+  def cell_centre(index):
+    return ((index % cols + 0.5) / cols, (index // cols + 0.5) / rows)
+
   with playwright_api.sync_playwright() as p:
     browser = p.chromium.launch(
       executable_path=_CHROMIUM,
@@ -1036,7 +1060,7 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       ],
     )
     try:
-      page = browser.new_page()
+      page = browser.new_page(viewport={'width': width, 'height': height})
       requested, errors = [], []
       page.on('request', lambda r: requested.append(r.url))
       page.on('console', lambda m: m.type == 'error' and errors.append(m.text))
@@ -1046,25 +1070,56 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       page.click('#submit')
       # A selector wait, not wait_for_function: polling a JavaScript string
       # needs eval, which the page's Content-Security-Policy forbids.
-      page.wait_for_selector('#panels canvas', state='attached', timeout=30_000)
-      caption = page.inner_text('#caption')
-      panels = page.locator('#panels figcaption').all_inner_texts()
-      # A shape's panel is brighter somewhere than everywhere else.
-      spread = page.evaluate("""() => {
-        const canvas = document.querySelectorAll('#panels canvas')[1];
-        const d = canvas.getContext('2d').getImageData(
-            0, 0, canvas.width, canvas.height).data;
-        let low = 255, high = 0;
-        for (let i = 0; i < d.length; i += 4) {
-          const v = d[i] + d[i + 1] + d[i + 2];
-          low = Math.min(low, v); high = Math.max(high, v);
-        }
-        return high - low;
-      }""")
+      page.wait_for_selector('#words button', timeout=30_000)
+      shown = page.locator('#words button').all_inner_texts()
+      details = page.inner_text('#details')
+      # Nothing chosen: the image alone.
+      page.keyboard.press('Escape')
+      plain = {
+        i: page.evaluate(_PIXEL_JS, cell_centre(i)) for i in range(rows * cols)
+      }
+      changes = []
+      for t, word in enumerate(words):
+        if t == 0:
+          page.hover('#words li:first-child button')
+        else:
+          page.keyboard.press('ArrowRight')  # focus is on the word before
+        assert (
+          page.get_attribute(
+            f'#words li:nth-child({t + 1}) button', 'aria-pressed'
+          )
+          == 'true'
+        ), word
+        weights = answer['attention'][t]
+        top = max(range(len(weights)), key=weights.__getitem__)
+        low = min(range(len(weights)), key=weights.__getitem__)
+        changes.append(
+          [
+            sum(
+              abs(a - b)
+              for a, b in zip(
+                page.evaluate(_PIXEL_JS, cell_centre(i)), plain[i]
+              )
+            )
+            for i in (top, low)
+          ]
+        )
+        if t == 0:
+          page.screenshot(path=str(tmp_path / f'page_{width}x{height}.png'))
+      # The opacity control fades the map out.
+      page.fill('#opacity', '0')
+      page.dispatch_event('#opacity', 'input')
+      faded = page.evaluate(_PIXEL_JS, cell_centre(top))
+      fits = page.evaluate('document.documentElement.scrollWidth') <= width
     finally:
       browser.close()
-  assert caption == expected[1][1]
-  assert panels == ['image'] + caption.split()
-  assert spread > 0
+  assert shown == words and ' '.join(words) == expected[1][1]
+  assert 'beam size 1' in details and ' ms' in details
+  for word, (at_top, at_low) in zip(words, changes):
+    # Coloured where the word's attention is highest, more than where it
+    # is lowest.
+    assert at_top > 30 and at_top >= at_low, (word, at_top, at_low)
+  assert faded == plain[top]
+  assert fits  # no sideways scrolling, at phone size too
   assert not errors
   assert all(r.startswith(url) for r in requested), requested
