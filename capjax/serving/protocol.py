@@ -179,7 +179,7 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
         'client_connections',
       )
     elif len(self.connections) > self.limits.max_connections:
-      if not self._evict_heaviest(len(mine)):
+      if not self._evict_heaviest(sum(not c.lingering for c in mine)):
         self._refuse(503, 'too many connections; retry later', 'connections')
         return
       self._arm_header_timer()
@@ -190,9 +190,14 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     """Closes the oldest connection of the address holding the most.
 
     Only if that address holds more than this one (with this connection):
-    a newcomer is let in, a client as heavy as the heaviest is not.
+    a newcomer is let in, a client as heavy as the heaviest is not. Closing
+    connections (lingering) are not counted: they go by themselves.
     """
-    heaviest = max(self.shared.clients.values(), key=len)
+    live = [
+      [c for c in connections if not c.lingering]
+      for connections in self.shared.clients.values()
+    ]
+    heaviest = max(live, key=len)
     if len(heaviest) <= held:
       return False
     # The oldest not halfway through an answer (cutting one loses it).
