@@ -842,7 +842,7 @@ def held_back_server(trained):
   thread.join(timeout=30)
 
 
-def test_full_queue_answers_503_and_rows_join_a_running_decoder(
+def test_full_queue_answers_503_and_an_idle_decoder_runs_a_row_at_once(
   held_back_server, examples, expected
 ):
   url, service, held = held_back_server
@@ -862,7 +862,9 @@ def test_full_queue_answers_503_and_rows_join_a_running_decoder(
     for future in (decoding_now, waiting):
       status, _, answer = future.result()
       assert (status, answer['caption']) == (200, expected[1][0])
-  # The waiting request joined the first one's decoder between two steps.
+  # Each request came to an idle decoder alone: its row ran to its end in
+  # one call, not one call per step_s (rows admitted together join and
+  # leave between steps: test_continuous_rows_are_greedy_search).
   metrics = request(url, 'GET', '/metrics')[2].decode()
   rows = [
     line
@@ -871,7 +873,7 @@ def test_full_queue_answers_503_and_rows_join_a_running_decoder(
     or line.startswith('capjax_decoder_rows_per_step_count')
   ]
   at_most_one, calls = (float(line.split()[-1]) for line in rows)
-  assert calls > at_most_one
+  assert calls == at_most_one == 2
 
 
 def test_url_fetch_is_off_by_default(held_back_server):
