@@ -1107,7 +1107,9 @@ def test_page_shows_each_words_attention_in_chromium(
           ]
         )
         if t == 0:
-          page.screenshot(path=str(tmp_path / f'page_{width}x{height}.png'))
+          page.screenshot(
+            path=str(tmp_path / f'page_{width}x{height}.png'), full_page=True
+          )
       # The opacity control fades the map out.
       page.fill('#opacity', '0')
       page.dispatch_event('#opacity', 'input')
