@@ -93,7 +93,7 @@ class _Server(uvicorn.Server):
   async def shutdown(self, sockets=None) -> None:
     # uvicorn stops listening at once, and the kernel resets the connections
     # still waiting to be accepted. Instead, listen while requests finish:
-    # new connections are answered 503 (protocol.Limits' `draining`).
+    # new connections are answered 503 (the protocol's `shared.draining`).
     if self._drain_until is not None:
       for connection in list(self.server_state.connections):
         connection.shutdown()  # idle ones close; busy ones after the answer
