@@ -218,14 +218,10 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       self.shared.clients.pop(self._address, None)
     self._cancel_header_timer()
     super().connection_lost(exc)
-    self._forget()
-
-  def _forget(self) -> None:
-    """Drops the requests this connection holds: none is answered now."""
+    # Read-ahead requests are not answered now.
     for cycle, _ in self.pipeline:
       cycle.disconnected = True
     self.pipeline.clear()
-    self.cycle = self.scope = self.headers = None
 
   def _count(self, reason: str) -> None:
     if self.metrics:

@@ -56,8 +56,8 @@ class _Server(uvicorn.Server):
     super().__init__(config)
     self._on_signal = on_signal
     self._drain_s = drain_s
-    self._loop = None
-    self._drain_until = None
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._drain_until: float | None = None
 
   async def serve(self, sockets=None) -> None:
     self._loop = asyncio.get_running_loop()
