@@ -178,7 +178,13 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
         'too many connections from your address; retry later',
         'client_connections',
       )
-    elif len(self.connections) > self.limits.max_connections:
+    elif (
+      # Closing (lingering) connections go by themselves within a second:
+      # counted, a client that reconnects as fast as it is refused would
+      # fill the total with them.
+      sum(not c.lingering for c in self.connections)
+      > self.limits.max_connections
+    ):
       if not self._evict_heaviest(sum(not c.lingering for c in mine)):
         self._refuse(503, 'too many connections; retry later', 'connections')
         return
