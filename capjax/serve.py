@@ -185,6 +185,7 @@ def main(argv: Sequence[str]) -> None:
     header_timeout_s=_HEADER_TIMEOUT_S.value,
     keep_alive_s=_KEEP_ALIVE_S.value,
     max_requests_per_connection=_MAX_REQUESTS_PER_CONNECTION.value,
+    max_body_bytes=_MAX_BODY_BYTES.value,
   )
   trained = inference.load_trained(
     _CHECKPOINT.workdir.value, _CHECKPOINT.step.value

@@ -66,6 +66,12 @@ _CONCURRENCY = flags.DEFINE_list(
   'Client counts against the batched '
   'server; the last one also runs against the one-at-a-time server.',
 )
+_BASELINE_CONCURRENCY = flags.DEFINE_list(
+  'baseline_concurrency',
+  [],
+  'Client counts against the one-at-a-time or --baseline_url server; '
+  'default: the last of --concurrency.',
+)
 _MAX_BATCH_SIZE = flags.DEFINE_integer(
   'max_batch_size', 32, 'The batched server started from --workdir.'
 )
@@ -332,9 +338,14 @@ def main(argv: Sequence[str]) -> None:
   bodies = [pathlib.Path(p).read_bytes() for p in paths]
   try:
     concurrencies = [int(c) for c in _CONCURRENCY.value]
+    baseline_concurrencies = [
+      int(c) for c in _BASELINE_CONCURRENCY.value
+    ] or concurrencies[-1:]
   except ValueError:
     raise app.UsageError('--concurrency takes integers') from None
-  if not concurrencies or not all(0 < c <= 256 for c in concurrencies):
+  if not concurrencies or not all(
+    0 < c <= 256 for c in concurrencies + baseline_concurrencies
+  ):
     raise app.UsageError('--concurrency takes 1 to 256 clients')
 
   if _WORKDIR.value:
@@ -345,13 +356,13 @@ def main(argv: Sequence[str]) -> None:
       ):
         batched = run(url, bodies, concurrencies, pid)
       with started_server(_WORKDIR.value, 1, log_dir) as (url, pid):
-        single = run(url, bodies, concurrencies[-1:], pid)
+        single = run(url, bodies, baseline_concurrencies, pid)
   else:
     batched = run(check_loopback(_URL.value), bodies, concurrencies, _PID.value)
     single = run(
       check_loopback(_BASELINE_URL.value),
       bodies,
-      concurrencies[-1:],
+      baseline_concurrencies,
       _BASELINE_PID.value,
     )
 
@@ -360,7 +371,10 @@ def main(argv: Sequence[str]) -> None:
     f'{"req/s":>9}{"p50 ms":>9}{"p99 ms":>9}{"RSS MB":>9}'
     f'{"CPU ms":>8}   server ms per request: {" ".join(_PHASES)}'
   )
-  for name, results in (('batched', batched), ('one at a time', single)):
+  names = (
+    ('batched', 'one at a time') if _WORKDIR.value else ('url', 'baseline')
+  )
+  for name, results in zip(names, (batched, single)):
     for r in results:
       phases = ' '.join(str(r['phases_ms'].get(p, '-')) for p in _PHASES)
       print(

@@ -1,4 +1,4 @@
-"""capjax.serving and capjax.serve: the HTTP service, against a real server on 127.0.0.1.
+"""capjax.serving and capjax.serve: the HTTP service, on 127.0.0.1.
 
 Most tests talk to one `python -m capjax.serve` process. The queue-full test
 runs the app in this process with a decoder it holds back, so that the
@@ -264,7 +264,7 @@ def test_batcher_joins_greedy_rows_and_batches_the_other_kinds():
 
 
 def test_continuous_rows_are_greedy_search(trained):
-  """Rows joining and leaving at random give decoding.caption_features' answers."""
+  """Rows joining and leaving at random: decoding.caption_features' answers."""
   rng = np.random.default_rng(0)
   features = rng.normal(size=(12,) + tuple(trained.feature_shape_LD)).astype(
     np.float32
@@ -343,6 +343,13 @@ def test_image_pool_checks_memory_before_decoding():
   # A JPEG decodes at the largest draft scale that keeps 64 pixels.
   assert imaging.decode_bytes(jpeg, 64) == 375 * 250 * 20
   assert imaging.decode_bytes(b'not an image', 64) is None
+  # A progressive JPEG keeps its coefficients at full size: 3000 x 2000
+  # luma and, subsampled 2 x 2, two chroma planes of 1500 x 1000.
+  progressive = io.BytesIO()
+  Image.new('RGB', (3000, 2000)).save(progressive, 'JPEG', progressive=True)
+  assert imaging.decode_bytes(progressive.getvalue(), 64) == (
+    375 * 250 * 20 + 2 * (3000 * 2000 + 2 * 1504 * 1000)
+  )
   pool = imaging.ImagePool(
     lambda image: image,
     image_size=64,
@@ -836,7 +843,7 @@ def held_back_server(trained):
   thread.join(timeout=30)
 
 
-def test_full_queue_answers_503_and_rows_join_a_running_decoder(
+def test_full_queue_answers_503_and_an_idle_decoder_runs_a_row_at_once(
   held_back_server, examples, expected
 ):
   url, service, held = held_back_server
@@ -856,7 +863,9 @@ def test_full_queue_answers_503_and_rows_join_a_running_decoder(
     for future in (decoding_now, waiting):
       status, _, answer = future.result()
       assert (status, answer['caption']) == (200, expected[1][0])
-  # The waiting request joined the first one's decoder between two steps.
+  # Each request came to an idle decoder alone: its row ran to its end in
+  # one call, not one call per step_s (rows admitted together join and
+  # leave between steps: test_continuous_rows_are_greedy_search).
   metrics = request(url, 'GET', '/metrics')[2].decode()
   rows = [
     line
@@ -865,7 +874,7 @@ def test_full_queue_answers_503_and_rows_join_a_running_decoder(
     or line.startswith('capjax_decoder_rows_per_step_count')
   ]
   at_most_one, calls = (float(line.split()[-1]) for line in rows)
-  assert calls > at_most_one
+  assert calls == at_most_one == 2
 
 
 def test_url_fetch_is_off_by_default(held_back_server):
@@ -949,18 +958,97 @@ def test_fetch_url_follows_redirects_but_checks_each(files_url, examples):
   assert error.value.status == 403 and 'loopback' in str(error.value)
 
 
+@pytest.mark.parametrize(
+  'url', ['http://[::1/', 'http://[evil]/', 'http://x:99999/', 'ftp://x/']
+)
+def test_fetch_url_refuses_malformed_urls_with_a_400(url):
+  with pytest.raises(requests.RequestError) as error:
+    fetch_lib.fetch_url(url, max_bytes=1000, timeout_s=1.0)
+  assert error.value.status == 400
+
+
+def test_fetch_url_refuses_a_redirect_to_a_malformed_url(files_url):
+  with pytest.raises(requests.RequestError) as error:
+    fetch_lib.fetch_url(
+      f'{files_url}/redirect?to=http://[evil/',
+      max_bytes=1000,
+      timeout_s=1.0,
+      refuse=_loopback_only,
+    )
+  assert error.value.status in (400, 502)
+
+
+def test_fetch_url_deadline_is_for_the_whole_fetch():
+  """A remote sending a header byte every 0.3 s, under a 1 s limit."""
+  listener = socket.create_server(('127.0.0.1', 0))
+  stop = threading.Event()
+
+  def dribble():
+    connection, _ = listener.accept()
+    with connection:
+      for byte in b'HTTP/1.1 200 OK\r\n' + b'X: y\r\n' * 100:
+        if stop.is_set():
+          return
+        try:
+          connection.send(bytes([byte]))
+        except OSError:
+          return
+        time.sleep(0.3)
+
+  thread = threading.Thread(target=dribble, daemon=True)
+  thread.start()
+  start = time.monotonic()
+  try:
+    with pytest.raises(requests.RequestError) as error:
+      fetch_lib.fetch_url(
+        f'http://127.0.0.1:{listener.getsockname()[1]}/',
+        max_bytes=1000,
+        timeout_s=1.0,
+        refuse=_loopback_only,
+      )
+  finally:
+    stop.set()
+    listener.close()
+  assert error.value.status == 504
+  assert time.monotonic() - start < 1.5
+
+
 # --- The page in a browser ----------------------------------------------------
 
 _CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 
 
-def test_page_captions_an_upload_in_chromium(server, examples, expected):
+# Pixel of the page's canvas at fractions (x, y) of its size: [r, g, b].
+_PIXEL_JS = """([x, y]) => {
+  const canvas = document.getElementById('view');
+  return Array.from(canvas.getContext('2d').getImageData(
+      Math.floor(x * canvas.width), Math.floor(y * canvas.height), 1, 1
+  ).data.slice(0, 3));
+}"""
+
+
+@pytest.mark.parametrize('width, height', [(1280, 900), (390, 844)])
+def test_page_shows_each_words_attention_in_chromium(
+  server, examples, expected, tmp_path, width, height
+):
+  """Each word, chosen by pointer or arrow key, colours its highest cell.
+
+  Screenshots of the page at a desktop and a phone size go to tmp_path.
+  """
   playwright_api = pytest.importorskip(
     'playwright.sync_api', reason='the page test needs `pip install playwright`'
   )
   if not os.path.exists(_CHROMIUM):
     pytest.skip('the page test needs Chromium (apt-get install chromium)')
   url, _ = server
+  status, _, answer = post_image(url, read(examples[1]), '?attention=true')
+  assert status == 200
+  rows, cols = answer['attention_grid']
+  words = [t for t in answer['tokens'] if t != '<end>']
+
+  def cell_centre(index):
+    return ((index % cols + 0.5) / cols, (index // cols + 0.5) / rows)
+
   with playwright_api.sync_playwright() as p:
     browser = p.chromium.launch(
       executable_path=_CHROMIUM,
@@ -975,7 +1063,7 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       ],
     )
     try:
-      page = browser.new_page()
+      page = browser.new_page(viewport={'width': width, 'height': height})
       requested, errors = [], []
       page.on('request', lambda r: requested.append(r.url))
       page.on('console', lambda m: m.type == 'error' and errors.append(m.text))
@@ -985,25 +1073,58 @@ def test_page_captions_an_upload_in_chromium(server, examples, expected):
       page.click('#submit')
       # A selector wait, not wait_for_function: polling a JavaScript string
       # needs eval, which the page's Content-Security-Policy forbids.
-      page.wait_for_selector('#panels canvas', state='attached', timeout=30_000)
-      caption = page.inner_text('#caption')
-      panels = page.locator('#panels figcaption').all_inner_texts()
-      # A shape's panel is brighter somewhere than everywhere else.
-      spread = page.evaluate("""() => {
-        const canvas = document.querySelectorAll('#panels canvas')[1];
-        const d = canvas.getContext('2d').getImageData(
-            0, 0, canvas.width, canvas.height).data;
-        let low = 255, high = 0;
-        for (let i = 0; i < d.length; i += 4) {
-          const v = d[i] + d[i + 1] + d[i + 2];
-          low = Math.min(low, v); high = Math.max(high, v);
-        }
-        return high - low;
-      }""")
+      page.wait_for_selector('#words button', timeout=30_000)
+      shown = page.locator('#words button').all_inner_texts()
+      details = page.inner_text('#details')
+      # Nothing chosen: the image alone.
+      page.keyboard.press('Escape')
+      plain = {
+        i: page.evaluate(_PIXEL_JS, cell_centre(i)) for i in range(rows * cols)
+      }
+      changes = []
+      for t, word in enumerate(words):
+        if t == 0:
+          page.hover('#words li:first-child button')
+        else:
+          page.keyboard.press('ArrowRight')  # focus is on the word before
+        assert (
+          page.get_attribute(
+            f'#words li:nth-child({t + 1}) button', 'aria-pressed'
+          )
+          == 'true'
+        ), word
+        weights = answer['attention'][t]
+        top = max(range(len(weights)), key=weights.__getitem__)
+        low = min(range(len(weights)), key=weights.__getitem__)
+        changes.append(
+          [
+            sum(
+              abs(a - b)
+              for a, b in zip(
+                page.evaluate(_PIXEL_JS, cell_centre(i)), plain[i]
+              )
+            )
+            for i in (top, low)
+          ]
+        )
+        if t == 0:
+          page.screenshot(
+            path=str(tmp_path / f'page_{width}x{height}.png'), full_page=True
+          )
+      # The opacity control fades the map out.
+      page.fill('#opacity', '0')
+      page.dispatch_event('#opacity', 'input')
+      faded = page.evaluate(_PIXEL_JS, cell_centre(top))
+      fits = page.evaluate('document.documentElement.scrollWidth') <= width
     finally:
       browser.close()
-  assert caption == expected[1][1]
-  assert panels == ['image'] + caption.split()
-  assert spread > 0
+  assert shown == words and ' '.join(words) == expected[1][1]
+  assert 'beam size 1' in details and ' ms' in details
+  for word, (at_top, at_low) in zip(words, changes):
+    # Coloured where the word's attention is highest, more than where it
+    # is lowest.
+    assert at_top > 30 and at_top >= at_low, (word, at_top, at_low)
+  assert faded == plain[top]
+  assert fits  # no sideways scrolling, at phone size too
   assert not errors
   assert all(r.startswith(url) for r in requested), requested

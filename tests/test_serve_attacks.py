@@ -6,28 +6,71 @@ another loopback address (127.0.0.2), is still answered within
 _HONEST_BOUND_S. The server's timeouts are set small by flags, so that each
 case takes seconds. What the old server answered, and what this one does:
 
-  case                                   old answer              new answer
-  F1 header byte every 0.5 s, 30 conns   503 for everyone        12 held, 18 refused 503 at once;
-                                                                 the 12 get 408 at 2 s; others served
-  F1 idle connections                    503 until 30 s idle     closed at 2 s; over the share 503
-  F1 body byte every 0.5 s               held 30 s per read      408 at 3 s
-  F2 5000x5000 RGBA PNG, 4 at once       +1.76 GB RSS            one decodes, one waits, two 503
-  F3 24 new (beam_size, max_len) pairs   a compile each, 1-3 s   no compile; beam max_len rounded up
-  F4 Transfer-Encoding + Content-Length  smuggled request served 400, connection closed
-  F4 two Content-Lengths                 first one used          400
-  F4 Transfer-Encoding: gzip, chunked    read as chunked         501
-  F4 Transfer-Encoding: notchunked       read as chunked         400
-  F5 JSON nested 100,000 deep            500 and a traceback     413 (JSON bodies are small)
-  F5 JSON nested 5,000 deep              500 and a traceback     400
-  F6 SIGTERM under load                  killed, resets          drains, exits 0
-  F6 SIGINT, started with &              ignored                 drains, exits 0
-  HEAD /                                 501                     200, no body
-  Server header                          Python/3.11.7           none
-  Cache-Control, frame-ancestors         missing                 no-store; 'none'
-  Host: evil.example                     answered                400
-  cross-origin form POST                 answered                403
-  two `image` fields                     one taken silently      400
-  random malformed requests              some 500                4xx (or 503), never 500
+  case: old answer -> new answer
+  F1 header byte every 0.5 s, 30 conns:
+      503 for everyone -> 12 held, 18 refused 503 at once; the 12 get 408
+      at 2 s; others served
+  F1 idle connections:
+      503 until 30 s idle -> closed at 2 s; over the share 503
+  F1 body byte every 0.5 s:
+      held 30 s per read -> 408 at 3 s
+  F2 5000x5000 RGBA PNG, 4 at once:
+      +1.76 GB RSS -> one decodes, one waits, two 503
+  F3 24 new (beam_size, max_len) pairs:
+      a compile each, 1-3 s -> no compile; beam max_len rounded up
+  F4 Transfer-Encoding + Content-Length:
+      smuggled request served -> 400, connection closed
+  F4 two Content-Lengths:
+      first one used -> 400
+  F4 Transfer-Encoding: gzip, chunked:
+      read as chunked -> 501
+  F4 Transfer-Encoding: notchunked:
+      read as chunked -> 400
+  F5 JSON nested 100,000 deep:
+      500 and a traceback -> 413 (JSON bodies are small)
+  F5 JSON nested 5,000 deep:
+      500 and a traceback -> 400
+  F6 SIGTERM under load:
+      killed, resets -> drains, exits 0
+  F6 SIGINT, started with &:
+      ignored -> drains, exits 0
+  HEAD /:
+      501 -> 200, no body
+  Server header:
+      Python/3.11.7 -> none
+  Cache-Control, frame-ancestors:
+      missing -> no-store; 'none'
+  Host: evil.example:
+      answered -> 400
+  cross-origin form POST:
+      answered -> 403
+  two `image` fields:
+      one taken silently -> 400
+  random malformed requests:
+      some 500 -> 4xx (or 503), never 500
+
+The second probe, against the first Starlette server:
+
+  case: old answer -> new answer
+  chunked body + 2,000,000 trailers:
+      200, +230 MB RSS each -> 431 after 100 fields; RSS flat
+  closed connections:
+      freed by gc only -> freed at once; RSS flat
+  chunk extensions on every chunk:
+      19 GB parsed, 25 s CPU -> 413 past body + 1 MB on the wire
+  100 GETs in one write:
+      one 431, tracebacks -> 17 answered (1 + 16 read ahead), then closed
+  Upgrade: h2c on a POST:
+      400, body lost -> served as HTTP/1.1
+  30 progressive 7000x7000 JPEGs:
+      280 MB each, 2 at once -> one decodes, one waits, rest 503
+  5 addresses reconnecting, 12 each:
+      503 for a 6th address -> the heaviest's oldest is cut; the 6th
+      address served
+  two Host headers; Host: a@127.0.0.1:
+      answered -> 400
+  new connection during the drain:
+      some TCP resets -> 503 with Retry-After
 """
 
 import collections
@@ -200,15 +243,20 @@ def test_idle_connections_are_closed_and_capped(attacked, png):
   url = attacked[0]
   start = time.monotonic()
   idle = [_connect(url) for _ in range(20)]
-  # Other addresses, up to the server's total of 48.
+  # Other addresses, over the server's total of 48: 127.0.0.3-5 take 12
+  # each, 127.0.0.6 comes last with 4.
   others = [_connect(url, f'127.0.0.{3 + i // 12}') for i in range(40)]
   try:
-    answers = [_read_all(s, timeout=0.3) for s in idle[12:] + others[28:]]
-    assert all(a.startswith(b'HTTP/1.1 503') for a in answers), answers
-    assert b'too many connections' in answers[0]
-    # Closed at the header timeout, without an answer.
-    assert [_read_all(s, timeout=5) for s in idle[:12]] == [b''] * 12
-    assert time.monotonic() - start < 5
+    over_share = [_read_all(s, timeout=0.3) for s in idle[12:]]
+    assert all(a.startswith(b'HTTP/1.1 503') for a in over_share)
+    assert b'too many connections from your address' in over_share[0]
+    # Over the total, a lighter address takes the place of the oldest
+    # connection of the heaviest: every connection is refused at once or
+    # closed at the header timeout, and the last address gets all of its 4.
+    answers = [_read_all(s, timeout=5) for s in idle[:12] + others]
+    assert all(a == b'' or a.startswith(b'HTTP/1.1 503') for a in answers)
+    assert answers[-4:] == [b''] * 4
+    assert time.monotonic() - start < 6
     assert_served(url, png)
   finally:
     for s in idle + others:
@@ -317,8 +365,10 @@ def test_new_decoding_parameters_compile_nothing(attacked, png):
 # --- F4 and F5: ambiguous and malformed requests ---------------------------
 
 
-def _exchange(url, data: bytes, half_close: bool = False) -> bytes:
-  sock = _connect(url)
+def _exchange(
+  url, data: bytes, half_close: bool = False, source: str = '127.0.0.1'
+) -> bytes:
+  sock = _connect(url, source)
   sock.sendall(data)
   if half_close:
     sock.shutdown(socket.SHUT_WR)
@@ -508,7 +558,160 @@ def test_browser_and_header_rules(attacked, png):
   assert_served(url, png)
 
 
-# --- F6: stopping --------------------------------------------------------------
+# --- The second probe --------------------------------------------------------
+
+
+def test_closed_connections_and_trailer_floods_leave_memory_flat(attacked, png):
+  url, log, process = attacked
+  host, port = _address(url)
+  assert_served(url, png)
+  warm = _rss_mb(process)
+  for i in range(2000):
+    sock = _connect(url, f'127.0.0.{10 + i % 50}')
+    if i % 2:
+      sock.sendall(b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+      sock.recv(4096)
+    sock.close()
+  closed = _rss_mb(process)
+  # The server may still be closing the last of them (over the total, a
+  # new connection would get 503).
+  deadline = time.monotonic() + 10
+  while honest(url, png, '/healthz', '127.0.0.1')[0] != 200:
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+  flood = b''.join(b'T%d: x\r\n' % i for i in range(200_000))  # 2 MB
+  for i in range(8):
+    answer = _exchange(
+      url,
+      b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+      b'Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n'
+      b'%x\r\n%s\r\n0\r\n%s\r\n' % (len(png), png, flood),
+      source=f'127.0.2.{i}',
+    )
+    assert answer.startswith(b'HTTP/1.1 431'), answer[-120:]
+  flooded = _rss_mb(process)
+  print(
+    f'server RSS {warm:.0f} MB warm, {closed:.0f} MB after 2,000 closed '
+    f'connections, {flooded:.0f} MB after 8 trailer floods'
+  )
+  assert closed - warm < 30 and flooded - warm < 40
+  assert_served(url, png)
+
+
+def test_pipelined_requests_and_upgrades_are_answered(attacked, png):
+  url, log, _ = attacked
+  get = b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'
+  answer = _exchange(url, get * 100)
+  # The first and 16 read ahead, then the connection closes.
+  assert answer.count(b'HTTP/1.1 200') == 17, answer.count(b'HTTP/1.1')
+  assert answer.count(b'HTTP/1.1') == 17
+  # What curl --http2 -F sends to an http:// URL.
+  form = (
+    b'--b\r\nContent-Disposition: form-data; name="image"; '
+    b'filename="x.png"\r\n\r\n' + png + b'\r\n--b--\r\n'
+  )
+  answer = _exchange(
+    url,
+    b'POST /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+    b'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n'
+    b'HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n'
+    b'Content-Type: multipart/form-data; boundary=b\r\n'
+    b'Content-Length: %d\r\n\r\n%s' % (len(form), form),
+    half_close=True,
+  )
+  assert answer.startswith(b'HTTP/1.1 200') and b'"caption"' in answer
+  assert 'Traceback' not in log.read_text()
+
+
+def test_host_header_tricks_are_refused(attacked):
+  url = attacked[0]
+  for hosts in (
+    b'Host: 127.0.0.1\r\nHost: evil.example\r\n',
+    b'Host: evil.example@127.0.0.1\r\n',
+    b'Host: 127.0.0.1 evil\r\n',
+  ):
+    answer = _exchange(url, b'GET /v1/model HTTP/1.1\r\n%s\r\n' % hosts)
+    assert answer.startswith(b'HTTP/1.1 400'), (hosts, answer[:100])
+
+
+@pytest.mark.slow
+def test_progressive_jpegs_decode_one_at_a_time(attacked, png):
+  url, _, process = attacked
+  small = Image.effect_noise((700, 700), 64).convert('RGB')
+  buffer = io.BytesIO()
+  small.resize((7000, 7000)).save(buffer, 'JPEG', progressive=True, quality=20)
+  bomb = buffer.getvalue()
+  assert len(bomb) < 5_000_000
+  before = _rss_mb(process)
+
+  def post_bomb(_):
+    host, port = _address(url)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request(
+      'POST', '/v1/captions', bomb, {'Content-Type': 'image/jpeg'}
+    )
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+  with concurrent.futures.ThreadPoolExecutor(10) as pool:
+    statuses = pool.map(post_bomb, range(10))
+    time.sleep(0.5)
+    assert_served(url, png)
+    statuses = sorted(statuses)
+  # Each is large: one decodes while one waits; the rest are refused.
+  assert statuses.count(503) >= 7 and statuses.count(200) >= 2, statuses
+  assert _rss_mb(process) - before < 250
+
+
+@pytest.mark.slow
+def test_a_new_address_is_served_while_others_reconnect(attacked, png):
+  url = attacked[0]
+  stop = threading.Event()
+
+  def hold(source):
+    """12 connections dribbling headers, each one cut reopened at once."""
+    mine = []
+    while not stop.is_set():
+      for s in list(mine):
+        s.setblocking(False)
+        try:
+          if s.recv(4096) == b'':
+            raise ConnectionError
+        except BlockingIOError:
+          pass
+        except OSError:
+          s.close()
+          mine.remove(s)
+      while len(mine) < 12 and not stop.is_set():
+        try:
+          s = _connect(url, source, timeout=2)
+          s.sendall(b'GET /healthz HTTP/1.1\r\n')
+          mine.append(s)
+        except OSError:
+          time.sleep(0.01)
+      time.sleep(0.02)
+    for s in mine:
+      s.close()
+
+  threads = [
+    threading.Thread(target=hold, args=(f'127.0.1.{i}',)) for i in range(5)
+  ]
+  for t in threads:
+    t.start()
+  try:
+    time.sleep(1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+      assert_served(url, png)
+      time.sleep(0.2)
+  finally:
+    stop.set()
+    for t in threads:
+      t.join()
+
+
+# --- F6: stopping ------------------------------------------------------------
 
 
 def _post_until_refused(url, png, results, stop):
@@ -535,6 +738,31 @@ def _post_until_refused(url, png, results, stop):
     results.append((start, time.monotonic(), outcome))
 
 
+def _connect_until_refused(url, outcomes: collections.Counter) -> None:
+  """New connections, one after another: their answers, until refused."""
+  deadline = time.monotonic() + 10
+  while time.monotonic() < deadline:
+    try:
+      sock = _connect(url, timeout=5)
+    except ConnectionRefusedError:
+      outcomes['refused'] += 1
+      return
+    try:
+      sock.sendall(b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+      answer = sock.recv(65536)
+    except OSError as e:
+      answer = type(e).__name__.encode()
+    finally:
+      sock.close()
+    if answer.startswith(b'HTTP/1.1 503') and b'retry-after: 1' in answer:
+      outcomes['503'] += 1
+    elif answer.startswith(b'HTTP/1.1 200'):
+      outcomes['200'] += 1  # before the drain began
+    else:
+      outcomes[answer[:40].decode('latin-1') or 'closed'] += 1
+    time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
   log = tmp_path_factory.mktemp('sigterm') / 'serve.log'
@@ -557,12 +785,15 @@ def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
   for c in clients:
     c.start()
   time.sleep(1.5)
+  newcomers = collections.Counter()
+  late = threading.Thread(target=_connect_until_refused, args=(url, newcomers))
   signalled = time.monotonic()
   process.send_signal(signal.SIGTERM)
+  late.start()
   returncode = process.wait(timeout=15)
   took = time.monotonic() - signalled
   stop.set()
-  for c in clients:
+  for c in clients + [late]:
     c.join()
   in_flight = [
     outcome for start, end, outcome in results if start < signalled < end
@@ -574,8 +805,12 @@ def test_sigterm_drains_and_exits_0(trained_workdir, png, tmp_path_factory):
     f'({in_flight.count(200)} captions); '
     f'{sum(o == 200 for _, _, o in results)} captions in all'
   )
+  print(f'connections opened during the drain: {dict(newcomers)}')
   assert returncode == 0 and took < 5 + 2
   assert in_flight and answered == in_flight
+  # Until it stops listening (once the requests in flight are answered),
+  # the server answers new connections: 503, never a reset.
+  assert newcomers and set(newcomers) <= {'503', '200', 'refused'}
   assert 'Traceback' not in log.read_text()
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import importlib.resources
 import json
 import os
+import re
 import time
 from typing import Any
 import urllib.parse
@@ -66,6 +67,9 @@ _HEADERS = (
   (b'cache-control', b'no-store'),
   (b'referrer-policy', b'no-referrer'),
 )
+# RFC 9110's Host: a name or address and a port; no user information
+# (`evil.example@127.0.0.1`), which urlsplit would skip.
+_HOST = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?')
 _ROUTES = ('/', '/healthz', '/readyz', '/metrics', '/v1/model', '/v1/captions')
 
 
@@ -110,7 +114,7 @@ def _page() -> bytes:
   ).read_bytes()
 
 
-# --- Endpoints -----------------------------------------------------------------
+# --- Endpoints ---------------------------------------------------------------
 
 
 async def _get_page(request: starlette_requests.Request) -> responses.Response:
@@ -237,12 +241,20 @@ def _refusal(
 ) -> requests.RequestError | None:
   """Why the request's Host (or, for a POST, Origin) is refused; None: ok."""
   headers = starlette_requests.Headers(scope=scope)
-  host = headers.get('host')
-  if host is None:
+  hosts = headers.getlist('host')
+  if not hosts:
     if scope.get('http_version') == '1.0':
       return None
     return requests.RequestError(400, 'a Host header is required')
-  name = urllib.parse.urlsplit(f'//{host}').hostname or ''
+  if len(hosts) > 1:
+    return requests.RequestError(400, 'send one Host header, not several')
+  host = hosts[0]
+  match = _HOST.fullmatch(host)
+  if match is None:
+    return requests.RequestError(
+      400, f'Host {host[:100]!r} is not a host name or address, with a port'
+    )
+  name = match.group(1).strip('[]')
   if settings.allowed_hosts is not None and (
     name.lower() not in settings.allowed_hosts
   ):

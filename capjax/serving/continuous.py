@@ -1,4 +1,4 @@
-"""Continuous batching: greedy decoding of rows that join and leave between steps.
+"""Continuous batching: greedy decoding of rows that join and leave each step.
 
 A whole-batch decoder runs every caption of a batch until the longest one
 ends, and a request that arrives meanwhile waits for all of it. Here the
@@ -212,6 +212,7 @@ class GreedyRows:
     # Seconds per step by capacity, measured.
     self._step_time_s: dict[int, float] = {}
     self._calls_mostly_empty = 0
+    self._alone = False
 
   @property
   def capacity(self) -> int:
@@ -284,6 +285,10 @@ class GreedyRows:
     if not 0 < m <= self.room:
       raise ValueError(f'cannot admit {m} rows, room for {self.room}')
     needed = self.active + m
+    # A row admitted alone to an empty decoder runs to its end in one call
+    # (see `step`): a request alone pays no more dispatches and waits than
+    # a whole batch of one. Rows admitted together share steps as usual.
+    self._alone = not self._keys and m == 1
     if needed > self.capacity or not self._keys:
       # An empty decoder starts again at the size the rows need.
       self._resize(self._fit(needed))
@@ -307,13 +312,20 @@ class GreedyRows:
   def step(self) -> list[tuple[Any, Finished]]:
     """Advances the active rows for about `step_s`, or (full) until one ends.
 
+    A row admitted alone to an idle decoder runs to its end in this call.
+
     Returns:
       (key, Finished) of the rows that ended.
     """
     if not self._keys:
       return []
     n = self.capacity
-    if not self.room:
+    if self._alone:
+      # The decoder was idle: the row runs to its end at once, as a whole
+      # batch of one would; rows arriving meanwhile are admitted after it.
+      k, until_one_ends = self._max_len, False
+      self._alone = False
+    elif not self.room:
       # No row can join before one ends: run until one does.
       k, until_one_ends = self._max_len, True
     else:
@@ -331,7 +343,16 @@ class GreedyRows:
       until_one_ends,
       model=self._model,
     )
-    done_n = np.asarray(self._rows.done_n)
+    outputs = (
+      self._rows.t_n,
+      self._rows.tokens_nT,
+      self._rows.attention_nTL,
+      self._rows.log_prob_n,
+    )
+    # One transfer: rows run to their end need all of it at once.
+    done_n, steps, *fetched = jax.device_get(
+      (self._rows.done_n, steps) + (outputs if k == self._max_len else ())
+    )
     steps = int(steps)
     if steps:
       elapsed = (time.perf_counter() - start) / steps
@@ -341,13 +362,8 @@ class GreedyRows:
     ended = [s for s in self._keys if done_n[s]]
     finished = []
     if ended:
-      t_n, tokens_nT, attention_nTL, log_prob_n = jax.device_get(
-        (
-          self._rows.t_n,
-          self._rows.tokens_nT,
-          self._rows.attention_nTL,
-          self._rows.log_prob_n,
-        )
+      t_n, tokens_nT, attention_nTL, log_prob_n = fetched or jax.device_get(
+        outputs
       )
       for s in ended:
         length = int(t_n[s])

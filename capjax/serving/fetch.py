@@ -3,14 +3,17 @@
 Only http and https URLs of public addresses are fetched: private, loopback,
 link-local, multicast and reserved addresses are refused after DNS resolution
 and again on every redirect, and the connection goes to the address that was
-checked; a body limit and a time limit bound the download.
+checked; a body limit and a time limit (for the whole fetch, not each
+read) bound the download.
 """
 
 from collections.abc import Callable
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 
@@ -99,27 +102,19 @@ def fetch_url(
       the other server failed, 504 out of time.
   """
   deadline = time.monotonic() + timeout_s
+  cutter = _Cutter(deadline)
   try:
     for _ in range(_MAX_REDIRECTS + 1):
-      parts = urllib.parse.urlsplit(url)
-      if parts.scheme not in ('http', 'https') or not parts.hostname:
-        raise requests.RequestError(
-          400, f'only http and https URLs are fetched, got {url[:200]!r}'
-        )
-      try:
-        port = parts.port or (443 if parts.scheme == 'https' else 80)
-      except ValueError as e:
-        raise requests.RequestError(
-          400, f'bad URL {url[:200]!r}: {e}'
-        ) from None
-      address = _checked_address(parts.hostname, port, refuse)
+      parts, hostname, port = _parse(url)
+      address = _checked_address(hostname, port, refuse)
       connection = _connect(
         parts.scheme,
-        parts.hostname,
+        hostname,
         port,
         address,
         max(deadline - time.monotonic(), 0.001),
       )
+      cutter.watch(connection.sock)
       try:
         connection.request(
           'GET',
@@ -129,23 +124,75 @@ def fetch_url(
         response = connection.getresponse()
         location = response.getheader('Location')
         if response.status in (301, 302, 303, 307, 308) and location:
-          url = urllib.parse.urljoin(url, location)
+          try:
+            url = urllib.parse.urljoin(url, location)
+          except ValueError as e:
+            raise requests.RequestError(
+              502, f'{hostname} redirected to a bad URL: {e}'
+            ) from None
           continue
         if response.status != 200:
           raise requests.RequestError(
             502,
-            f'{parts.hostname} answered {response.status} {response.reason}',
+            f'{hostname} answered {response.status} {response.reason}',
           )
         return _read_limited(response, max_bytes, deadline)
       finally:
         connection.close()
     raise requests.RequestError(502, f'more than {_MAX_REDIRECTS} redirects')
-  except TimeoutError:
-    raise requests.RequestError(
-      504, f'fetching {url[:200]} took over {timeout_s} s'
-    ) from None
   except (OSError, http.client.HTTPException) as e:
+    if cutter.cut or isinstance(e, TimeoutError):
+      raise requests.RequestError(
+        504, f'fetching {url[:200]} took over {timeout_s} s'
+      ) from None
     raise requests.RequestError(502, f'cannot fetch {url[:200]}: {e}') from None
+  finally:
+    cutter.cancel()
+
+
+def _parse(url: str) -> tuple[urllib.parse.SplitResult, str, int]:
+  """A URL's parts, host name and port; 400 for one that is not http(s)."""
+  try:
+    parts = urllib.parse.urlsplit(url)
+    hostname, port = parts.hostname, parts.port
+  # A bad port, or a bracketed host that is not an IPv6 address.
+  except ValueError as e:
+    raise requests.RequestError(400, f'bad URL {url[:200]!r}: {e}') from None
+  if parts.scheme not in ('http', 'https') or not hostname:
+    raise requests.RequestError(
+      400, f'only http and https URLs are fetched, got {url[:200]!r}'
+    )
+  return parts, hostname, port or (443 if parts.scheme == 'https' else 80)
+
+
+class _Cutter:
+  """Shuts the fetch's socket down at the deadline.
+
+  A socket's timeout bounds each read, not the whole fetch: a server that
+  sends a header byte just before each timeout would hold it for ever.
+  """
+
+  def __init__(self, deadline: float):
+    self._deadline = deadline
+    self._timer: threading.Timer | None = None
+    self.cut = False
+
+  def watch(self, sock: socket.socket) -> None:
+    self.cancel()
+    self._timer = threading.Timer(
+      max(self._deadline - time.monotonic(), 0.0), self._cut, (sock,)
+    )
+    self._timer.daemon = True
+    self._timer.start()
+
+  def _cut(self, sock: socket.socket) -> None:
+    self.cut = True
+    with contextlib.suppress(OSError):
+      sock.shutdown(socket.SHUT_RDWR)
+
+  def cancel(self) -> None:
+    if self._timer is not None:
+      self._timer.cancel()
 
 
 def _read_limited(

@@ -2,29 +2,34 @@
 
 Decoding is the one per-request cost that grows with what the client sends:
 a 100 KB PNG can hold 25 million pixels, which PIL needs about 450 MB and a
-second of CPU to decode. So before an image is decoded, its header gives the
-memory the decode will take (`decode_bytes`), and the image goes to one of
-two pools:
+second of CPU to decode, and a 1 MB progressive JPEG of 7000 x 7000 pixels
+needs 150-300 MB even when decoded at 1/8 scale (its coefficients are kept
+for the whole image between scans). So before an image is decoded, its
+header gives the memory the decode will take (`decode_bytes`), in the event
+loop, and:
 
-- small images (the usual photo, or any JPEG, which decodes at a reduced
-  scale by draft mode) to `workers` threads;
-- large ones to a single thread, with at most one more waiting, so that
-  they are decoded one at a time and never delay the small ones.
+- an image over `max_decode_bytes` is refused (413);
+- every decode reserves its memory from one budget, `max_decode_bytes` for
+  all decodes at once, and waits until it fits;
+- small images (the usual photo, or a baseline JPEG, which decodes at a
+  reduced scale by draft mode) decode in `workers` threads; large ones in a
+  single thread, with at most one more waiting (more get 503), so that they
+  are decoded one at a time and never take the small ones' threads;
+- when the small images waiting are `max_waiting`, more get 503.
 
-An image that would take more than `max_decode_bytes` is refused (413)
-before it is decoded, and when the pools' queues are full requests are
-refused (503) without decoding anything. Each thread also shrinks its image
-to the extractor's input (box-reduced first when it is over twice the size,
-as JPEG's draft mode does, then `Extractor.prepare`), so that only small
-arrays leave the pool.
+Each thread also shrinks its image to the extractor's input (box-reduced
+first when it is over twice the size, as JPEG's draft mode does, then
+`Extractor.prepare`), so that only small arrays leave the pool.
 """
 
 import asyncio
 from collections.abc import Callable
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -36,7 +41,6 @@ from capjax.serving import requests
 # on 5000x5000 images (RGB PNG 18, RGBA WEBP 27 bytes).
 _BYTES_PER_PIXEL = {'WEBP': 28}
 _DEFAULT_BYTES_PER_PIXEL = 20
-_LARGE = object()  # an image the small pool passes to the large one
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -56,20 +60,64 @@ def decode_bytes(data: bytes, draft_size: int) -> int | None:
   """The memory decoding `data` will take, from its header; None: unknown.
 
   Nothing is decoded: PIL reads the header, and for a JPEG chooses the draft
-  scale it would decode at.
+  scale it would decode at. A progressive or other multi-scan JPEG (more
+  than one start-of-scan marker) also keeps all its DCT coefficients, two
+  bytes each, at full size whatever the draft scale.
   """
   try:
     with Image.open(io.BytesIO(data), formats=images.FORMATS) as image:
-      if image.format == 'JPEG':
-        image.draft('RGB', (draft_size, draft_size))
       width, height = image.size
+      coefficients = 0
+      if image.format == 'JPEG':
+        if data.count(b'\xff\xda') > 1:  # 0xFF in scan data is stuffed
+          coefficients = _jpeg_coefficients(image.layer, width, height)
+        image.draft('RGB', (draft_size, draft_size))
+      draft_width, draft_height = image.size
       bytes_per_pixel = _BYTES_PER_PIXEL.get(
         image.format, _DEFAULT_BYTES_PER_PIXEL
       )
   # What PIL cannot read is refused by `images.load_image`, with its reason.
   except Exception:  # noqa: BLE001
     return None
-  return width * height * bytes_per_pixel
+  return draft_width * draft_height * bytes_per_pixel + 2 * coefficients
+
+
+def _jpeg_coefficients(
+  layers: list[tuple[str, int, int, int]], width: int, height: int
+) -> int:
+  """How many DCT coefficients a JPEG's components hold (chroma subsampled)."""
+  h_max = max(h for _, h, _, _ in layers)
+  v_max = max(v for _, _, v, _ in layers)
+  return sum(
+    math.ceil(width * h / h_max / 8) * 8 * math.ceil(height * v / v_max / 8) * 8
+    for _, h, v, _ in layers
+  )
+
+
+class _Budget:
+  """Bytes of decode memory, reserved before a decode and freed after it.
+
+  Used in the event loop's thread only.
+  """
+
+  def __init__(self, total: int):
+    self.total = total
+    self.used = 0
+    self._waiting: list[asyncio.Future] = []
+
+  async def reserve(self, size: int) -> None:
+    while self.used + size > self.total:
+      freed = asyncio.get_running_loop().create_future()
+      self._waiting.append(freed)
+      await freed
+    self.used += size
+
+  def free(self, size: int) -> None:
+    self.used -= size
+    waiting, self._waiting = self._waiting, []
+    for freed in waiting:
+      if not freed.done():
+        freed.set_result(None)
 
 
 def box_reduce(image_HW3: np.ndarray, size: int) -> np.ndarray:
@@ -111,10 +159,12 @@ class ImagePool:
         (`Extractor.prepare`).
       image_size: the extractor's input size.
       max_pixels: the largest image, width * height.
-      max_decode_bytes: the most memory one image may take to decode.
+      max_decode_bytes: the most memory decoding may take, one image or
+        all at once.
       workers: threads for small images.
       max_waiting: the most small images waiting or being decoded.
-      small_bytes: the most memory a small image takes to decode.
+      small_bytes: the most memory a small image takes to decode; larger
+        ones decode one at a time.
     """
     self._prepare_fn = prepare_fn
     self._image_size = image_size
@@ -128,6 +178,7 @@ class ImagePool:
     self._large = concurrent.futures.ThreadPoolExecutor(
       1, thread_name_prefix='decode-large'
     )
+    self._budget = _Budget(max_decode_bytes)
     # Counted in the event loop's thread only.
     self.waiting = 0
     self.waiting_large = 0
@@ -136,21 +187,8 @@ class ImagePool:
     self._small.shutdown(wait=False, cancel_futures=True)
     self._large.shutdown(wait=False, cancel_futures=True)
 
-  def _decode(self, data: bytes, memory_limit: int) -> np.ndarray | object:
-    """Runs in a pool thread: bytes -> the extractor's input, or _LARGE."""
-    needed = decode_bytes(data, self._image_size)
-    if needed is not None and needed > self.max_decode_bytes:
-      raise requests.RequestError(
-        413,
-        f'decoding this image would take about {needed / 2**20:,.0f} '
-        f'MB, over the limit of {self.max_decode_bytes / 2**20:,.0f} MB',
-      )
-    if needed is not None and needed > memory_limit:
-      return _LARGE
-    if not data:
-      raise requests.RequestError(
-        400, 'empty body: send an image (JPEG, PNG, ...)'
-      )
+  def _decode(self, data: bytes) -> np.ndarray:
+    """Runs in a pool thread: bytes -> the extractor's input."""
     try:
       image_HW3 = images.load_image(
         data, max_pixels=self._max_pixels, draft_size=self._image_size
@@ -159,6 +197,40 @@ class ImagePool:
       raise requests.RequestError(e.http_status, str(e)) from None
     return self._prepare_fn(box_reduce(image_HW3, self._image_size))
 
+  def _decode_large(self, data: bytes) -> np.ndarray:
+    try:
+      return self._decode(data)
+    finally:
+      _release_freed_memory()
+
+  async def _run(
+    self,
+    pool: concurrent.futures.Executor,
+    fn: Callable[[bytes], np.ndarray],
+    data: bytes,
+    needed: int,
+  ) -> np.ndarray:
+    """fn(data) in the pool, once `needed` bytes of the budget are free."""
+    await self._budget.reserve(needed)
+    loop = asyncio.get_running_loop()
+    try:
+      future = pool.submit(fn, data)
+    except RuntimeError:  # the pool is shut down
+      self._budget.free(needed)
+      raise requests.busy('the server is shutting down') from None
+
+    # Freed when the decode ends, not when a request that gave up stops
+    # waiting for it: the thread still holds the memory.
+    def freed(_) -> None:
+      with contextlib.suppress(RuntimeError):  # the loop has closed
+        loop.call_soon_threadsafe(self._budget.free, needed)
+
+    future.add_done_callback(freed)
+    try:
+      return await asyncio.wrap_future(future)
+    except concurrent.futures.CancelledError:
+      raise requests.busy('the server is shutting down') from None
+
   async def prepare(self, data: bytes) -> np.ndarray:
     """The extractor's input (S, S, 3) float32 for an uploaded image.
 
@@ -166,22 +238,30 @@ class ImagePool:
       RequestError: 400 empty or unreadable, 413 too many pixels or too much
         memory, 415 not an image of images.FORMATS, 503 the pools are full.
     """
-    loop = asyncio.get_running_loop()
-    if self.waiting >= self._max_waiting:
-      raise requests.busy(
-        f'{self.waiting} images are being decoded; retry later'
+    if not data:
+      raise requests.RequestError(
+        400, 'empty body: send an image (JPEG, PNG, ...)'
       )
-    self.waiting += 1
-    try:
-      prepared = await loop.run_in_executor(
-        self._small, self._decode, data, self._small_bytes
+    needed = decode_bytes(data, self._image_size)
+    if needed is None:
+      # Not readable by PIL: load_image refuses it, with its reason.
+      needed = _DEFAULT_BYTES_PER_PIXEL
+    if needed > self.max_decode_bytes:
+      raise requests.RequestError(
+        413,
+        f'decoding this image would take about {needed / 2**20:,.0f} '
+        f'MB, over the limit of {self.max_decode_bytes / 2**20:,.0f} MB',
       )
-    except RuntimeError:  # the pool is shut down
-      raise requests.busy('the server is shutting down') from None
-    finally:
-      self.waiting -= 1
-    if prepared is not _LARGE:
-      return prepared
+    if needed <= self._small_bytes:
+      if self.waiting >= self._max_waiting:
+        raise requests.busy(
+          f'{self.waiting} images are being decoded; retry later'
+        )
+      self.waiting += 1
+      try:
+        return await self._run(self._small, self._decode, data, needed)
+      finally:
+        self.waiting -= 1
     # One large image decodes while one more waits; more are refused.
     if self.waiting_large >= 2:
       raise requests.busy(
@@ -189,14 +269,6 @@ class ImagePool:
       )
     self.waiting_large += 1
     try:
-      return await loop.run_in_executor(self._large, self._decode_large, data)
-    except RuntimeError:
-      raise requests.busy('the server is shutting down') from None
+      return await self._run(self._large, self._decode_large, data, needed)
     finally:
       self.waiting_large -= 1
-
-  def _decode_large(self, data: bytes) -> np.ndarray:
-    try:
-      return self._decode(data, self.max_decode_bytes)
-    finally:
-      _release_freed_memory()

@@ -1,10 +1,12 @@
 """Running the app in uvicorn, with connection limits and a graceful stop.
 
 SIGTERM or SIGINT (also when a shell started the server in the background,
-where SIGINT is ignored by default) stops the server gracefully: it stops
-accepting connections, closes idle ones, gives requests being read or
-waiting for the decoder `shutdown_timeout_s` less a second to finish,
-refuses the rest with 503, and returns, so that the program exits 0.
+where SIGINT is ignored by default) stops the server gracefully: it closes
+idle connections, gives requests being read or waiting for the decoder
+`shutdown_timeout_s` less a second to finish and refuses the rest with 503.
+Meanwhile it still accepts connections, and answers them 503 with
+Retry-After: a client that connects during the drain gets an answer, not a
+reset. Then it stops listening and returns, so that the program exits 0.
 A second SIGINT stops it at once.
 """
 
@@ -45,10 +47,17 @@ def bind(host: str, port: int) -> socket.socket:
 class _Server(uvicorn.Server):
   """uvicorn's server, whose signals start the app's drain and exit 0."""
 
-  def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+  def __init__(
+    self,
+    config: uvicorn.Config,
+    on_signal: Callable[[], None],
+    drain_s: float,
+  ):
     super().__init__(config)
     self._on_signal = on_signal
-    self._loop = None
+    self._drain_s = drain_s
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._drain_until: float | None = None
 
   async def serve(self, sockets=None) -> None:
     self._loop = asyncio.get_running_loop()
@@ -73,8 +82,28 @@ class _Server(uvicorn.Server):
 
   def handle_exit(self, sig, frame) -> None:
     if not self.should_exit and self._loop is not None:
-      self._loop.call_soon_threadsafe(self._on_signal)
+      self._loop.call_soon_threadsafe(self._begin_drain)
     super().handle_exit(sig, frame)
+
+  def _begin_drain(self) -> None:
+    self._drain_until = self._loop.time() + self._drain_s
+    self.config.http_protocol_class.shared.draining = True
+    self._on_signal()
+
+  async def shutdown(self, sockets=None) -> None:
+    # uvicorn stops listening at once, and the kernel resets the connections
+    # still waiting to be accepted. Instead, listen while requests finish:
+    # new connections are answered 503 (the protocol's `shared.draining`).
+    if self._drain_until is not None:
+      for connection in list(self.server_state.connections):
+        connection.shutdown()  # idle ones close; busy ones after the answer
+      while (
+        self.server_state.tasks
+        and not self.force_exit
+        and self._loop.time() < self._drain_until
+      ):
+        await asyncio.sleep(0.05)
+    await super().shutdown(sockets)
 
 
 def make_server(
@@ -99,11 +128,12 @@ def make_server(
     access_log=False,
     server_header=False,
     timeout_keep_alive=limits.keep_alive_s,
-    timeout_graceful_shutdown=shutdown_timeout_s,
+    # The drain has had all but this time (see _Server.shutdown).
+    timeout_graceful_shutdown=_ANSWER_MARGIN_S,
     backlog=max(128, limits.max_connections),
   )
   drain_s = max(shutdown_timeout_s - _ANSWER_MARGIN_S, 0.0)
-  return _Server(config, lambda: app_lib.begin_shutdown(app, drain_s))
+  return _Server(config, lambda: app_lib.begin_shutdown(app, drain_s), drain_s)
 
 
 def serve(
