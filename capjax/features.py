@@ -27,8 +27,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from capjax import configs
 from capjax import config_checks
+from capjax import configs
 from capjax import errors
 from capjax import programs
 from capjax.data import extraction

@@ -15,6 +15,7 @@ from capjax import inference
 from capjax.testing import training as testing_lib
 from capjax.training import best as best_lib
 from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import loop
 from capjax.training import reporting
 from capjax.training import validation
@@ -232,7 +233,7 @@ def test_a_damaged_best_checkpoint_is_named_and_training_replaces_it(
   with caplog.at_level('WARNING'):
     _train(_config(shapes_dir, num_train_steps=14), workdir, cider=_CIDER)
   assert 'the best checkpoint (step 6)' in caplog.text
-  assert (workdir / checkpoints.DAMAGED_DIR / 'best_checkpoint' / '6').is_dir()
+  assert (workdir / damage.DAMAGED_DIR / 'best_checkpoint' / '6').is_dir()
   # The next evaluation, however poor, is the best since.
   assert checkpoints.read_best(workdir).step == 14
 

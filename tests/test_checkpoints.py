@@ -200,7 +200,7 @@ def test_training_resumes_from_the_newest_good_step(
   assert f'checkpoint step {_STEPS} cannot be restored' in caplog.text
   # The damaged step is kept, moved aside; training redid steps 5 to 8
   # exactly as the first time.
-  moved = copy / checkpoints.DAMAGED_DIR / str(_STEPS)
+  moved = copy / damage.DAMAGED_DIR / str(_STEPS)
   assert (moved / in_step).stat().st_size == damaged_size
   testing_lib.leaves_equal(state.params, checkpoints.restore_params(trained)[1])
 

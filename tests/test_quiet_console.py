@@ -17,7 +17,7 @@ import pytest
 import capjax
 from capjax.testing import serving
 from capjax.testing import training as testing_lib
-from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import loop
 
 # Runs of the training loop share their compiled steps.
@@ -166,5 +166,5 @@ def test_resuming_past_a_damaged_step_prints_only_capjax_lines(
     assert f'local file "{copy}/checkpoints/{_STEPS}/default/' in line
     assert '<' not in line and 'tensorstore_spec' not in line
     assert line.endswith(
-      f'moved to {pathlib.Path(copy) / checkpoints.DAMAGED_DIR / str(_STEPS)}'
+      f'moved to {pathlib.Path(copy) / damage.DAMAGED_DIR / str(_STEPS)}'
     )

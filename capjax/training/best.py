@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from capjax import config_checks
 from capjax import files
 from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import parallel
 
 TOP_FILE = 'best_rule_top.json'
@@ -106,7 +107,7 @@ def _checked_record(
     failure = e
   parallel.sync_processes('capjax.train.best_checked')
   if jax.process_index() == 0:
-    moved = checkpoints.move_aside(workdir, checkpoints.best_directory(workdir))
+    moved = damage.move_aside(workdir, checkpoints.best_directory(workdir))
     logging.warning(
       '%s; moved to %s, the next evaluation saves a new one', failure, moved
     )

@@ -17,11 +17,9 @@ name, `restore_checkpoint` reads its parameters.
 """
 
 import dataclasses
-import logging as py_logging
 import math
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -31,9 +29,9 @@ import orbax.checkpoint as ocp
 from capjax import errors
 from capjax import workdir as workdir_lib
 from capjax.training import damage
+from capjax.training import orbax_logs
 
 PathLike = str | os.PathLike[str]
-DAMAGED_DIR = 'damaged_checkpoints'
 
 
 class DamagedCheckpointError(errors.UserError):
@@ -46,35 +44,6 @@ def directory(workdir: PathLike) -> pathlib.Path:
 
 def best_directory(workdir: PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / workdir_lib.BEST_CHECKPOINT_DIR
-
-
-# Orbax's log messages that tell a capjax user nothing: that a read-only
-# manager (what every load makes) is read-only; that a step's
-# _CHECKPOINT_METADATA (its save time, and the score of the best checkpoint)
-# cannot be read, which Orbax logs with the file's content. Without the
-# metadata a step still restores; without its score, the best checkpoint is
-# reported as damaged, by capjax (`read_best`).
-_ORBAX_NOISE = (
-  'Given directory is read only=',
-  'Failed to json parse Metadata file: ',
-  'Failed to read Metadata file: ',
-)
-
-
-class _NoOrbaxNoise(py_logging.Filter):
-  """Drops the log records of _ORBAX_NOISE."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return not (
-      isinstance(record.msg, str) and record.msg.startswith(_ORBAX_NOISE)
-    )
-
-
-def _quiet_orbax() -> None:
-  """Keeps _ORBAX_NOISE off the console, once, before a manager is made."""
-  absl_logger = py_logging.getLogger('absl')  # what Orbax logs through
-  if not any(isinstance(f, _NoOrbaxNoise) for f in absl_logger.filters):
-    absl_logger.addFilter(_NoOrbaxNoise())
 
 
 def _read_only_options() -> ocp.CheckpointManagerOptions:
@@ -92,7 +61,7 @@ def manager(
   workdir: PathLike, max_to_keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """Orbax manager of the whole train state: asynchronous, or read-only."""
-  _quiet_orbax()
+  orbax_logs.quiet()
   if read_only:
     options = _read_only_options()
   else:
@@ -118,7 +87,7 @@ def best_manager(
   replaces is deleted only after that commit. A step scored by another
   metric ranks last, so the first save under a new metric replaces it.
   """
-  _quiet_orbax()
+  orbax_logs.quiet()
   worst = -math.inf if mode == 'max' else math.inf
   options = ocp.CheckpointManagerOptions(
     max_to_keep=1,
@@ -134,7 +103,7 @@ def best_manager(
 
 def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
   """A read-only manager of a directory that can restore part of a saved tree."""
-  _quiet_orbax()
+  orbax_logs.quiet()
   return ocp.CheckpointManager(
     path,
     options=_read_only_options(),
@@ -480,25 +449,6 @@ def _newest_readable(
     except Exception:  # noqa: BLE001
       continue
   return None
-
-
-def move_aside(workdir: PathLike, damaged: pathlib.Path) -> pathlib.Path:
-  """Moves a damaged checkpoint out of the way, keeping its files.
-
-  Args:
-    workdir: the workdir.
-    damaged: a step's directory of `directory(workdir)`, or the whole
-      `best_directory(workdir)` (a damaged score may hide its step).
-
-  Returns:
-    Where it went: damaged/<its name> in the workdir.
-  """
-  target = pathlib.Path(workdir).absolute() / DAMAGED_DIR / damaged.name
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if target.exists():
-    shutil.rmtree(target)
-  shutil.move(damaged, target)
-  return target
 
 
 def restore_newest(

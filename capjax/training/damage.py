@@ -8,6 +8,11 @@ messages about a damaged step.
 
 import json
 import os
+import pathlib
+import shutil
+
+# Where damaged checkpoints are moved, in the workdir; never deleted.
+DAMAGED_DIR = 'damaged_checkpoints'
 
 # How much of a restore error a message quotes.
 _REASON_CHARS = 300
@@ -79,3 +84,24 @@ def reason(error: Exception) -> str:
   else:
     text = f'{type(error).__name__}: {text}'
   return text[:_REASON_CHARS]
+
+
+def move_aside(
+  workdir: str | os.PathLike[str], damaged: pathlib.Path
+) -> pathlib.Path:
+  """Moves a damaged checkpoint out of the way, keeping its files.
+
+  Args:
+    workdir: the workdir.
+    damaged: a step's directory of `checkpoints.directory(workdir)`, or the whole
+      `checkpoints.best_directory(workdir)` (a damaged score may hide its step).
+
+  Returns:
+    Where it went: damaged/<its name> in the workdir.
+  """
+  target = pathlib.Path(workdir).absolute() / DAMAGED_DIR / damaged.name
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if target.exists():
+    shutil.rmtree(target)
+  shutil.move(damaged, target)
+  return target

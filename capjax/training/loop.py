@@ -27,6 +27,7 @@ from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.training import best as best_lib
 from capjax.training import checkpoints
+from capjax.training import damage
 from capjax.training import dispatch
 from capjax.training import init_from
 from capjax.training import objectives
@@ -163,7 +164,7 @@ def _restore_or_init(
   parallel.sync_processes('capjax.train.restored')
   for damaged, reason in skipped:
     if jax.process_index() == 0:
-      moved = checkpoints.move_aside(
+      moved = damage.move_aside(
         workdir, checkpoints.directory(workdir) / str(damaged)
       )
       logging.warning(
