@@ -64,7 +64,7 @@ class TrainedModel:
 def load_trained(
   workdir: str | os.PathLike[str], step: int | None = None
 ) -> TrainedModel:
-  """The model of a workdir's checkpoint: `step`, else the best, else the newest.
+  """The model of a workdir's checkpoint: `step`, else the best, else newest.
 
   The rule is checkpoints.resolve's; the choice is logged in one line.
 

@@ -1,4 +1,4 @@
-r"""Checks capjax and its PyTorch baseline on an accelerator, in under 8 minutes.
+r"""A short check of capjax on an accelerator, without TensorFlow: one table.
 
   python scripts/accelerator_check.py [--quick] [--out_dir=accelerator_results]
 

@@ -336,7 +336,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(
       _wait_until(
         process,
         workdir,
-        lambda names: bool({n for n in names if n.isdigit()} - committed),
+        lambda names, committed=committed: bool(
+          {n for n in names if n.isdigit()} - committed
+        ),
       )
     process.kill()
     process.wait()

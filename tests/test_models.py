@@ -1,4 +1,4 @@
-"""capjax.model.captioner against the TensorFlow tutorial's model; invariants."""
+"""capjax.model.captioner against the TensorFlow tutorial's; invariants."""
 
 import jax
 import jax.numpy as jnp

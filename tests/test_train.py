@@ -54,7 +54,7 @@ def straight(tmp_path_factory, shapes_dir):
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory, shapes_dir):
-  """(workdir, final state) of 8 steps on one device; tests must not change it."""
+  """(workdir, final state) of 8 steps on one device; not to be changed."""
   return _trained(tmp_path_factory, shapes_dir, num_train_steps=8)
 
 

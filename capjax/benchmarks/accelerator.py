@@ -61,10 +61,14 @@ DTYPES = {
 SKIPPED = {
   "the TensorFlow tutorial's training and evaluate() "
   '(capjax.benchmarks.tutorial)': 'needs TensorFlow',
-  'training on the Flickr8k caption lengths (capjax.benchmarks.training)': 'needs TensorFlow, capjax.configs (ml_collections) and the data',
+  'training on the Flickr8k caption lengths (capjax.benchmarks.training)': (
+    'needs TensorFlow, capjax.configs (ml_collections) and the data'
+  ),
   'input pipeline (capjax.benchmarks.pipeline)': 'needs TensorFlow',
   'feature extraction (capjax.benchmarks.extraction)': 'needs TensorFlow',
-  'CIDEr-D against pycocoevalcap (capjax.benchmarks.cider)': 'needs pycocoevalcap',
+  'CIDEr-D against pycocoevalcap (capjax.benchmarks.cider)': (
+    'needs pycocoevalcap'
+  ),
   'SCST step (capjax.benchmarks.scst)': 'needs capjax.configs (ml_collections)',
 }
 
@@ -164,11 +168,12 @@ class _Check:
       ),
     )
 
-  @functools.cache
+  # One check per run: the caches live as long as the check, on purpose.
+  @functools.cache  # noqa: B019
   def capjax_trainer(self, dtype: str) -> workload.CapjaxTrainer:
     return workload.CapjaxTrainer(self.plan.sizes, DTYPES[dtype][0])
 
-  @functools.cache
+  @functools.cache  # noqa: B019
   def torch_trainer(
     self, dtype: str, compile_: bool
   ) -> torch_tutorial.TorchTrainer:
@@ -179,7 +184,7 @@ class _Check:
       device=self.device,
     )
 
-  @functools.cache
+  @functools.cache  # noqa: B019
   def torch_decoder(self, compile_: bool) -> torch_tutorial.TorchCaptioner:
     model = torch_tutorial.from_capjax_params(self.params).to(self.device)
     if compile_:

@@ -110,7 +110,7 @@ def make_examples(
 
 
 class TrainBatches:
-  """The training batches of one process: the schedule's examples, with features."""
+  """The training batches of one process: the schedule's examples, features."""
 
   def __init__(
     self,

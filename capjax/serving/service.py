@@ -1,4 +1,4 @@
-"""The captioning service: the model, its extractor, the image pool, the batcher.
+"""The captioning service: the model, its extractor, image pool and batcher.
 
 The HTTP layer (capjax.serving.app) reads and checks a request, then awaits
 `Service.caption`, which is where an asyncio request meets the batch worker
@@ -262,7 +262,7 @@ class Service:
     self.batcher.start(on_ready)
 
   def drain(self, seconds: float) -> None:
-    """Shutting down: what still waits for the decoder in `seconds` is refused."""
+    """Shutting down: what still waits for the decoder in `seconds` fails."""
     self._draining = True
     self.batcher.drain(seconds)
 

@@ -1,4 +1,4 @@
-"""Starting `python -m capjax.serve` in a subprocess, for tests and load tests."""
+"""Starting `python -m capjax.serve` in a subprocess, for tests, load tests."""
 
 from collections.abc import Mapping, Sequence
 import os

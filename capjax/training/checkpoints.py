@@ -102,7 +102,7 @@ def best_manager(
 
 
 def _tree_manager(path: pathlib.Path) -> ocp.CheckpointManager:
-  """A read-only manager of a directory that can restore part of a saved tree."""
+  """A read-only manager of a directory, to restore part of a saved tree."""
   orbax_logs.quiet()
   return ocp.CheckpointManager(
     path,
@@ -212,7 +212,7 @@ class Checkpoint:
 
   @property
   def name(self) -> str:
-    """How messages name it: 'checkpoint step 8', 'the best checkpoint (step 6)'."""
+    """In messages: 'checkpoint step 8', 'the best checkpoint (step 6)'."""
     if self.kind == 'best':
       return f'the best checkpoint (step {self.step})'
     return f'checkpoint step {self.step}'
@@ -292,7 +292,7 @@ def _missing(
 
 
 def resolve(workdir: PathLike, step: int | None = None) -> Checkpoint:
-  """The checkpoint a program loads: `step` if given, else the best, else the newest.
+  """The checkpoint a program loads: `step` if given, else the best or newest.
 
   A given step is looked for in checkpoints/, then in best_checkpoint/. This
   is the one rule for choosing; `restore_checkpoint` then reads it:

@@ -93,8 +93,9 @@ def move_aside(
 
   Args:
     workdir: the workdir.
-    damaged: a step's directory of `checkpoints.directory(workdir)`, or the whole
-      `checkpoints.best_directory(workdir)` (a damaged score may hide its step).
+    damaged: a step's directory of `checkpoints.directory(workdir)`, or the
+      whole `checkpoints.best_directory(workdir)` (a damaged score may hide
+      its step).
 
   Returns:
     Where it went: damaged/<its name> in the workdir.

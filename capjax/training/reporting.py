@@ -1,4 +1,4 @@
-"""Training progress: console lines, TensorBoard events, a metrics log and a loss plot.
+"""Training progress: console lines, TensorBoard, a metrics log, a loss plot.
 
 Only process 0 writes files; every process may log to the console.
 """
@@ -39,7 +39,7 @@ class StepTimer:
 
 
 class Reporter:
-  """Writes scalars to TensorBoard and `metrics.jsonl`, and redraws `loss.png`."""
+  """Writes scalars to TensorBoard and `metrics.jsonl`; redraws `loss.png`."""
 
   def __init__(self, workdir: str | os.PathLike[str], write_files: bool):
     self._workdir = pathlib.Path(workdir)

@@ -58,7 +58,7 @@ def train_step(
 def eval_step(
   params: Any, batch: Batch, *, model: captioner.Captioner
 ) -> dict[str, jax.Array]:
-  """Metric sums of a batch; all-padding rows (a short final batch) count for nothing."""
+  """Metric sums of a batch; all-padding rows (a short last batch) count 0."""
   logits, _ = model.apply(
     {'params': params}, batch['features'], batch['tokens']
   )
