@@ -9,7 +9,7 @@ evaluation. `capjax.evaluation` decodes and scores a whole split properly.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import ml_collections
@@ -54,7 +54,8 @@ def generate_captions(
     tokens.append(
       decoding.caption_features(
         params,
-        features_BLD,
+        # jit takes NumPy arrays too; caption_features is annotated jax.Array.
+        cast(jax.Array, features_BLD),
         model=model,
         max_len=max_len,
         beam_size=beam_size,

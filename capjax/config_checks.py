@@ -13,13 +13,18 @@ config is read the same way, onto the defaults, so a field added to capjax
 after the workdir was written takes its default value.
 """
 
-import pathlib
-from typing import Any
+from __future__ import annotations
 
-import ml_collections
+import pathlib
+from typing import Any, TYPE_CHECKING
 
 from capjax import errors
-from capjax.configs import default
+
+# The data modules read the choices and split names below on hosts that may
+# lack ml_collections (an accelerator host running only JAX): it is imported
+# where a config is built or checked, not with the module.
+if TYPE_CHECKING:
+  import ml_collections
 
 # The validation metrics config.best_metric may name, and which way is better.
 BEST_METRICS = {'cider': 'max', 'bleu4': 'max', 'loss': 'min'}
@@ -119,8 +124,8 @@ def _merge(
     if name not in config:
       raise _prefixed(source, f'unknown config field {field!r}')
     expected = config[name]
-    if isinstance(expected, ml_collections.ConfigDict):
-      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+    if isinstance(expected, type(config)):
+      if not isinstance(value, (dict, type(config))):
         raise _prefixed(
           source, f'config.{field} must be a group of fields, got {value!r}'
         )
@@ -148,6 +153,8 @@ def from_values(
     UserError: a field the default config lacks, or a value of another
       type; the message names the field (and the expected type).
   """
+  from capjax.configs import default  # noqa: PLC0415 (see the imports)
+
   config = default.get_config()
   _merge(config, values, '', source)
   return config

@@ -177,8 +177,8 @@ def evaluate_split(
 
   # The split as a file name, made as its feature store's name is.
   tag = feature_store.file_name(split)
-  workdir = pathlib.Path(workdir)
-  results_path = workdir / f'captions_{tag}_{name}.json'
+  out_dir = pathlib.Path(workdir)
+  results_path = out_dir / f'captions_{tag}_{name}.json'
   _save_captions(results_path, captions)
   report = {
     'split': split,
@@ -195,13 +195,13 @@ def evaluate_split(
       for m, v in bootstrap_lib.intervals(scored, bootstrap, seed).items()
     }
     report['bootstrap'] = bootstrap_lib.describe(bootstrap, seed)
-  workdir_lib.save_json(workdir / f'metrics_{tag}_{name}.json', report)
+  workdir_lib.save_json(out_dir / f'metrics_{tag}_{name}.json', report)
   if other is not None:
     other_captions = _split_captions(other, store, kept, decoder, batch_size)
     other_scored = metrics.score_images(
       other_captions, references, use_java=use_java
     )
-    other_path = workdir / f'captions_{tag}_{name}_compared.json'
+    other_path = out_dir / f'captions_{tag}_{name}_compared.json'
     _save_captions(other_path, other_captions)
     comparison = {
       'split': split,
@@ -220,7 +220,7 @@ def evaluate_split(
       ),
       'bootstrap': report['bootstrap'],
     }
-    workdir_lib.save_json(workdir / f'comparison_{tag}_{name}.json', comparison)
+    workdir_lib.save_json(out_dir / f'comparison_{tag}_{name}.json', comparison)
     report = dict(report, comparison=comparison)
   return report
 

@@ -13,7 +13,7 @@ were.
 from collections.abc import Sequence
 import dataclasses
 import os
-from typing import Any
+from typing import Any, cast
 
 from absl import logging
 import jax
@@ -172,10 +172,13 @@ def caption_files(
   """
   is_image = lambda path: not path.endswith(FEATURES_SUFFIX)
   extractor = make_extractor(trained) if any(map(is_image, paths)) else None
-  inputs, results = [], {}
+  # (path, features, image or None) of each file that could be read.
+  inputs: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+  results: dict[str, FileCaption] = {}
   for path in paths:
     try:
       if is_image(path):
+        assert extractor is not None  # Made when any path is an image.
         image_HW3 = images.load_image(path)
         inputs.append((path, extractor([image_HW3])[0], image_HW3))
       else:
@@ -190,7 +193,8 @@ def caption_files(
     features_BLD = np.stack([f for _, f, _ in inputs])
     captions = decoding.caption_features(
       trained.params,
-      features_BLD,
+      # jit takes NumPy arrays too; caption_features is annotated jax.Array.
+      cast(jax.Array, features_BLD),
       model=trained.model,
       max_len=max_len or decoding.max_caption_tokens(trained.config),
       beam_size=beam_size,
@@ -200,8 +204,8 @@ def caption_files(
     )
     texts = trained.vocab.decode_rows(captions.tokens_BT)
     attention_BTL = np.asarray(captions.attention_BTL)
-    for (path, _, image_HW3), text, attention_TL in zip(
+    for (path, _, input_HW3), text, attention_TL in zip(
       inputs, texts, attention_BTL
     ):
-      results[path] = FileCaption(path, text, attention_TL, image_HW3)
+      results[path] = FileCaption(path, text, attention_TL, input_HW3)
   return [results[p] for p in paths]

@@ -205,8 +205,8 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'serving.requests',
     'serving.service',
   ),
-  'serving.protocol': ('serving.bodies', 'serving.metrics'),
-  'serving.server': ('serving.app', 'serving.protocol'),
+  'serving.protocol': ('serving.bodies', 'serving.limits', 'serving.metrics'),
+  'serving.server': ('serving.app', 'serving.limits', 'serving.protocol'),
   # Importing a tutorial model: it writes a workdir, with a checkpoint.
   'porting': (),
   'porting.tutorial_weights': ('errors',),
@@ -243,6 +243,7 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'training.step',
   ),
   'training.dispatch': ('training.objectives', 'training.parallel'),
+  'serving.limits': (),
   'exporting': (),
   'exporting.extractor': (
     'data.extractors',

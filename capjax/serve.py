@@ -20,7 +20,7 @@ from capjax import inference
 from capjax import programs
 from capjax.data import images
 from capjax.serving import app as app_lib
-from capjax.serving import protocol
+from capjax.serving import limits as limits_lib
 from capjax.serving import server as server_lib
 from capjax.serving import service as service_lib
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str]) -> None:
     url_timeout_s=_URL_TIMEOUT_S.value,
     request_timeout_s=_REQUEST_TIMEOUT_S.value,
   )
-  limits = protocol.Limits(
+  limits = limits_lib.Limits(
     max_connections=_MAX_CONNECTIONS.value,
     max_connections_per_client=_MAX_CONNECTIONS_PER_CLIENT.value,
     header_timeout_s=_HEADER_TIMEOUT_S.value,

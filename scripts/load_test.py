@@ -40,6 +40,7 @@ import socket
 import tempfile
 import threading
 import time
+from typing import TypedDict
 import urllib.parse
 
 from absl import app
@@ -112,6 +113,21 @@ _MIXED_QUERIES = (
 _PHASES = ('body', 'image', 'queue', 'decode', 'answer')
 
 
+class Measurement(TypedDict):
+  """One run's results (`measure`)."""
+
+  concurrency: int
+  requests: int
+  errors: dict[str, int]
+  seconds: float
+  requests_per_s: float
+  p50_ms: float
+  p99_ms: float
+  phases_ms: dict[str, float]
+  server_rss_mb: float | None
+  server_cpu_ms: float | None
+
+
 def check_loopback(url: str) -> str:
   """The URL, if it is http on a loopback address.
 
@@ -145,13 +161,14 @@ def _client(
   max_requests: int,
   deadline: float,
   latencies: list[float],
-  errors: collections.Counter,
+  errors: collections.Counter[str | int],
 ) -> None:
   """Posts images over one connection until the requests or time run out."""
   parts = urllib.parse.urlsplit(url)
-  connect = lambda: http.client.HTTPConnection(
-    parts.hostname, parts.port, timeout=120
-  )
+  # Loopback URLs (check_loopback) or the started servers': never None.
+  host = parts.hostname
+  assert host is not None
+  connect = lambda: http.client.HTTPConnection(host, parts.port, timeout=120)
   connection = connect()
   # next() on an itertools.count is atomic, so tickets are never shared.
   while (ticket := next(tickets)) < max_requests and (
@@ -159,8 +176,8 @@ def _client(
   ):
     body, query = bodies[ticket % len(bodies)], ''
     if _MIXED.value:
-      query = _MIXED_QUERIES[ticket % len(_MIXED_QUERIES)]
-      body, query = (b'not an image', '') if query is None else (body, query)
+      mixed = _MIXED_QUERIES[ticket % len(_MIXED_QUERIES)]
+      body, query = (b'not an image', '') if mixed is None else (body, mixed)
     start = time.perf_counter()
     try:
       connection.request(
@@ -189,6 +206,8 @@ def _client(
 def _phase_totals(url: str) -> dict[str, tuple[float, float]]:
   """(seconds, count) per phase from the server's /metrics; {} if none."""
   parts = urllib.parse.urlsplit(url)
+  # Loopback URLs (check_loopback) or the started servers': never None.
+  assert parts.hostname is not None
   connection = http.client.HTTPConnection(
     parts.hostname, parts.port, timeout=30
   )
@@ -199,14 +218,16 @@ def _phase_totals(url: str) -> dict[str, tuple[float, float]]:
     return {}
   finally:
     connection.close()
-  totals = collections.defaultdict(lambda: [0.0, 0.0])
+  totals: collections.defaultdict[str, list[float]] = collections.defaultdict(
+    lambda: [0.0, 0.0]
+  )
   for kind, phase, value in re.findall(
     r'^capjax_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)$',
     text,
     re.MULTILINE,
   ):
     totals[phase][kind == 'count'] = float(value)
-  return {phase: tuple(v) for phase, v in totals.items()}
+  return {phase: (v[0], v[1]) for phase, v in totals.items()}
 
 
 def _rss_mb(pid: int | None) -> float | None:
@@ -237,9 +258,10 @@ def measure(
   max_requests: int,
   max_seconds: float,
   pid: int | None = None,
-) -> dict[str, float]:
+) -> Measurement:
   """Requests/s and latency of `concurrency` clients sending at once."""
-  latencies, errors = [], collections.Counter()
+  latencies: list[float] = []
+  errors: collections.Counter[str | int] = collections.Counter()
   tickets = itertools.count()
   phases_before = _phase_totals(url)
   cpu_before = _cpu_s(pid)
@@ -268,7 +290,7 @@ def measure(
   phases_after = _phase_totals(url)
   cpu_after = _cpu_s(pid)
   # Mean milliseconds per request in each phase, by the server's clock.
-  phases = {}
+  phases: dict[str, float] = {}
   for phase in _PHASES:
     (s0, n0), (s1, n1) = (
       p.get(phase, (0.0, 0.0)) for p in (phases_before, phases_after)
@@ -288,7 +310,7 @@ def measure(
     # The server's CPU time per answer: what a request costs it, little
     # changed by other work on the machine.
     'server_cpu_ms': None
-    if pid is None
+    if cpu_before is None or cpu_after is None
     else round((cpu_after - cpu_before) * 1000 / max(len(latencies), 1), 2),
   }
 
@@ -298,7 +320,7 @@ def run(
   bodies: Sequence[bytes],
   concurrencies: Sequence[int],
   pid: int | None = None,
-) -> list[dict[str, float]]:
+) -> list[Measurement]:
   """One measurement per client count, each after an untimed round."""
   results = []
   for concurrency in concurrencies:
@@ -328,7 +350,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   if bool(_WORKDIR.value) == bool(_URL.value and _BASELINE_URL.value):
     raise app.UsageError('give --workdir, or both --url and --baseline_url')
-  paths = _IMAGES.value or (
+  paths: Sequence[str | pathlib.Path] = _IMAGES.value or (
     sorted(pathlib.Path(_WORKDIR.value, 'examples').glob('*'))
     if _WORKDIR.value
     else []
@@ -358,9 +380,12 @@ def main(argv: Sequence[str]) -> None:
       with started_server(_WORKDIR.value, 1, log_dir) as (url, pid):
         single = run(url, bodies, baseline_concurrencies, pid)
   else:
-    batched = run(check_loopback(_URL.value), bodies, concurrencies, _PID.value)
+    # Both are given when --workdir is not (checked above).
+    url, baseline_url = _URL.value, _BASELINE_URL.value
+    assert url and baseline_url
+    batched = run(check_loopback(url), bodies, concurrencies, _PID.value)
     single = run(
-      check_loopback(_BASELINE_URL.value),
+      check_loopback(baseline_url),
       bodies,
       baseline_concurrencies,
       _BASELINE_PID.value,

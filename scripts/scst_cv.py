@@ -34,6 +34,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -272,7 +273,7 @@ def stage_1(k: int, data_dir, feature_dir, runs, results) -> dict:
     },
   )
   _evaluate(workdir)
-  result = {
+  result: dict[str, Any] = {
     'fold': k,
     'run': 'stage1',
     'best': _read(workdir / 'metrics_test_greedy.json'),
@@ -312,7 +313,7 @@ def scst_run(name: str, k: int, data_dir, feature_dir, runs, results) -> dict:
     overrides['init_from_step'] = _STAGE_1_STEPS.value
   _train(_STAGE_2, workdir, data_dir, feature_dir, overrides)
   _evaluate(workdir, f'--compare={source}')
-  result = {
+  result: dict[str, Any] = {
     'fold': k,
     'run': name,
     'variant': variant.help,

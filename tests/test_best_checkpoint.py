@@ -298,7 +298,7 @@ def test_last_within_keeps_the_newest_step_inside_the_tops_interval(
     return {'bleu4': 0.0, 'cider': cider, 'cider_low': cider - 0.15}
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(loop, '_caption_metrics', scripted)
+    patch.setattr(captioning, 'caption_metrics', scripted)
     loop.train_and_evaluate(config, str(workdir))
   best = checkpoints.read_best(workdir)
   assert (best.step, best.score) == (12, 0.5)

@@ -349,7 +349,7 @@ def test_200_steps_on_four_devices_in_each_layout(tmp_path, shapes_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'on 4 device(s)' in result.stderr
-    params[name] = checkpoints.load_params(tmp_path / name)
+    params[name] = checkpoints.restore_params(tmp_path / name)[1]
   testing_lib.leaves_equal(params['replicated'], params['host'])
   testing_lib.leaves_equal(params['sharded'], params['host'])
 
@@ -377,4 +377,6 @@ def test_kill_9_four_per_call_then_resume_one_per_call(
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from the checkpoint of step {done}' in result.stderr
-  testing_lib.leaves_equal(checkpoints.load_params(workdir), host_200.params)
+  testing_lib.leaves_equal(
+    checkpoints.restore_params(workdir)[1], host_200.params
+  )

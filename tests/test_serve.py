@@ -36,7 +36,7 @@ from capjax.serving import bodies
 from capjax.serving import continuous
 from capjax.serving import fetch as fetch_lib
 from capjax.serving import imaging
-from capjax.serving import protocol
+from capjax.serving import limits as limits_lib
 from capjax.serving import requests
 from capjax.serving import server as server_lib
 from capjax.serving import service as service_lib
@@ -823,7 +823,9 @@ def held_back_server(trained):
   service = service_lib.Service(trained, extractor, options, greedy=held)
   app = app_lib.create_app(service=service)
   sock = server_lib.bind('127.0.0.1', 0)
-  server = server_lib.make_server(app, protocol.Limits(), shutdown_timeout_s=2)
+  server = server_lib.make_server(
+    app, limits_lib.Limits(), shutdown_timeout_s=2
+  )
   thread = threading.Thread(
     target=server.run, kwargs={'sockets': [sock]}, daemon=True
   )

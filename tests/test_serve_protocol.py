@@ -18,9 +18,10 @@ import time
 import pytest
 import uvicorn
 
+from capjax.serving import limits as limits_lib
 from capjax.serving import protocol
 
-_LIMITS = protocol.Limits(
+_LIMITS = limits_lib.Limits(
   max_connections=16,
   max_connections_per_client=6,
   header_timeout_s=1.0,

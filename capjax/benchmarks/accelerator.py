@@ -195,7 +195,7 @@ class _Check:
     features, tokens = self.inputs(batch_size)
     batch = workload.batch(features, tokens)
     trainer = self.capjax_trainer(dtype)
-    fns, errors = {'capjax': lambda: trainer(batch)}, {}
+    fns, errors = {'capjax': lambda: trainer(batch)}, {}  # type: (dict[str, Callable[[], Any]], dict[str, str])
     features_t = torch.from_numpy(features).to(self.device)
     tokens_t = torch.from_numpy(tokens).long().to(self.device)
     _add_torch(
@@ -255,7 +255,7 @@ class _Check:
         ).tokens_BT
       )
     }
-    errors = {}
+    errors: dict[str, str] = {}
     features_t = torch.from_numpy(features).to(self.device)
     # .cpu() waits for the device, as the loop's stopping test does.
     _add_torch(
@@ -315,7 +315,7 @@ class _Check:
       'capjax_default_precision': diff(on_device),
       'capjax_highest_precision': diff(highest),
       'torch': diff(torch_logits),
-      'default_matmul_precision': str(jax.config.jax_default_matmul_precision),
+      'default_matmul_precision': str(jax.config.jax_default_matmul_precision),  # type: ignore[attr-defined]  # a real option jax's stubs lack
     }
 
 
@@ -360,7 +360,7 @@ def run(plan: Plan, time_budget_s: float) -> dict[str, Any]:
   """Every row of the plan, within the time budget, and the settings."""
   start = time.perf_counter()
   check = _Check(plan)
-  results = []
+  results: list[dict[str, Any]] = []
   for name, fn in _rows(check):
     row_start = time.perf_counter()
     if row_start - start > time_budget_s:

@@ -40,9 +40,11 @@ _FORMAT = 'capjax.features/1'
 PathLike = str | os.PathLike[str]
 
 
-# Anything with an `image_id`, such as datasets.Record.
+# Anything with an `image_id`, such as datasets.Record (read-only, as a
+# NamedTuple's fields are).
 class _HasImageId(Protocol):
-  image_id: str
+  @property
+  def image_id(self) -> str: ...
 
 
 RecordT = TypeVar('RecordT', bound=_HasImageId)

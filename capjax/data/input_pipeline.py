@@ -35,6 +35,7 @@ import threading
 
 from absl import logging
 import numpy as np
+import numpy.typing as npt
 
 from capjax.data import datasets
 from capjax.data import feature_store
@@ -305,7 +306,7 @@ def tf_iterator(
   start: int,
   stop: int | None,
   keys: Sequence[str],
-  dtypes: Sequence[np.dtype],
+  dtypes: Sequence[npt.DTypeLike],
 ) -> Iterator[Batch]:
   """batch_fn(start), batch_fn(start + 1), ... made by tf.data in parallel."""
   import tensorflow as tf  # noqa: PLC0415

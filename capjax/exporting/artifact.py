@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pathlib
 import time
+from typing import Any
 
 from capjax import errors
 from capjax import inference
@@ -87,7 +88,7 @@ def export_workdir(
     alpha=alpha,
   )
   if from_features:
-    item_shape = trained.feature_shape_LD
+    item_shape: tuple[int, ...] = trained.feature_shape_LD
     fn = graph.features_fn(trained.model, trained.params, search)
     image_size = None
   else:
@@ -117,7 +118,7 @@ def export_workdir(
     (out / metadata.MODEL_NAME / 'config.pbtxt').write_text(
       metadata.triton_config(inputs, outputs)
     )
-    extra = {'onnx_opset': onnx_format.OPSET}
+    extra: dict[str, Any] = {'onnx_opset': onnx_format.OPSET}
   else:
     from capjax.exporting import saved_model  # noqa: PLC0415
 

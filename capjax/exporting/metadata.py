@@ -68,7 +68,7 @@ def describe(
 ) -> dict[str, Any]:
   """capjax_export.json's contents; image_size None: a graph of features."""
   if image_size is None:
-    preprocessing = {
+    preprocessing: dict[str, Any] = {
       'input': 'feature grids (L, D) as the extractor below makes them',
     }
   else:

@@ -63,7 +63,7 @@ def corpus_scores(
 ) -> dict[str, np.ndarray]:
   """Each metric's corpus score under each row of image weights: (X,) each."""
   weights_XN = np.asarray(weights_XN, np.float64)
-  out = {}
+  out: dict[str, np.ndarray] = {}
   if scored.bleu_counts_N10 is not None:
     bleu_X4 = bleu_of_counts(weights_XN @ scored.bleu_counts_N10)
     out.update(zip(coco.BLEU, bleu_X4.T))

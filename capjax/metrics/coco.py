@@ -23,6 +23,7 @@ import dataclasses
 import io
 import re
 import shutil
+from typing import TypeVar
 
 import numpy as np
 from pycocoevalcap.bleu import bleu_scorer
@@ -41,6 +42,8 @@ ALL_METRICS = BLEU + ('METEOR', 'ROUGE_L', 'CIDEr')
 JAVA_METRICS = ('METEOR',)
 
 Key = Hashable
+# The keys of one call's mappings, whichever Hashable type they are.
+KeyT = TypeVar('KeyT', bound=Hashable)
 
 
 def java_available() -> bool:
@@ -52,7 +55,9 @@ def java_available() -> bool:
 _TOKENIZER_STATISTICS = re.compile(r'PTBTokenizer tokenized \d+ tokens at ')
 
 
-def ptb_tokenize(captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
+def ptb_tokenize(
+  captions: Mapping[KeyT, Sequence[str]],
+) -> dict[KeyT, list[str]]:
   """pycocoevalcap's PTB tokenisation (Java): lowercase, punctuation dropped."""
   with console.stderr_without(_TOKENIZER_STATISTICS):
     return PTBTokenizer().tokenize(
@@ -61,8 +66,8 @@ def ptb_tokenize(captions: Mapping[Key, Sequence[str]]) -> dict[Key, list[str]]:
 
 
 def simple_tokenize(
-  captions: Mapping[Key, Sequence[str]],
-) -> dict[Key, list[str]]:
+  captions: Mapping[KeyT, Sequence[str]],
+) -> dict[KeyT, list[str]]:
   """The vocabulary's tokenisation, for when Java is missing."""
   return {
     k: [' '.join(vocab_lib.tokenize(c)) for c in v] for k, v in captions.items()
@@ -70,7 +75,7 @@ def simple_tokenize(
 
 
 def _check(
-  candidates: Mapping[Key, str], references: Mapping[Key, Sequence[str]]
+  candidates: Mapping[KeyT, str], references: Mapping[KeyT, Sequence[str]]
 ) -> None:
   if not candidates:
     raise ValueError('no captions to score')
@@ -109,7 +114,7 @@ class ImageScores:
 
 
 def _bleu_counts(
-  gts: Mapping[Key, list[str]], res: Mapping[Key, list[str]]
+  gts: Mapping[KeyT, list[str]], res: Mapping[KeyT, list[str]]
 ) -> np.ndarray:
   """(N, 10) BLEU statistics per image, as pycocoevalcap's Bleu(4) cooks them.
 
@@ -126,8 +131,8 @@ def _bleu_counts(
 
 
 def score_captions(
-  candidates: Mapping[Key, str],
-  references: Mapping[Key, Sequence[str]],
+  candidates: Mapping[KeyT, str],
+  references: Mapping[KeyT, Sequence[str]],
   *,
   metrics: Sequence[str] = ALL_METRICS,
   use_java: bool | None = None,
@@ -139,8 +144,8 @@ def score_captions(
 
 
 def score_images(
-  candidates: Mapping[Key, str],
-  references: Mapping[Key, Sequence[str]],
+  candidates: Mapping[KeyT, str],
+  references: Mapping[KeyT, Sequence[str]],
   *,
   metrics: Sequence[str] = ALL_METRICS,
   use_java: bool | None = None,
@@ -170,7 +175,9 @@ def score_images(
   res = tokenize({k: [c] for k, c in candidates.items()})
   gts = tokenize({k: list(references[k]) for k in candidates})
   wanted = [m for m in metrics if use_java or m not in JAVA_METRICS]
-  scores, per_image, bleu_counts = {}, {}, None
+  scores: dict[str, float] = {}
+  per_image: dict[str, np.ndarray] = {}
+  bleu_counts = None
   # pycocoevalcap prints its BLEU statistics; keep them off the console.
   with contextlib.redirect_stdout(io.StringIO()):
     if any(m in BLEU for m in wanted):

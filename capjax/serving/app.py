@@ -346,6 +346,8 @@ async def _http_error(request, error: starlette_exceptions.HTTPException):
       'POST /v1/captions'
     )
   elif error.status_code == 405:
+    # Starlette's router raises its 405s with an Allow header.
+    assert error.headers is not None
     message = f'{request.url.path} takes {error.headers["Allow"]}'
   else:
     message = error.detail
@@ -409,9 +411,11 @@ def create_app(
       routing.Route('/v1/model', _get_model, methods=['GET']),
       routing.Route('/v1/captions', _post_captions, methods=['POST']),
     ],
+    # Starlette types every handler as taking any Exception, though it
+    # calls each with the exceptions of its key's class only.
     exception_handlers={
-      requests.RequestError: _request_error,
-      starlette_exceptions.HTTPException: _http_error,
+      requests.RequestError: _request_error,  # type: ignore[dict-item]
+      starlette_exceptions.HTTPException: _http_error,  # type: ignore[dict-item]
     },
     lifespan=lifespan,
   )

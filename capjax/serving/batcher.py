@@ -111,7 +111,7 @@ class Batcher:
     self._stopped = False
     self._drain_at: float | None = None
     self.ready = False
-    self._on_ready = None
+    self._on_ready: Callable[[], None] | None = None
     # Written by the worker only.
     self.num_batches = 0  # admissions to the continuous decoder included
     self.num_decoded = 0
@@ -140,7 +140,7 @@ class Batcher:
       RequestError: 503, not warmed up yet, shutting down, or the queue is
         full.
     """
-    future = concurrent.futures.Future()
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
     with self._cond:
       if (
         self._stopped

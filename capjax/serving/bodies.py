@@ -28,7 +28,7 @@ MAX_JSON_BYTES = 16 * 1024
 class Deadlines:
   """The time limits of bodies being read, all brought forward at shutdown."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self._active: set[asyncio.Timeout] = set()
     self._shutdown_at: float | None = None
 
@@ -48,10 +48,12 @@ class Deadlines:
 
   def shutdown(self, seconds: float) -> None:
     """Bodies still being read in `seconds` are refused then."""
-    self._shutdown_at = asyncio.get_running_loop().time() + seconds
+    shutdown_at = asyncio.get_running_loop().time() + seconds
+    self._shutdown_at = shutdown_at
     for timeout in self._active:
-      if timeout.when() is None or timeout.when() > self._shutdown_at:
-        timeout.reschedule(self._shutdown_at)
+      when = timeout.when()
+      if when is None or when > shutdown_at:
+        timeout.reschedule(shutdown_at)
 
 
 def content_type(
@@ -151,7 +153,8 @@ def parse_multipart(
   if not boundary:
     raise requests.RequestError(400, 'multipart/form-data without a boundary')
   fields: dict[str, list[bytes]] = {}
-  part = {'headers': [], 'data': []}
+  # 'headers': [[name, value], ...]; 'data': [bytes, ...].
+  part: dict[str, list[Any]] = {'headers': [], 'data': []}
   ended = []
 
   def on_header_field(data, start, end):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, cast
 
 import flax
 import jax
@@ -45,24 +45,33 @@ _CALLS_BEFORE_SHRINKING = 64
 
 @flax.struct.dataclass
 class _Rows:
-  """The decoding state of n rows (free slots are done)."""
+  """The decoding state of n rows (free slots are done).
 
-  h_nU: Array
-  token_n: Array  # the last token, fed to the next step
-  t_n: Array  # tokens generated so far
-  max_len_n: Array
-  done_n: Array
-  tokens_nT: Array
-  attention_nTL: Array
-  log_prob_n: Array
+  On the device (jax.Array), or in host memory (np.ndarray) while it is
+  made or resized.
+  """
+
+  h_nU: Array | np.ndarray
+  token_n: Array | np.ndarray  # the last token, fed to the next step
+  t_n: Array | np.ndarray  # tokens generated so far
+  max_len_n: Array | np.ndarray
+  done_n: Array | np.ndarray
+  tokens_nT: Array | np.ndarray
+  attention_nTL: Array | np.ndarray
+  log_prob_n: Array | np.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _encode(
   params: Any, features_mLD: Array, *, model: captioner.Captioner
 ) -> recurrence.Encoded:
-  return model.apply(
-    {'params': params}, features_mLD, method=captioner.Captioner.encode
+  # Without `mutable`, apply returns the method's output alone; flax's
+  # annotation also allows (output, variables).
+  return cast(
+    recurrence.Encoded,
+    model.apply(
+      {'params': params}, features_mLD, method=captioner.Captioner.encode
+    ),
   )
 
 
@@ -94,7 +103,10 @@ def _step(
   step_fn: search.StepFn, rows: _Rows, encoded: recurrence.Encoded
 ) -> _Rows:
   """One greedy step of every live row, as `search.greedy_search` takes it."""
-  logits_nV, h_nU, attention_nL = step_fn(rows.h_nU, rows.token_n, encoded)
+  # Under jit (`_steps`), the rows are traced Arrays.
+  logits_nV, h_nU, attention_nL = step_fn(
+    rows.h_nU, cast(Array, rows.token_n), encoded
+  )
   log_probs_nV = search.token_log_probs(logits_nV)
   live_n = ~rows.done_n
   token_n = jnp.where(live_n, jnp.argmax(log_probs_nV, axis=-1), _PAD)

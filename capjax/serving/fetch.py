@@ -74,7 +74,9 @@ def _connect(
   sock = socket.create_connection((str(address), port), timeout=timeout_s)
   if scheme == 'https':
     sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-    connection = http.client.HTTPSConnection(host, port, timeout=timeout_s)
+    connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+      host, port, timeout=timeout_s
+    )
   else:
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
   connection.sock = sock

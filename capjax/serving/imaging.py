@@ -30,9 +30,11 @@ import ctypes
 import ctypes.util
 import io
 import math
+import typing
 
 import numpy as np
 from PIL import Image
+from PIL import JpegImagePlugin
 
 from capjax.data import images
 from capjax.serving import requests
@@ -70,11 +72,13 @@ def decode_bytes(data: bytes, draft_size: int) -> int | None:
       coefficients = 0
       if image.format == 'JPEG':
         if data.count(b'\xff\xda') > 1:  # 0xFF in scan data is stuffed
-          coefficients = _jpeg_coefficients(image.layer, width, height)
+          # Image.open gives a JPEG (its format) as a JpegImageFile.
+          jpeg = typing.cast(JpegImagePlugin.JpegImageFile, image)
+          coefficients = _jpeg_coefficients(jpeg.layer, width, height)
         image.draft('RGB', (draft_size, draft_size))
       draft_width, draft_height = image.size
       bytes_per_pixel = _BYTES_PER_PIXEL.get(
-        image.format, _DEFAULT_BYTES_PER_PIXEL
+        image.format or '', _DEFAULT_BYTES_PER_PIXEL
       )
   # What PIL cannot read is refused by `images.load_image`, with its reason.
   except Exception:  # noqa: BLE001
@@ -83,7 +87,7 @@ def decode_bytes(data: bytes, draft_size: int) -> int | None:
 
 
 def _jpeg_coefficients(
-  layers: list[tuple[str, int, int, int]], width: int, height: int
+  layers: list[tuple[int, int, int, int]], width: int, height: int
 ) -> int:
   """How many DCT coefficients a JPEG's components hold (chroma subsampled)."""
   h_max = max(h for _, h, _, _ in layers)

@@ -38,8 +38,8 @@ left for the garbage collector).
 """
 
 import asyncio
-import dataclasses
 import json
+import typing
 from typing import Any
 import weakref
 
@@ -47,6 +47,7 @@ import httptools
 from uvicorn.protocols.http import httptools_impl
 
 from capjax.serving import bodies
+from capjax.serving import limits as limits_lib
 from capjax.serving import metrics as metrics_lib
 
 # Seconds unread data is read and dropped before a connection is closed.
@@ -55,45 +56,10 @@ _LINGER_S = 1.0
 _UPGRADE_HEADERS = (b'connection', b'upgrade', b'http2-settings')
 
 
-@dataclasses.dataclass(frozen=True)
-class Limits:
-  """Connection limits.
-
-  Attributes:
-    max_connections: the most open connections.
-    max_connections_per_client: the most open connections of one address.
-    header_timeout_s: the time a request's headers may take, counted from
-      the connection's start or the previous answer.
-    keep_alive_s: how long an idle connection is kept open.
-    max_requests_per_connection: requests before the connection is closed.
-    max_header_bytes: the most bytes of request line and headers, and of
-      trailers.
-    max_headers: the most header fields, and trailer fields.
-    max_body_bytes: the largest body the app takes; with
-      max_framing_bytes, bounds a body's bytes on the wire.
-    max_framing_bytes: the most bytes of a body's chunk framing (sizes,
-      extensions, trailers) beyond its data.
-    max_chunks: the most chunks of a chunked body.
-    max_pipelined: the most requests read ahead of the one being answered.
-  """
-
-  max_connections: int = 128
-  max_connections_per_client: int = 32
-  header_timeout_s: float = 10.0
-  keep_alive_s: float = 5.0
-  max_requests_per_connection: int = 1000
-  max_header_bytes: int = 32 * 1024
-  max_headers: int = 100
-  max_body_bytes: int = 10 * 2**20
-  max_framing_bytes: int = 2**20
-  max_chunks: int = 10_000
-  max_pipelined: int = 16
-
-
 class _Shared:
   """What the connections of one server share."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     # Address -> its open connections, oldest first (a dict as an ordered
     # set).
     self.clients: dict[str, dict[_Protocol, None]] = {}
@@ -149,13 +115,15 @@ def _response(status: int, message: str) -> bytes:
 
 
 class _Protocol(httptools_impl.HttpToolsProtocol):
-  """HttpToolsProtocol with `Limits`; made by `protocol_class`."""
+  """HttpToolsProtocol with `limits_lib.Limits`; made by `protocol_class`."""
 
-  limits: Limits = Limits()
+  limits: limits_lib.Limits = limits_lib.Limits()
   metrics: metrics_lib.Metrics | None = None
   shared: _Shared
 
-  def connection_made(self, transport: asyncio.Transport) -> None:
+  def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    # A stream server's protocol is given a (read and write) Transport.
+    transport = typing.cast(asyncio.Transport, transport)
     self._raw_transport = transport
     self.lingering = False
     self._stopped = False  # parsing stopped: the rest of the input is dropped
@@ -165,8 +133,11 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     self._header_bytes = self._header_count = self._header_size = 0
     self._body_wire_bytes = self._chunks = 0
     self._requests = 0
-    self._header_timer = None
-    super().connection_made(_Transport(transport, self))
+    self._header_timer: asyncio.TimerHandle | None = None
+    # _Transport passes what it does not define to the transport.
+    super().connection_made(
+      typing.cast(asyncio.Transport, _Transport(transport, self))
+    )
     self._address = self.client[0] if self.client else ''
     mine = self.shared.clients.setdefault(self._address, {})
     mine[self] = None
@@ -182,7 +153,7 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       # Closing (lingering) connections go by themselves within a second:
       # counted, a client that reconnects as fast as it is refused would
       # fill the total with them.
-      sum(not c.lingering for c in self.connections)
+      sum(not c.lingering for c in self._connections())
       > self.limits.max_connections
     ):
       if not self._evict_heaviest(sum(not c.lingering for c in mine)):
@@ -191,6 +162,11 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
       self._arm_header_timer()
     else:
       self._arm_header_timer()
+
+  def _connections(self) -> set['_Protocol']:
+    # The server's connections are all of this class: it is the only http
+    # protocol of its server, which serves no websockets.
+    return typing.cast(set[_Protocol], self.connections)
 
   def _evict_heaviest(self, held: int) -> bool:
     """Closes the oldest connection of the address holding the most.
@@ -354,14 +330,20 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
     if rest:
       self._feed(rest)
 
-  def eof_received(self) -> bool | None:
+  # uvicorn's HttpToolsProtocol declares None, narrower than asyncio's
+  # Protocol, whose True keeps the connection open.
+  def eof_received(self) -> bool | None:  # type: ignore[override]
     """The client closed its side: answer what it sent, then close."""
     cycle = self.cycle
     if cycle is None or cycle.response_complete:
       return None  # between requests: close
     if cycle.more_body:
       # Cut short mid-body: the app sees the body end, and answers 400.
-      self.scope.setdefault('extensions', {})[bodies.TRUNCATED] = True
+      # asgiref types extensions' values as dicts; this one is a flag.
+      extensions = typing.cast(
+        dict[str, Any], self.scope.setdefault('extensions', {})
+      )
+      extensions[bodies.TRUNCATED] = True
       cycle.more_body = False
       cycle.message_event.set()
     cycle.keep_alive = False
@@ -481,14 +463,17 @@ class _Protocol(httptools_impl.HttpToolsProtocol):
 
 
 def protocol_class(
-  limits: Limits, metrics: metrics_lib.Metrics | None = None
-) -> type:
+  limits: limits_lib.Limits, metrics: metrics_lib.Metrics | None = None
+) -> type[_Protocol]:
   """A uvicorn `http` protocol class enforcing limits (one per server).
 
   Its `shared.draining`, once set, answers new connections 503.
   """
-  return type(
-    'CapjaxHttpProtocol',
-    (_Protocol,),
-    {'limits': limits, 'metrics': metrics, 'shared': _Shared()},
+  return typing.cast(
+    type[_Protocol],
+    type(
+      'CapjaxHttpProtocol',
+      (_Protocol,),
+      {'limits': limits, 'metrics': metrics, 'shared': _Shared()},
+    ),
   )

@@ -21,6 +21,7 @@ from starlette import applications
 import uvicorn
 
 from capjax.serving import app as app_lib
+from capjax.serving import limits as limits_lib
 from capjax.serving import protocol
 
 # Seconds of the graceful stop kept for writing the last answers.
@@ -86,8 +87,9 @@ class _Server(uvicorn.Server):
     super().handle_exit(sig, frame)
 
   def _begin_drain(self) -> None:
+    # Called by the loop that `serve` set.
+    assert self._loop is not None
     self._drain_until = self._loop.time() + self._drain_s
-    self.config.http_protocol_class.shared.draining = True
     self._on_signal()
 
   async def shutdown(self, sockets=None) -> None:
@@ -95,6 +97,7 @@ class _Server(uvicorn.Server):
     # still waiting to be accepted. Instead, listen while requests finish:
     # new connections are answered 503 (the protocol's `shared.draining`).
     if self._drain_until is not None:
+      assert self._loop is not None  # set with _drain_until, by _begin_drain
       for connection in list(self.server_state.connections):
         connection.shutdown()  # idle ones close; busy ones after the answer
       while (
@@ -108,7 +111,7 @@ class _Server(uvicorn.Server):
 
 def make_server(
   app: applications.Starlette,
-  limits: protocol.Limits,
+  limits: limits_lib.Limits,
   *,
   shutdown_timeout_s: float,
 ) -> uvicorn.Server:
@@ -119,27 +122,34 @@ def make_server(
     limits: connection limits.
     shutdown_timeout_s: the time a graceful stop may take.
   """
+  http = protocol.protocol_class(limits, app.state.service.metrics)
   config = uvicorn.Config(
     app,
-    http=protocol.protocol_class(limits, app.state.service.metrics),
+    http=http,
     ws='none',
     lifespan='on',
     log_config=None,
     access_log=False,
     server_header=False,
-    timeout_keep_alive=limits.keep_alive_s,
+    # uvicorn types its timeouts as int; it takes any number of seconds.
+    timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
     # The drain has had all but this time (see _Server.shutdown).
-    timeout_graceful_shutdown=_ANSWER_MARGIN_S,
+    timeout_graceful_shutdown=_ANSWER_MARGIN_S,  # type: ignore[arg-type]
     backlog=max(128, limits.max_connections),
   )
   drain_s = max(shutdown_timeout_s - _ANSWER_MARGIN_S, 0.0)
-  return _Server(config, lambda: app_lib.begin_shutdown(app, drain_s), drain_s)
+
+  def on_signal() -> None:
+    http.shared.draining = True  # new connections are answered 503
+    app_lib.begin_shutdown(app, drain_s)
+
+  return _Server(config, on_signal, drain_s)
 
 
 def serve(
   app: applications.Starlette,
   sock: socket.socket,
-  limits: protocol.Limits,
+  limits: limits_lib.Limits,
   *,
   shutdown_timeout_s: float,
 ) -> None:

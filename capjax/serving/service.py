@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import concurrent.futures
 import dataclasses
 import time
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -121,9 +121,9 @@ class GreedyDecoder:
     items: Sequence[np.ndarray],
   ) -> None:
     features = self._extractor.features_fn(np.stack(items))
-    self._rows.admit(
-      keys, np.asarray(features, np.float32), [kind.max_len for kind in kinds]
-    )
+    # The batcher's kinds are the service's DecodeKinds.
+    max_lens = [cast(requests.DecodeKind, kind).max_len for kind in kinds]
+    self._rows.admit(keys, np.asarray(features, np.float32), max_lens)
 
   def step(self) -> list[tuple[Any, continuous.Finished]]:
     return self._rows.step()
@@ -147,8 +147,10 @@ def beam_batch_fn(
   """
 
   def batch_fn(
-    kind: requests.DecodeKind, images_NSS3: list[np.ndarray]
+    kind: Hashable, images_NSS3: list[np.ndarray]
   ) -> list[continuous.Finished]:
+    # The batcher's kinds are the service's DecodeKinds.
+    decode_kind = cast(requests.DecodeKind, kind)
     n = len(images_NSS3)
     size = min(s for s in sizes if s >= n)
     # Copies of a real image, not blanks: decoding stops once every row has
@@ -157,10 +159,11 @@ def beam_batch_fn(
     captions = jax.device_get(
       decoding.caption_features(
         trained.params,
-        np.asarray(extractor.features_fn(padded), np.float32),
+        # A numpy array, which the jitted decoders take as they do an Array.
+        cast(jax.Array, np.asarray(extractor.features_fn(padded), np.float32)),
         model=trained.model,
-        max_len=kind.max_len,
-        beam_size=kind.beam_size,
+        max_len=decode_kind.max_len,
+        beam_size=decode_kind.beam_size,
       )
     )
     return [
@@ -214,7 +217,7 @@ class Service:
     self.batcher = batcher_lib.Batcher(
       self._greedy,
       self._beam_fn,
-      is_continuous=lambda kind: kind.beam_size == 1,
+      is_continuous=lambda kind: cast(requests.DecodeKind, kind).beam_size == 1,
       max_batch_size=self.beam_batch_sizes[-1],
       max_wait_s=options.max_wait_s,
       max_queue=options.max_queue,

@@ -89,6 +89,7 @@ def improves(
     return False
   if record is None:
     return True
+  assert record.score is not None  # Set for every best checkpoint.
   if config_checks.BEST_METRICS[metric] == 'max':
     return score > record.score
   return score < record.score

@@ -221,6 +221,7 @@ class Checkpoint:
     """'the best checkpoint (step 6, validation CIDEr 0.412)', 'the newest
     checkpoint (step 8)' or 'the checkpoint of step 4'."""
     if self.kind == 'best':
+      assert self.metric is not None  # Set for every best checkpoint.
       return (
         f'the best checkpoint (step {self.step}, '
         f'{_METRIC_NAMES.get(self.metric, self.metric)} '
@@ -469,7 +470,7 @@ def restore_newest(
     DamagedCheckpointError: checkpoints exist, but none restores.
   """
   checkpoints = manager(workdir, read_only=True)
-  skipped = []
+  skipped: list[tuple[int, str]] = []
   try:
     for step in sorted(checkpoints.all_steps(), reverse=True):
       try:

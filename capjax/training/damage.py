@@ -58,7 +58,7 @@ def _file_read_by(error: BaseException) -> str | None:
   return None
 
 
-def reason(error: Exception) -> str:
+def reason(error: BaseException) -> str:
   """Why a checkpoint cannot be read, in one line, naming the file.
 
   Orbax wraps the error of the read that failed in one whose message holds

@@ -195,9 +195,12 @@ def _prepare_on_every_process(
 
   # Every process takes part in both rounds.
   written = parallel.agreed('preparing the data', lambda: prepare(True))
-  return (
+  prepared = (
     parallel.agreed('preparing the data', lambda: prepare(False)) or written
   )
+  # Each process prepares in one of the two rounds.
+  assert prepared is not None
+  return prepared
 
 
 def _initial_state(
@@ -216,6 +219,7 @@ def _initial_state(
 
   def start_from_source(state: state_lib.TrainState) -> state_lib.TrainState:
     source = init_from.source(config)
+    assert source is not None  # Used only when config.init_from is set.
     abstract_params = state_lib.abstract_params(model, feature_shape_LD)
     params = jax.device_put(
       init_from.params(source, abstract_params, config.init_from_step),

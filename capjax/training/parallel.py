@@ -11,7 +11,7 @@ from collections.abc import Callable
 import importlib.util
 import os
 import pathlib
-from typing import TypeVar
+from typing import cast, TypeVar
 
 from absl import logging
 import jax
@@ -127,7 +127,7 @@ class ProcessFailedError(errors.UserError):
   """Another process of the job failed; this one stops with it."""
 
 
-def agreed(activity: str, fn: Callable[[], T]) -> T | None:
+def agreed(activity: str, fn: Callable[[], T]) -> T:
   """fn() on this process; if it raises on any process, every process stops.
 
   Without it, a process that fails alone (process 0 preparing the data, or
@@ -138,6 +138,7 @@ def agreed(activity: str, fn: Callable[[], T]) -> T | None:
   a ProcessFailedError naming it.
   """
   error = None
+  result: T | None
   try:
     result = fn()
   except Exception as e:  # noqa: BLE001
@@ -155,7 +156,8 @@ def agreed(activity: str, fn: Callable[[], T]) -> T | None:
       )
   if error is not None:
     raise error
-  return result
+  # fn returned: result is its value, whatever T is (None included).
+  return cast(T, result)
 
 
 def from_process_0(value: float) -> float:

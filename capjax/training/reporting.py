@@ -58,6 +58,7 @@ class Reporter:
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self._write_files:
       return
+    assert self._writer is not None  # Made in __init__ with the files.
     with self._writer.as_default(step=step):
       for name, value in metrics.items():
         self._tf.summary.scalar(f'{split}/{name}', value)

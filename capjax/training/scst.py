@@ -34,7 +34,7 @@ probability of the policy that drew the samples. Padding after a sample's
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +91,16 @@ def sequence_log_probs(
   """
   batch, num_samples, length = samples_BKT.shape
   samples_xT = samples_BKT.reshape(batch * num_samples, length)
-  token_log_probs_xT = model.apply(
-    {'params': params},
-    features_BLD,
-    samples_xT,
-    num_samples,
-    method=_teacher_forced_log_probs,
+  # Module.apply's return type also allows (output, variables).
+  token_log_probs_xT = cast(
+    Array,
+    model.apply(
+      {'params': params},
+      features_BLD,
+      samples_xT,
+      num_samples,
+      method=_teacher_forced_log_probs,
+    ),
   )
   mask_xT = samples_xT != vocab_lib.Vocab.pad_id
   return jnp.sum(jnp.where(mask_xT, token_log_probs_xT, 0.0), axis=-1).reshape(
@@ -170,6 +174,7 @@ def baseline_of(
 ) -> Array:
   """Each sample's baseline: the greedy caption's reward or the others' mean."""
   if baseline == 'greedy':
+    assert greedy_reward_B is not None  # Given with the greedy baseline.
     return jnp.broadcast_to(greedy_reward_B[:, None], reward_BK.shape)
   num_samples = reward_BK.shape[1]
   return (jnp.sum(reward_BK, axis=1, keepdims=True) - reward_BK) / (

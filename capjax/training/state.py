@@ -24,6 +24,10 @@ class TrainState:
   # Raw key data: checkpoints store it as a plain uint32 array.
   rng: jax.Array
 
+  if TYPE_CHECKING:
+    # Made by flax.struct.dataclass, which type checkers do not see.
+    def replace(self, **changes: Any) -> 'TrainState': ...
+
 
 def make_optimizer(
   config: 'ml_collections.ConfigDict',
