@@ -297,8 +297,13 @@ def train_and_evaluate(
   SIGTERM or SIGINT; raises NonFiniteLossError, without saving, on a NaN or
   infinite loss, leaving the last good checkpoint as it was.
   """
-  config_checks.check_config(config)
   workdir_path = pathlib.Path(workdir)
+  # A started run reads neither its init_from source nor the extractor's
+  # weights again: they may be gone (the source's copy, a weights download).
+  started = checkpoints.directory(workdir_path).is_dir() and any(
+    checkpoints.directory(workdir_path).iterdir()
+  )
+  config_checks.check_config(config, paths=not started)
   workdir_path.mkdir(parents=True, exist_ok=True)
   if (workdir_path / workdir_lib.CONFIG_FILE).exists():
     workdir_lib.check_compatible(workdir_lib.load_config(workdir_path), config)
