@@ -11,13 +11,16 @@ folds (seeded), each in turn the validation set (and stage 1's model
 selection) with the rest for training.
 
 For every fold, stage 1 trains experiments/flickr8k_inception.py's model
-with cross-entropy, then each chosen variant fine-tunes it with SCST
-(experiments/flickr8k_scst.py) and is scored on the test set against its
-stage 1 with `capjax.evaluate --compare` (paired bootstrap intervals). One
-flag per variant (VARIANTS below). The --first_pass variants run first, fold
-by fold, then the others, fold by fold; a variant is skipped on the later
-folds once it has lost test CIDEr to its stage 1 on --stop_after_losses
-folds.
+with cross-entropy, keeping every evaluated checkpoint. Its best
+validation-CIDEr step (`config.best_rule` 'best') is its result; the step
+'last_within' would keep is scored against it on the test set, which is
+what the rule's default rests on. Then each chosen variant fine-tunes the
+best step with SCST (experiments/flickr8k_scst.py) and is scored on the
+test set against it with `capjax.evaluate --compare` (paired bootstrap
+intervals). One flag per variant (VARIANTS below). The --first_pass
+variants run first, fold by fold, then the others, fold by fold; a variant
+is skipped on the later folds once it has lost test CIDEr to its stage 1 on
+--stop_after_losses folds.
 
 Everything lives under --out_dir: folds/ (data directories and feature
 stores), runs/ (workdirs) and results/ (one JSON per finished run, with its
@@ -51,8 +54,12 @@ class Variant:
 
   help: str
   overrides: dict
-  # Start from stage 1's last checkpoint rather than its best.
+  # Start from stage 1's last checkpoint rather than its best (and still
+  # be compared with its best).
   later_start: bool = False
+  # Captions a step per image of --scst_batch_size: a cross-entropy run's
+  # batch counts captions, an SCST run's images.
+  captions_per_image: int = 1
 
 
 # Cheapest first: the mean baseline skips the greedy decode.
@@ -85,6 +92,14 @@ VARIANTS = {
       'learning_rate': 5e-5,
       'scst_xent_weight': 0.2,
     },
+  ),
+  # Whether the reward adds anything to what more cross-entropy steps on
+  # the same images do: stage 1 may simply not have converged.
+  'xent_only': Variant(
+    'control, no SCST: cross-entropy alone, lr 5e-5, on the 5 references '
+    'of each image (what mixed_xent sees besides its samples)',
+    {'objective': 'xent', 'learning_rate': 5e-5},
+    captions_per_image=5,
   ),
 }
 
@@ -248,6 +263,20 @@ def _read(path: pathlib.Path) -> dict:
   return json.loads(path.read_text())
 
 
+def _evaluations(workdir: pathlib.Path) -> list[tuple[int, float, float]]:
+  """(step, validation CIDEr, its interval's lower end), step by step.
+
+  A resumed run logs again the evaluations after its checkpoint; the last
+  of each step is kept.
+  """
+  rows: dict[int, tuple[int, float, float]] = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    if 'cider_low' in row:
+      rows[row['step']] = (row['step'], row['cider'], row['cider_low'])
+  return [rows[step] for step in sorted(rows)]
+
+
 def stage_1(k: int, data_dir, feature_dir, runs, results) -> dict:
   """Fold k's cross-entropy model, trained and scored once."""
   result_path = results / f'fold{k}_stage1.json'
@@ -258,6 +287,8 @@ def stage_1(k: int, data_dir, feature_dir, runs, results) -> dict:
   _log(f'fold {k}: stage 1 ({_STAGE_1_STEPS.value} steps)')
   cpu = _child_cpu_seconds()
   every = _STAGE_1_EVAL.value
+  # 'last_within' logs each validation score's interval; all evaluated
+  # checkpoints are kept, so either rule's step can be scored after.
   _train(
     _STAGE_1,
     workdir,
@@ -270,13 +301,33 @@ def stage_1(k: int, data_dir, feature_dir, runs, results) -> dict:
       'log_every_steps': every,
       'num_eval_examples': 0,
       'num_caption_eval_images': 10_000,
+      'best_rule': 'last_within',
+      'keep_checkpoints': _STAGE_1_STEPS.value // every + 1,
     },
   )
-  _evaluate(workdir)
+  from capjax.training import best as best_lib  # noqa: PLC0415
+
+  evaluations = _evaluations(workdir)
+  steps = best_lib.steps_kept(evaluations)
+  rule = None
+  if steps['last_within'] != steps['best']:
+    _evaluate(
+      workdir,
+      f'--step={steps["last_within"]}',
+      f'--compare={workdir}',
+      f'--compare_step={steps["best"]}',
+    )
+    rule = _read(workdir / 'comparison_test_greedy.json')
+  _evaluate(workdir, f'--step={steps["best"]}')
   result: dict[str, Any] = {
     'fold': k,
     'run': 'stage1',
     'best': _read(workdir / 'metrics_test_greedy.json'),
+    'validation': evaluations,
+    'steps_kept': steps,
+    # The test CIDEr of 'last_within''s step minus 'best''s; None: the
+    # same step.
+    'last_within_vs_best': rule,
     'cpu_s': _child_cpu_seconds() - cpu,
   }
   result_path.write_text(json.dumps(result, indent=1))
@@ -288,7 +339,9 @@ def stage_1(k: int, data_dir, feature_dir, runs, results) -> dict:
   return result
 
 
-def scst_run(name: str, k: int, data_dir, feature_dir, runs, results) -> dict:
+def scst_run(
+  name: str, k: int, stage1: dict, data_dir, feature_dir, runs, results
+) -> dict:
   """Fold k's SCST fine-tune with variant `name`, compared with stage 1."""
   result_path = results / f'fold{k}_{name}.json'
   if result_path.exists():
@@ -305,14 +358,16 @@ def scst_run(name: str, k: int, data_dir, feature_dir, runs, results) -> dict:
     eval_every_steps=_SCST_EVAL.value,
     checkpoint_every_steps=_SCST_EVAL.value,
     log_every_steps=_SCST_EVAL.value,
-    batch_size=_SCST_BATCH.value,
+    batch_size=_SCST_BATCH.value * variant.captions_per_image,
     num_eval_examples=0,
     num_caption_eval_images=10_000,
   )
-  if variant.later_start:
-    overrides['init_from_step'] = _STAGE_1_STEPS.value
+  best_step = stage1['best']['step']
+  overrides['init_from_step'] = (
+    _STAGE_1_STEPS.value if variant.later_start else best_step
+  )
   _train(_STAGE_2, workdir, data_dir, feature_dir, overrides)
-  _evaluate(workdir, f'--compare={source}')
+  _evaluate(workdir, f'--compare={source}', f'--compare_step={best_step}')
   result: dict[str, Any] = {
     'fold': k,
     'run': name,
@@ -353,6 +408,7 @@ def summary(results: pathlib.Path, folds: int) -> str:
   lines.append(
     f'| stage 1 test CIDEr | {" | ".join(cells)} | | | {cpu / 3600:.2f} |'
   )
+  lines.extend(_rule_row(stage1))
   for name in VARIANTS:
     cells, gains, cpu = [], [], 0.0
     for k in range(folds):
@@ -373,6 +429,33 @@ def summary(results: pathlib.Path, folds: int) -> str:
       f'| {cpu / 3600:.2f} |'
     )
   return '\n'.join(lines)
+
+
+def _rule_row(stage1: list[pathlib.Path]) -> list[str]:
+  """The row of stage 1's 'last_within' step against its 'best' step."""
+  cells, gains = [], []
+  for path in stage1:
+    r = _read(path) if path.exists() else {}
+    if 'steps_kept' not in r:
+      cells.append('')
+      continue
+    step = r['steps_kept']['last_within']
+    if r['last_within_vs_best'] is None:
+      cells.append(f'0 (same step, {step})')
+      gains.append(0.0)
+      continue
+    d = r['last_within_vs_best']['difference']['CIDEr']
+    gains.append(d['value'])
+    cells.append(
+      f'{d["value"]:+.3f} [{d["low"]:+.3f}, {d["high"]:+.3f}] (step {step})'
+    )
+  if not gains:
+    return []
+  spread = f'{np.std(gains, ddof=1):.3f}' if len(gains) > 1 else ''
+  return [
+    f'| stage 1, last_within - best | {" | ".join(cells)} '
+    f'| {np.mean(gains):+.3f} | {spread} | |'
+  ]
 
 
 def _guarded(run, *args):
@@ -401,14 +484,15 @@ def main(argv: Sequence[str]) -> None:
   passes = [first, [n for n in chosen if n not in first]]
   for names in passes:
     for k, (data_dir, feature_dir) in enumerate(folds):
-      if _guarded(stage_1, k, data_dir, feature_dir, runs, results) is None:
+      stage1 = _guarded(stage_1, k, data_dir, feature_dir, runs, results)
+      if stage1 is None:
         continue
       for name in names:
         if losses[name] >= _STOP_AFTER.value:
           _log(f'fold {k}: {name} skipped, it lost on {losses[name]} folds')
           continue
         result = _guarded(
-          scst_run, name, k, data_dir, feature_dir, runs, results
+          scst_run, name, k, stage1, data_dir, feature_dir, runs, results
         )
         if result is not None:
           gain = result['comparison']['difference']['CIDEr']['value']

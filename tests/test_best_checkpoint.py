@@ -307,6 +307,12 @@ def test_last_within_keeps_the_newest_step_inside_the_tops_interval(
   ) == ['12']
   top = json.loads((workdir / best_lib.TOP_FILE).read_text())
   assert top == {'step': 6, 'score': 0.5, 'low': pytest.approx(0.35)}
+  # Replayed from the log, the rules choose as training did.
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').open()]
+  evaluations = [
+    (r['step'], r['cider'], r['cider_low']) for r in rows if 'cider' in r
+  ]
+  assert best_lib.steps_kept(evaluations) == {'best': 6, 'last_within': 12}
 
 
 def test_last_within_needs_the_caption_evaluation(shapes_dir):

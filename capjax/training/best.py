@@ -18,6 +18,7 @@ The highest score and its interval's lower end are kept beside the
 checkpoint (TOP_FILE), so a resumed run keeps applying the rule.
 """
 
+from collections.abc import Sequence
 import math
 import pathlib
 from typing import Any, NamedTuple
@@ -56,6 +57,27 @@ def keeps_within(score: float, top: Top | None) -> tuple[bool, bool]:
   if top is None or score > top.score:
     return True, True
   return score >= top.low, False
+
+
+def steps_kept(evaluations: Sequence[tuple[int, float, float]]) -> dict:
+  """The step each `config.best_rule` keeps, replayed after the fact.
+
+  For studies of the rule (scripts/scst_cv.py) on a run whose checkpoints
+  were all kept. Args: (step, score, interval's lower end) of each
+  evaluation in order, for a metric where higher is better. Returns
+  {'best': step, 'last_within': step}, None where no score is finite.
+  """
+  kept: dict = {'best': None, 'last_within': None}
+  best_score, top = -math.inf, None
+  for step, score, low in evaluations:
+    if np.isfinite(score) and score > best_score:
+      kept['best'], best_score = step, score
+    keep, is_top = keeps_within(score, top)
+    if is_top:
+      top = Top(step, score, low)
+    if keep:
+      kept['last_within'] = step
+  return kept
 
 
 def _read_top(workdir: pathlib.Path) -> Top | None:
