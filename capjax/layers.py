@@ -33,6 +33,7 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
   # Shared.
   '__init__': (),  # capjax/__init__.py
   'programs': ('console', 'errors'),
+  'console': (),
   'errors': (),
   'tokens': (),
   'files': ('errors',),
@@ -90,6 +91,7 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
   'metrics': (),
   'metrics.coco': ('console', 'data.vocab'),
   'metrics.cider': ('tokens',),
+  'metrics.bootstrap': ('metrics.coco',),
   'captioning': (
     'data.datasets',
     'data.feature_store',
@@ -120,6 +122,8 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'workdir',
   ),
   'training.parallel': ('data.schedule', 'errors'),
+  'training.damage': (),
+  'training.orbax_logs': (),
   'training.checkpoints': (
     'errors',
     'training.damage',
@@ -143,6 +147,19 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'training.parallel',
     'training.step',
   ),
+  'training.device_data': ('errors', 'training.parallel'),
+  'training.objectives': (
+    'data.input_pipeline',
+    'data.reference_batches',
+    'errors',
+    'metrics.cider',
+    'model.losses',
+    'training.device_data',
+    'training.parallel',
+    'training.scst',
+    'training.step',
+  ),
+  'training.dispatch': ('training.objectives', 'training.parallel'),
   'training.loop': (
     'config_checks',
     'data',
@@ -205,45 +222,10 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'serving.requests',
     'serving.service',
   ),
+  'serving.limits': (),
   'serving.protocol': ('serving.bodies', 'serving.limits', 'serving.metrics'),
   'serving.server': ('serving.app', 'serving.limits', 'serving.protocol'),
-  # Importing a tutorial model: it writes a workdir, with a checkpoint.
-  'porting': (),
-  'porting.tutorial_weights': ('errors',),
-  'porting.tutorial_vocab': ('data.vocab', 'errors', 'files'),
-  'porting.tf_checkpoint': ('errors', 'porting.tutorial_weights'),
-  'porting.tutorial_workdir': (
-    'data.vocab',
-    'errors',
-    'model.captioner',
-    'porting.tf_checkpoint',
-    'porting.tutorial_vocab',
-    'porting.tutorial_weights',
-    'training.checkpoints',
-    'training.state',
-    'workdir',
-  ),
-  # Outside the layers.
-  'benchmarks.*': ANYTHING,
-  'testing.*': ANYTHING,
-  'console': (),
-  'training.damage': (),
-  'training.orbax_logs': (),
-  'metrics.bootstrap': ('metrics.coco',),
-  'training.device_data': ('errors', 'training.parallel'),
-  'training.objectives': (
-    'data.input_pipeline',
-    'data.reference_batches',
-    'errors',
-    'metrics.cider',
-    'model.losses',
-    'training.device_data',
-    'training.parallel',
-    'training.scst',
-    'training.step',
-  ),
-  'training.dispatch': ('training.objectives', 'training.parallel'),
-  'serving.limits': (),
+  # Exporting a trained model: ONNX and SavedModel artifacts.
   'exporting': (),
   'exporting.extractor': (
     'data.extractors',
@@ -276,6 +258,25 @@ MAY_IMPORT: dict[str, tuple[str, ...] | str] = {
     'inference',
     'model.decoding',
   ),
+  # Importing a tutorial model: it writes a workdir, with a checkpoint.
+  'porting': (),
+  'porting.tutorial_weights': ('errors',),
+  'porting.tutorial_vocab': ('data.vocab', 'errors', 'files'),
+  'porting.tf_checkpoint': ('errors', 'porting.tutorial_weights'),
+  'porting.tutorial_workdir': (
+    'data.vocab',
+    'errors',
+    'model.captioner',
+    'porting.tf_checkpoint',
+    'porting.tutorial_vocab',
+    'porting.tutorial_weights',
+    'training.checkpoints',
+    'training.state',
+    'workdir',
+  ),
+  # Outside the layers.
+  'benchmarks.*': ANYTHING,
+  'testing.*': ANYTHING,
 }
 
 
