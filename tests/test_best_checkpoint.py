@@ -320,3 +320,10 @@ def test_last_within_needs_the_caption_evaluation(shapes_dir):
     config_checks.check_config(
       _config(shapes_dir, best_rule='last_within', best_metric='loss')
     )
+
+
+def test_the_console_shows_each_interval_after_its_score():
+  scores = {'loss': 2.0, 'cider': 0.5, 'cider_low': 0.35, 'cider_high': 0.6}
+  assert reporting.format_scores(scores) == (
+    'loss 2.0000 | cider 0.5000 [0.3500, 0.6000]'
+  )

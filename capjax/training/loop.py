@@ -279,11 +279,7 @@ class _TrainMetrics:
 def _report_eval(
   reporter: reporting.Reporter, step: int, scores: dict[str, float]
 ) -> None:
-  logging.info(
-    'step %d | eval %s',
-    step,
-    ' | '.join(f'{k} {v:.4f}' for k, v in scores.items()),
-  )
+  logging.info('step %d | eval %s', step, reporting.format_scores(scores))
   reporter.write(step, 'eval', scores)
   reporter.plot_losses()
 

@@ -117,6 +117,24 @@ def read_metrics(workdir: str | os.PathLike[str]) -> dict[str, list[dict]]:
   }
 
 
+def format_scores(scores: dict[str, float]) -> str:
+  """'name value | ...' for the console, each interval after its score.
+
+  `config.best_rule` 'last_within' adds each caption metric's interval as
+  '{name}_low' and '{name}_high'.
+  """
+  parts = []
+  for name, value in scores.items():
+    if name.endswith(('_low', '_high')):
+      continue
+    part = f'{name} {value:.4f}'
+    low, high = scores.get(f'{name}_low'), scores.get(f'{name}_high')
+    if low is not None and high is not None:
+      part += f' [{low:.4f}, {high:.4f}]'
+    parts.append(part)
+  return ' | '.join(parts)
+
+
 def log_train(
   step: int, total: int, metrics: dict[str, float], rate: float, eta: float
 ) -> None:
