@@ -289,6 +289,29 @@ def test_slow_body_gets_408(attacked, png):
 # --- F2 and F3: requests that cost the server more than the client ----------
 
 
+def _post_at_once(url, png, body, content_type, n, settle_s) -> list[int]:
+  """The sorted statuses of n concurrent POSTs of `body`.
+
+  While they are in flight (after settle_s), a small image is still served.
+  """
+
+  def post(_):
+    host, port = _address(url)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request(
+      'POST', '/v1/captions', body, {'Content-Type': content_type}
+    )
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+  with concurrent.futures.ThreadPoolExecutor(n) as pool:
+    statuses = pool.map(post, range(n))
+    time.sleep(settle_s)
+    assert_served(url, png)
+    return sorted(statuses)
+
+
 def _rss_mb(process) -> float:
   with open(f'/proc/{process.pid}/status') as status:
     for line in status:
@@ -305,22 +328,7 @@ def test_huge_images_decode_one_at_a_time(attacked, png):
   bomb = buffer.getvalue()
   assert len(bomb) < 200_000
   before = _rss_mb(process)
-
-  def post_bomb(_):
-    host, port = _address(url)
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.request(
-      'POST', '/v1/captions', bomb, {'Content-Type': 'image/png'}
-    )
-    status = connection.getresponse().status
-    connection.close()
-    return status
-
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    statuses = pool.map(post_bomb, range(4))
-    time.sleep(0.3)
-    assert_served(url, png)
-    statuses = sorted(statuses)
+  statuses = _post_at_once(url, png, bomb, 'image/png', 4, settle_s=0.3)
   # One decodes while one waits; more are refused, not queued.
   assert statuses == [200, 200, 503, 503], statuses
   after = _rss_mb(process)
@@ -643,22 +651,7 @@ def test_progressive_jpegs_decode_one_at_a_time(attacked, png):
   bomb = buffer.getvalue()
   assert len(bomb) < 5_000_000
   before = _rss_mb(process)
-
-  def post_bomb(_):
-    host, port = _address(url)
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.request(
-      'POST', '/v1/captions', bomb, {'Content-Type': 'image/jpeg'}
-    )
-    status = connection.getresponse().status
-    connection.close()
-    return status
-
-  with concurrent.futures.ThreadPoolExecutor(10) as pool:
-    statuses = pool.map(post_bomb, range(10))
-    time.sleep(0.5)
-    assert_served(url, png)
-    statuses = sorted(statuses)
+  statuses = _post_at_once(url, png, bomb, 'image/jpeg', 10, settle_s=0.5)
   # Each is large: one decodes while one waits; the rest are refused.
   assert statuses.count(503) >= 7 and statuses.count(200) >= 2, statuses
   assert _rss_mb(process) - before < 250
