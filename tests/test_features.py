@@ -20,6 +20,7 @@ from capjax.data import feature_store
 from capjax.data import images as images_lib
 from capjax.data import input_pipeline
 from capjax.data import vocab as vocab_lib
+from capjax.testing import real_data
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -177,29 +178,10 @@ def inception():
 # --- Real COCO images through the store and the pipeline ----------------------
 
 
-def _four_val_images(tmp_path, shared_data):
-  val = json.loads(
-    (
-      shared_data / 'coco-mini' / 'annotations' / 'captions_val2017.json'
-    ).read_text()
-  )
-  images = val['images'][:4]
-  ids = {i['id'] for i in images}
-  (tmp_path / 'four.json').write_text(
-    json.dumps(
-      {
-        'images': images,
-        'annotations': [a for a in val['annotations'] if a['image_id'] in ids],
-      }
-    )
-  )
-  return f'four.json:{shared_data}/coco-mini/val2017'
-
-
 def test_inception_v3_coco_through_store_and_pipeline(
   tmp_path, shared_data, inception
 ):
-  split = _four_val_images(tmp_path, shared_data)
+  split = real_data.coco_val_split(tmp_path, shared_data, 4)
   config = _coco_config(
     tmp_path,
     extractor='inception_v3',

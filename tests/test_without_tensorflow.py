@@ -6,7 +6,6 @@ Each program runs in a process of its own on a workdir of random weights
 'none' weights), and reports at exit which TensorFlow modules it loaded.
 """
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from capjax.data import feature_store
 from capjax.data import vocab as vocab_lib
 from capjax.model import captioner
 from capjax.model import inception
+from capjax.testing import real_data
 from capjax.testing import training as testing_lib
 from capjax.training import checkpoints
 from capjax.training import state as state_lib
@@ -56,26 +56,6 @@ def prepare_one_image(app, sock, *args, **kwargs):
   print('prepared', prepared.shape, prepared.dtype, file=sys.stderr)
 server.serve = prepare_one_image
 """
-
-
-def _val_split(tmp_path: pathlib.Path, shared_data: pathlib.Path) -> str:
-  """A coco_json split of 4 real val2017 images, in tmp_path."""
-  val = json.loads(
-    (
-      shared_data / 'coco-mini' / 'annotations' / 'captions_val2017.json'
-    ).read_text()
-  )
-  images = val['images'][:4]
-  ids = {i['id'] for i in images}
-  (tmp_path / 'four.json').write_text(
-    json.dumps(
-      {
-        'images': images,
-        'annotations': [a for a in val['annotations'] if a['image_id'] in ids],
-      }
-    )
-  )
-  return f'four.json:{shared_data}/coco-mini/val2017'
 
 
 def _write_workdir(
@@ -128,7 +108,7 @@ def _write_workdir(
 @pytest.fixture(scope='module')
 def inception_workdir(tmp_path_factory, shared_data):
   root = tmp_path_factory.mktemp('jax_inception')
-  split = _val_split(root, shared_data)
+  split = real_data.coco_val_split(root, shared_data, 4)
   _write_workdir(root / 'workdir', root, split)
   image = sorted((shared_data / 'coco-mini' / 'val2017').glob('*.jpg'))[0]
   return root / 'workdir', split, str(image)
