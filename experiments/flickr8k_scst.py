@@ -3,7 +3,7 @@ r"""Flickr8k, stage 2: self-critical training on CIDEr-D (SCST).
 Stage 1 is experiments/flickr8k_inception.py (cross-entropy); this config
 starts from that workdir's best checkpoint, with its vocabulary and
 features, a new optimizer and a new workdir, and trains on the CIDEr-D of
-5 sampled captions per image against a greedy baseline.
+5 sampled captions per image, each against the mean of the other 4.
 
   DATA=~/data/flickr8k
   FEATURES=~/capjax/features/flickr8k_inception
@@ -20,9 +20,12 @@ features, a new optimizer and a new workdir, and trains on the CIDEr-D of
   python -m capjax.evaluate --workdir ~/capjax/runs/flickr8k_scst \
       --split test --compare ~/capjax/runs/flickr8k
 
-On small data this recipe is not shown to help: scripts/scst_cv.py
-cross-validates it and its variants (README, "Two stages"), and no variant
-has yet gained test CIDEr on every fold.
+The baseline is the one scripts/scst_cv.py chose (README, "Does SCST help
+on small data?"): over 4 cross-validation folds of 1,000 Flickr8k images,
+SCST from an overfit stage 1's best checkpoint gained test CIDEr on every
+fold with the mean baseline (+0.025 on average), and lost on some with the
+greedy one. Each fold's paired interval still reaches zero: on this little
+data the gain is a likely one, not a measured one.
 """
 
 import pathlib
@@ -36,7 +39,12 @@ def get_config():
   )
   config.objective = 'scst'
   config.scst_samples = 5
-  config.scst_baseline = 'greedy'
+  # The greedy caption of an image the model has overfit scores far above
+  # its samples (CIDEr-D 0.76-1.28 against 0.30-0.55 on the folds of the
+  # cross-validation), so a greedy baseline pushes nearly every sample down;
+  # the mean of the other samples is as likely to be beaten as not, and
+  # costs no greedy decode.
+  config.scst_baseline = 'mean'
   # Rennie et al. and ruotianluo/self-critical.pytorch fine-tune with a
   # learning rate 10-20x below cross-entropy's; sampling is the noise that
   # dropout was for.
