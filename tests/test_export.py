@@ -322,14 +322,8 @@ def test_program_reports_an_unexportable_workdir_in_one_line(
 
 def _inception_workdir(workdir: pathlib.Path, shared_data: pathlib.Path):
   """A workdir of random parameters on JAX InceptionV3 ('none' weights)."""
-  from orbax import checkpoint as ocp  # noqa: PLC0415
-
   from capjax.configs import default  # noqa: PLC0415
   from capjax.data import vocab as vocab_lib  # noqa: PLC0415
-  from capjax.model import captioner  # noqa: PLC0415
-  from capjax.model import inception  # noqa: PLC0415
-  from capjax.training import checkpoints  # noqa: PLC0415
-  from capjax.training import state as state_lib  # noqa: PLC0415
 
   config = default.get_config()
   config.extractor, config.extractor_weights = 'inception_v3', 'none'
@@ -340,32 +334,7 @@ def _inception_workdir(workdir: pathlib.Path, shared_data: pathlib.Path):
     shared_data / 'coco-mini' / 'annotations' / 'captions_val2017.json'
   )['annotations']
   vocab = vocab_lib.Vocab.build([a['caption'] for a in annotations], 200)
-  shape_LD = (inception.NUM_LOCATIONS, inception.FEATURE_DIM)
-  state = state_lib.create_train_state(
-    captioner.from_config(config, vocab.size),
-    state_lib.make_optimizer(config),
-    shape_LD,
-    config.seed,
-  )
-  workdir.mkdir()
-  workdir_lib.save_config(workdir, config)
-  vocab.save(workdir / workdir_lib.VOCAB_FILE)
-  workdir_lib.save_json(
-    workdir / workdir_lib.FEATURES_FILE,
-    {
-      'extractor': {
-        'name': 'inception_v3',
-        'weights': 'none',
-        'backend': 'jax',
-      },
-      'num_locations': shape_LD[0],
-      'feature_dim': shape_LD[1],
-    },
-  )
-  manager = checkpoints.manager(workdir)
-  manager.save(0, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
+  testing_lib.write_inception_workdir(workdir, config, vocab)
   return workdir
 
 

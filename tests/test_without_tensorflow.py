@@ -11,20 +11,15 @@ import subprocess
 import sys
 
 import numpy as np
-from orbax import checkpoint as ocp
 import pytest
 
-from capjax import workdir as workdir_lib
 from capjax.configs import default
 from capjax.data import datasets
 from capjax.data import feature_store
 from capjax.data import vocab as vocab_lib
-from capjax.model import captioner
 from capjax.model import inception
 from capjax.testing import real_data
 from capjax.testing import training as testing_lib
-from capjax.training import checkpoints
-from capjax.training import state as state_lib
 
 _EXTRACTOR = {'name': 'inception_v3', 'weights': 'none', 'backend': 'jax'}
 _LOADED = 'TensorFlow modules loaded: '
@@ -70,28 +65,8 @@ def _write_workdir(
   config.embedding_dim, config.units = 8, 16
   records = datasets.load_split(config, split)
   vocab = vocab_lib.Vocab.build([c for r in records for c in r.captions], 50)
+  testing_lib.write_inception_workdir(workdir, config, vocab)
   shape_LD = (inception.NUM_LOCATIONS, inception.FEATURE_DIM)
-  state = state_lib.create_train_state(
-    captioner.from_config(config, vocab.size),
-    state_lib.make_optimizer(config),
-    shape_LD,
-    config.seed,
-  )
-  workdir.mkdir()
-  workdir_lib.save_config(workdir, config)
-  vocab.save(workdir / workdir_lib.VOCAB_FILE)
-  workdir_lib.save_json(
-    workdir / workdir_lib.FEATURES_FILE,
-    {
-      'extractor': _EXTRACTOR,
-      'num_locations': shape_LD[0],
-      'feature_dim': shape_LD[1],
-    },
-  )
-  manager = checkpoints.manager(workdir)
-  manager.save(0, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
   features_NLD = (
     np.random.default_rng(0)
     .normal(size=(len(records), *shape_LD))

@@ -7,8 +7,14 @@ import sys
 
 import jax
 import numpy as np
+from orbax import checkpoint as ocp
 
+from capjax import workdir as workdir_lib
 from capjax.configs import default
+from capjax.model import captioner
+from capjax.model import inception
+from capjax.training import checkpoints
+from capjax.training import state as state_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -110,3 +116,38 @@ def run_train(workdir, config, *, env=None, extra=(), **kwargs):
 def leaves_equal(a, b, atol=0.0):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def write_inception_workdir(workdir: pathlib.Path, config, vocab) -> None:
+  """A workdir of random parameters for InceptionV3 features.
+
+  `config` names the extractor (e.g. inception_v3 with 'none' weights);
+  the workdir holds it, the vocabulary, the features' description and the
+  step-0 checkpoint, as training leaves them.
+  """
+  shape_LD = (inception.NUM_LOCATIONS, inception.FEATURE_DIM)
+  state = state_lib.create_train_state(
+    captioner.from_config(config, vocab.size),
+    state_lib.make_optimizer(config),
+    shape_LD,
+    config.seed,
+  )
+  workdir.mkdir()
+  workdir_lib.save_config(workdir, config)
+  vocab.save(workdir / workdir_lib.VOCAB_FILE)
+  workdir_lib.save_json(
+    workdir / workdir_lib.FEATURES_FILE,
+    {
+      'extractor': {
+        'name': config.extractor,
+        'weights': config.extractor_weights,
+        'backend': config.extractor_backend,
+      },
+      'num_locations': shape_LD[0],
+      'feature_dim': shape_LD[1],
+    },
+  )
+  manager = checkpoints.manager(workdir)
+  manager.save(0, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
