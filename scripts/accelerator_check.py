@@ -9,7 +9,6 @@ absl-py: no TensorFlow, TFDS, ml_collections or pycocoevalcap. Writes
 runs every row at tiny sizes: a dry run on a CPU, not a measurement.
 """
 
-import json
 import os
 import pathlib
 
@@ -22,6 +21,7 @@ from absl import app
 from absl import flags
 
 from capjax.benchmarks import accelerator
+from capjax.benchmarks import harness
 
 _OUT_DIR = flags.DEFINE_string(
   'out_dir', 'accelerator_results', 'Where accelerator.json and .md go.'
@@ -38,12 +38,9 @@ def main(argv):
   del argv
   plan = accelerator.QUICK if _QUICK.value else accelerator.FULL
   report = accelerator.run(plan, _TIME_BUDGET_S.value)
-  out_dir = pathlib.Path(_OUT_DIR.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'accelerator.json').write_text(json.dumps(report, indent=2) + '\n')
-  table = accelerator.markdown(report)
-  (out_dir / 'accelerator.md').write_text(table)
-  print(table)
+  harness.write_report(
+    pathlib.Path(_OUT_DIR.value), 'accelerator', report, accelerator.markdown
+  )
 
 
 if __name__ == '__main__':

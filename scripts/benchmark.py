@@ -23,7 +23,6 @@ here, so the tutorial baselines always run on the CPU.
 """
 
 import importlib.util
-import json
 import os
 import pathlib
 import tempfile
@@ -102,13 +101,9 @@ def _settings(quick: bool, repeats: int) -> dict:
 
 
 def _write(report: dict, make_table) -> None:
-  """The measurements first: a table that fails to build loses none."""
-  out_dir = pathlib.Path(_OUT_DIR.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'benchmark.json').write_text(json.dumps(report, indent=2) + '\n')
-  table = make_table(report)
-  (out_dir / 'benchmark.md').write_text(table)
-  print(table)
+  harness.write_report(
+    pathlib.Path(_OUT_DIR.value), 'benchmark', report, make_table
+  )
 
 
 def main(argv):

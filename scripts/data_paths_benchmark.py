@@ -7,7 +7,6 @@ Writes `data_paths.json` and `data_paths.md` (the table, also printed) to
 uses smaller grids and a smaller demo set: a dry run, not a measurement.
 """
 
-import json
 import pathlib
 import tempfile
 
@@ -15,6 +14,7 @@ from absl import app
 from absl import flags
 
 from capjax.benchmarks import data_paths
+from capjax.benchmarks import harness
 
 _OUT_DIR = flags.DEFINE_string(
   'out_dir', 'benchmark_results', 'Where data_paths.json and .md go.'
@@ -29,12 +29,9 @@ def main(argv):
     report = data_paths.bench_data_paths(
       pathlib.Path(tmp), _REPEATS.value, _QUICK.value
     )
-  out_dir = pathlib.Path(_OUT_DIR.value)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'data_paths.json').write_text(json.dumps(report, indent=2) + '\n')
-  table = data_paths.markdown(report)
-  (out_dir / 'data_paths.md').write_text(table)
-  print(table)
+  harness.write_report(
+    pathlib.Path(_OUT_DIR.value), 'data_paths', report, data_paths.markdown
+  )
 
 
 if __name__ == '__main__':

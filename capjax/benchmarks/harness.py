@@ -1,6 +1,8 @@
-"""Timing that is fair on a noisy machine: interleaved medians, and the peak."""
+"""Timing that is fair on a noisy machine (interleaved medians, the peak),
+and the report files a benchmark leaves."""
 
 from collections.abc import Callable, Hashable, Mapping
+import json
 import pathlib
 import platform
 import statistics
@@ -57,3 +59,20 @@ def processor_name() -> str:
   except OSError:
     pass
   return platform.machine()
+
+
+def write_report(
+  out_dir: pathlib.Path,
+  name: str,
+  report: dict[str, Any],
+  make_table: Callable[[dict[str, Any]], str],
+) -> None:
+  """Writes {name}.json, then the table as {name}.md, and prints the table.
+
+  The measurements first: a table that fails to build loses none.
+  """
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / f'{name}.json').write_text(json.dumps(report, indent=2) + '\n')
+  table = make_table(report)
+  (out_dir / f'{name}.md').write_text(table)
+  print(table)
